@@ -1,0 +1,36 @@
+//! Publishes a job's reply on the default exchange with routing key `reply_to` (a queue or
+//! RabbitMQ's direct reply-to) and waits for RabbitMQ's publisher confirm.
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Confirmation};
+
+use crate::settle::ReplyStatus;
+
+/// Sends one reply and reports what RabbitMQ made of it.
+pub async fn reply(channel: &Channel, reply_to: &str, correlation_id: Option<&str>, body: &[u8]) -> ReplyStatus {
+    let mut properties = BasicProperties::default().with_content_type("application/json".into());
+    if let Some(id) = correlation_id {
+        properties = properties.with_correlation_id(id.into());
+    }
+    // mandatory: a reply_to that routes nowhere comes back instead of vanishing unnoticed.
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let confirm = match channel.basic_publish("".into(), reply_to.into(), options, body, properties).await {
+        Ok(confirm) => confirm,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not publish the reply");
+            return ReplyStatus::Failed;
+        }
+    };
+    match confirm.await {
+        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => ReplyStatus::Confirmed,
+        Ok(Confirmation::Ack(Some(_returned))) => ReplyStatus::Unroutable,
+        Ok(Confirmation::Nack(_)) => ReplyStatus::Failed,
+        Err(err) => {
+            tracing::warn!(error = %err, "no confirm for the reply");
+            ReplyStatus::Failed
+        }
+    }
+}

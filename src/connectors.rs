@@ -1,0 +1,202 @@
+//! The connector store: named job defaults, one JSON file per connector in a folder,
+//! with `${ENV_NAME}` values taken from the worker's environment. Loaded whole or not at all.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::job::Params;
+
+/// Why the connectors folder could not be loaded. The worker refuses to start on any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("cannot read the connectors folder {dir}: {source}")]
+    Folder { dir: PathBuf, source: std::io::Error },
+    #[error("cannot read connector file {file}: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("connector file {file}: {message}")]
+    Invalid { file: PathBuf, message: String },
+}
+
+/// All connectors of a folder, by name (the file name without `.json`).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectorStore {
+    connectors: HashMap<String, Arc<Params>>,
+}
+
+impl ConnectorStore {
+    /// Loads every `*.json` file of `dir`, reading `${NAME}` values from the process environment.
+    pub fn load(dir: &Path) -> Result<Self, ConnectorError> {
+        Self::load_with_env(dir, |name| std::env::var(name).ok())
+    }
+
+    /// Loads every `*.json` file of `dir`, resolving `${NAME}` through `env`.
+    pub fn load_with_env(dir: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConnectorError> {
+        let folder_error = |source| ConnectorError::Folder {
+            dir: dir.to_owned(),
+            source,
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(folder_error)? {
+            let path = entry.map_err(folder_error)?.path();
+            if path.extension().is_some_and(|ext| ext == "json") {
+                files.push(path);
+            }
+        }
+        files.sort();
+        let mut connectors = HashMap::new();
+        for file in files {
+            let Some(name) = file.file_stem().and_then(|stem| stem.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            let text = std::fs::read_to_string(&file).map_err(|source| ConnectorError::Read {
+                file: file.clone(),
+                source,
+            })?;
+            let params = parse(&text, &env).map_err(|message| ConnectorError::Invalid {
+                file: file.clone(),
+                message,
+            })?;
+            connectors.insert(name, Arc::new(params));
+        }
+        Ok(Self { connectors })
+    }
+
+    /// The connector of that name. Names are only ever looked up, never used as paths.
+    pub fn get(&self, name: &str) -> Option<&Params> {
+        self.connectors.get(name).map(Arc::as_ref)
+    }
+
+    /// Every connector, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Params)> {
+        let mut all: Vec<_> = self.connectors.iter().map(|(name, params)| (name.as_str(), params.as_ref())).collect();
+        all.sort_by_key(|(name, _)| *name);
+        all.into_iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.connectors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connectors.is_empty()
+    }
+}
+
+/// One connector file's text to parameters. The error names the key at fault.
+pub fn parse(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Params, String> {
+    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|err| format!("not valid JSON: {err}"))?;
+    let object = value.as_object_mut().ok_or("must hold one JSON object")?;
+    for key in ["action", "connector"] {
+        if object.contains_key(key) {
+            return Err(format!("key {key:?} belongs in a job, not in a connector"));
+        }
+    }
+    for (key, value) in object.iter_mut() {
+        expand_env(key, value, env)?;
+    }
+    Params::from_json(value).map_err(|err| err.to_string().trim_start_matches("invalid job: ").to_owned())
+}
+
+/// Replaces every `${NAME}` inside string values (also inside lists) with the variable's value.
+fn expand_env(key: &str, value: &mut serde_json::Value, env: &impl Fn(&str) -> Option<String>) -> Result<(), String> {
+    match value {
+        serde_json::Value::String(text) if text.contains("${") => {
+            *text = expand(text, env).map_err(|var| {
+                format!("key {key:?} names the environment variable {var:?}, which is not set")
+            })?;
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                expand_env(key, item, env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `a${X}b` with X=1 gives `a1b`; `Err(name)` for the first variable that is not set.
+fn expand(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start + 2..].find('}') else {
+            break;
+        };
+        let name = &rest[start + 2..start + 2 + len];
+        out.push_str(&rest[..start]);
+        out.push_str(&env(name).ok_or_else(|| name.to_owned())?);
+        rest = &rest[start + 2 + len + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "PW" => Some("secret".into()),
+            "HOST" => Some("mqtt.example".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_contracts_two_examples_load_as_they_stand() {
+        let flint = r#"{ "broker": "tcp://localhost:1883", "username": "user", "password": "pwd",
+            "client-id": "flint_mqtt", "qos": 2, "topic": "flint_topic" }"#;
+        let aws = r#"{ "broker": "ssl://Z2EBLEZ5JJFGKF.iot.us-east-1.amazonaws.com:8883",
+            "client-id": "thing-name", "topic": "$aws/things/thing-name/shadow/update", "qos": 1,
+            "root-ca-crt": "/certs/root-CA.crt", "certificate": "/certs/device.pem.crt",
+            "private-key": "/certs/device.pem.key", "use-certificate": true }"#;
+        assert_eq!(parse(flint, &env).expect("flint").client_id.as_deref(), Some("flint_mqtt"));
+        assert_eq!(parse(aws, &env).expect("aws").use_certificate, Some(true));
+    }
+
+    #[test]
+    fn env_placeholders_are_expanded_inside_strings() {
+        let params = parse(r#"{"broker": "tcp://${HOST}:1883", "password": "${PW}"}"#, &env).expect("valid");
+        assert_eq!(params.broker.as_deref(), Some("tcp://mqtt.example:1883"));
+        assert_eq!(params.password.map(|p| p.expose().to_owned()), Some("secret".into()));
+    }
+
+    #[test]
+    fn an_unset_variable_is_named() {
+        let err = parse(r#"{"password": "${NOPE}"}"#, &env).expect_err("unset");
+        assert!(err.contains("NOPE") && err.contains("password"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let err = parse(r#"{"brokr": "tcp://h"}"#, &env).expect_err("unknown");
+        assert!(err.contains("brokr"), "{err}");
+    }
+
+    #[test]
+    fn job_only_keys_are_refused() {
+        assert!(parse(r#"{"action": "send"}"#, &env).is_err());
+    }
+
+    #[test]
+    fn a_bad_file_stops_the_whole_load_and_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("good.json"), r#"{"qos": 1}"#).expect("write");
+        std::fs::write(dir.path().join("bad.json"), r#"{"qos": 1,"#).expect("write");
+        let err = ConnectorStore::load_with_env(dir.path(), env).expect_err("bad file");
+        assert!(err.to_string().contains("bad.json"), "{err}");
+    }
+
+    #[test]
+    fn names_are_file_stems_and_paths_are_never_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("local.json"), r#"{"qos": 1}"#).expect("write");
+        let store = ConnectorStore::load_with_env(dir.path(), env).expect("load");
+        assert!(store.get("local").is_some());
+        assert!(store.get("../local").is_none());
+        assert!(store.get("local.json").is_none());
+    }
+}

@@ -1,0 +1,622 @@
+//! A job: its parameters as written (a job body or a connector file), the merge of the two, and
+//! the validated [`Job`] that cannot hold a bad value. Pure: no IO, no broker.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// The job's timeout when neither the job nor its connector sets one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(10_000);
+/// The longest timeout a job may ask for, so a typo cannot pin a worker slot for days.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
+/// MQTT's own ceiling for a packet (256 MiB); the default content limit.
+pub const DEFAULT_MAX_CONTENT_BYTES: usize = 256 * 1024 * 1024;
+/// Error messages quote user input; this keeps a huge key or value from making a huge reply.
+const MAX_QUOTE_CHARS: usize = 200;
+
+/// Why a job cannot run. Both are permanent: the same job will fail the same way again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    #[error("invalid job: {0}")]
+    Invalid(String),
+    #[error("unknown connector {0:?}: no such file in the worker's connectors folder")]
+    UnknownConnector(String),
+}
+
+fn invalid(message: impl Into<String>) -> JobError {
+    JobError::Invalid(message.into())
+}
+
+/// Job keys exactly as the contract names them; every key optional so the same shape serves
+/// a job body, a connector file and their merge.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Params {
+    pub action: Option<String>,
+    pub connector: Option<String>,
+    pub broker: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub client_id: Option<String>,
+    pub topic: Option<String>,
+    pub qos: Option<u8>,
+    pub content: Option<String>,
+    pub retain: Option<bool>,
+    pub root_ca_crt: Option<PathBuf>,
+    pub certificate: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
+    pub use_certificate: Option<bool>,
+    pub alpn: Option<Alpn>,
+    pub timeout: Option<u64>,
+}
+
+/// `alpn` may be one protocol name or a list of them.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Alpn {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Alpn {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Alpn::One(name) => vec![name],
+            Alpn::Many(names) => names,
+        }
+    }
+}
+
+impl Params {
+    /// Parses a job body. Every failure is an [`JobError::Invalid`] naming the key at fault.
+    pub fn decode(body: &[u8]) -> Result<Params, JobError> {
+        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(invalid(match std::str::from_utf8(body) {
+                Err(_) => "the body is not UTF-8 JSON: send one JSON object".to_owned(),
+                Ok(_) if first.is_none() => "the body is empty: send one JSON object".to_owned(),
+                Ok(_) => "the body is not a JSON object: send one JSON object".to_owned(),
+            }));
+        }
+        Self::from_json(&mut serde_json::Deserializer::from_slice(body))
+    }
+
+    /// Deserializes from any JSON source, naming the offending key in the error.
+    pub fn from_json<'de, D>(de: D) -> Result<Params, JobError>
+    where
+        D: serde::Deserializer<'de, Error = serde_json::Error>,
+    {
+        serde_path_to_error::deserialize(de).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = quote_limited(&err.into_inner().to_string());
+            if path == "." || path.is_empty() {
+                invalid(inner)
+            } else {
+                invalid(format!("key {path:?}: {inner}"))
+            }
+        })
+    }
+
+    /// This job's keys over the connector's: a key set in the job wins.
+    pub fn over(self, defaults: &Params) -> Params {
+        let d = defaults.clone();
+        Params {
+            action: self.action.or(d.action),
+            connector: self.connector.or(d.connector),
+            broker: self.broker.or(d.broker),
+            username: self.username.or(d.username),
+            password: self.password.or(d.password),
+            client_id: self.client_id.or(d.client_id),
+            topic: self.topic.or(d.topic),
+            qos: self.qos.or(d.qos),
+            content: self.content.or(d.content),
+            retain: self.retain.or(d.retain),
+            root_ca_crt: self.root_ca_crt.or(d.root_ca_crt),
+            certificate: self.certificate.or(d.certificate),
+            private_key: self.private_key.or(d.private_key),
+            use_certificate: self.use_certificate.or(d.use_certificate),
+            alpn: self.alpn.or(d.alpn),
+            timeout: self.timeout.or(d.timeout),
+        }
+    }
+}
+
+fn quote_limited(text: &str) -> String {
+    if text.chars().count() <= MAX_QUOTE_CHARS {
+        return text.to_owned();
+    }
+    let cut: String = text.chars().take(MAX_QUOTE_CHARS).collect();
+    format!("{cut}… (truncated)")
+}
+
+/// Limits the worker applies to every job.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_content_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
+        }
+    }
+}
+
+/// A job that passed validation: every value is one the MQTT side can use as it is.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub target: Target,
+    pub message: Message,
+    pub timeout: Duration,
+}
+
+/// Where and as whom to connect. Two jobs with equal targets share one MQTT connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub broker: Broker,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub tls: Option<TlsSettings>,
+}
+
+/// The TLS side of a target: whom to trust, which certificate to show, which ALPN to offer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsSettings {
+    /// CA certificates to trust (PEM); `None` means the system's roots.
+    pub root_ca: Option<PathBuf>,
+    pub client_cert: Option<ClientCert>,
+    pub alpn: Vec<String>,
+}
+
+/// Paths of a client certificate (chain) and its private key, both PEM.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientCert {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+}
+
+/// What to publish.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: Topic,
+    pub payload: Bytes,
+    pub qos: Qos,
+    pub retain: bool,
+}
+
+/// An MQTT QoS level; only 0, 1 and 2 exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Qos {
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+impl Qos {
+    pub fn parse(value: u8) -> Result<Qos, JobError> {
+        match value {
+            0 => Ok(Qos::AtMostOnce),
+            1 => Ok(Qos::AtLeastOnce),
+            2 => Ok(Qos::ExactlyOnce),
+            other => Err(invalid(format!("key \"qos\": {other} is not 0, 1 or 2"))),
+        }
+    }
+
+    pub fn level(self) -> u8 {
+        self as u8
+    }
+}
+
+impl From<Qos> for rumqttc::QoS {
+    fn from(qos: Qos) -> Self {
+        match qos {
+            Qos::AtMostOnce => rumqttc::QoS::AtMostOnce,
+            Qos::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
+            Qos::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
+        }
+    }
+}
+
+/// A topic a message can be published on: not empty, no wildcard, no NUL, at most 65,535 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topic(String);
+
+impl Topic {
+    pub fn parse(topic: String) -> Result<Topic, JobError> {
+        if topic.is_empty() {
+            return Err(invalid("key \"topic\" is empty"));
+        }
+        if topic.contains(['+', '#']) {
+            return Err(invalid(format!(
+                "key \"topic\": {:?} holds a wildcard (+ or #); publish on a concrete topic",
+                quote_limited(&topic)
+            )));
+        }
+        if topic.contains('\0') {
+            return Err(invalid("key \"topic\" holds a NUL character"));
+        }
+        if topic.len() > usize::from(u16::MAX) {
+            return Err(invalid("key \"topic\" is longer than MQTT's 65,535 bytes"));
+        }
+        Ok(Topic(topic))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// How bytes reach the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Tcp,
+    Tls,
+}
+
+/// A broker address from a `scheme://host:port` URL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Broker {
+    pub transport: Transport,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Broker {
+    /// Parses `tcp://`, `mqtt://`, `ssl://`, `mqtts://` URLs; the port defaults to 1883 or 8883.
+    pub fn parse(url: &str) -> Result<Broker, JobError> {
+        let bad = |why: &str| invalid(format!("key \"broker\": {:?} {why}", quote_limited(url)));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("is not a URL like tcp://host:1883 or ssl://host:8883"))?;
+        let transport = match scheme.to_ascii_lowercase().as_str() {
+            "tcp" | "mqtt" => Transport::Tcp,
+            "ssl" | "mqtts" | "tls" => Transport::Tls,
+            "ws" | "wss" => {
+                return Err(bad(
+                    "uses websockets, which this version does not support yet; use tcp:// or ssl://",
+                ));
+            }
+            _ => return Err(bad("has an unknown scheme; use tcp://, mqtt://, ssl:// or mqtts://")),
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '@', '?', '#']) {
+            return Err(bad("must be scheme://host:port, without path or user"));
+        }
+        let (host, port) = split_host_port(authority).ok_or_else(|| bad("has a bad port"))?;
+        if host.is_empty() {
+            return Err(bad("has no host"));
+        }
+        let port = port.unwrap_or(match transport {
+            Transport::Tcp => 1883,
+            Transport::Tls => 8883,
+        });
+        Ok(Broker {
+            transport,
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// AWS IoT Core endpoints, which never acknowledge QoS 2.
+    pub fn is_aws_iot(&self) -> bool {
+        let host = self.host.to_ascii_lowercase();
+        host.contains(".iot.") && host.ends_with(".amazonaws.com")
+    }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`. `None` when the port is not a number.
+fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    match port {
+        None => Some((host, None)),
+        Some(port) => port.parse::<u16>().ok().filter(|p| *p != 0).map(|p| (host, Some(p))),
+    }
+}
+
+/// `host:port`: how logs, messages and metric labels name a broker.
+impl fmt::Display for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Job {
+    /// Checks merged parameters and builds the job. `action` and `connector` are the caller's
+    /// business and ignored here.
+    pub fn validate(params: Params, limits: Limits) -> Result<Job, JobError> {
+        let missing = |key: &str| invalid(format!("key {key:?} is missing (set it in the job or its connector)"));
+        let broker = Broker::parse(params.broker.as_deref().ok_or_else(|| missing("broker"))?)?;
+        let client_id = params.client_id.ok_or_else(|| missing("client-id"))?;
+        if client_id.is_empty() || client_id.len() > usize::from(u16::MAX) {
+            return Err(invalid("key \"client-id\" must be 1 to 65,535 bytes"));
+        }
+        let topic = Topic::parse(params.topic.ok_or_else(|| missing("topic"))?)?;
+        let content = params.content.ok_or_else(|| missing("content"))?;
+        if content.len() > limits.max_content_bytes {
+            return Err(invalid(format!(
+                "key \"content\" is {} bytes, over this worker's limit of {} bytes",
+                content.len(),
+                limits.max_content_bytes
+            )));
+        }
+        let qos = Qos::parse(params.qos.unwrap_or(2))?;
+        if qos == Qos::ExactlyOnce && broker.is_aws_iot() {
+            return Err(invalid(
+                "AWS IoT Core does not support QoS 2 (it never acknowledges it); use qos 0 or 1",
+            ));
+        }
+        let timeout = match params.timeout {
+            None => DEFAULT_TIMEOUT,
+            Some(0) => return Err(invalid("key \"timeout\" must be at least 1 millisecond")),
+            Some(ms) if Duration::from_millis(ms) > MAX_TIMEOUT => {
+                return Err(invalid(format!(
+                    "key \"timeout\": {ms} ms is over the maximum of {} ms",
+                    MAX_TIMEOUT.as_millis()
+                )));
+            }
+            Some(ms) => Duration::from_millis(ms),
+        };
+        if params.username.is_none() && params.password.is_some() {
+            return Err(invalid("key \"password\" is set without \"username\""));
+        }
+        let tls = tls_settings(&broker, params.root_ca_crt, params.certificate, params.private_key, params.use_certificate, params.alpn)?;
+        Ok(Job {
+            target: Target {
+                broker,
+                client_id,
+                username: params.username,
+                password: params.password,
+                tls,
+            },
+            message: Message {
+                topic,
+                payload: Bytes::from(content),
+                qos,
+                retain: params.retain.unwrap_or(false),
+            },
+            timeout,
+        })
+    }
+}
+
+fn tls_settings(
+    broker: &Broker,
+    root_ca: Option<PathBuf>,
+    certificate: Option<PathBuf>,
+    private_key: Option<PathBuf>,
+    use_certificate: Option<bool>,
+    alpn: Option<Alpn>,
+) -> Result<Option<TlsSettings>, JobError> {
+    let use_certificate = use_certificate.unwrap_or(false);
+    if broker.transport == Transport::Tcp {
+        // TLS keys on a plain-text broker would silently send everything in clear: refuse.
+        let tls_key = [
+            (use_certificate, "use-certificate"),
+            (root_ca.is_some(), "root-ca-crt"),
+            (alpn.is_some(), "alpn"),
+        ]
+        .into_iter()
+        .find_map(|(set, key)| set.then_some(key));
+        return match tls_key {
+            Some(key) => Err(invalid(format!(
+                "key {key:?} needs a TLS broker, but {broker} is plain tcp://; use ssl:// or mqtts://"
+            ))),
+            None => Ok(None),
+        };
+    }
+    let client_cert = if use_certificate {
+        match (certificate, private_key) {
+            (Some(certificate), Some(private_key)) => Some(ClientCert {
+                certificate,
+                private_key,
+            }),
+            (None, _) => return Err(invalid("key \"use-certificate\" is true but \"certificate\" is missing")),
+            (_, None) => return Err(invalid("key \"use-certificate\" is true but \"private-key\" is missing")),
+        }
+    } else {
+        None
+    };
+    let alpn = alpn.map(Alpn::into_vec).unwrap_or_default();
+    if alpn.iter().any(|name| name.is_empty() || name.len() > 255) {
+        return Err(invalid("key \"alpn\": each protocol name must be 1 to 255 bytes"));
+    }
+    Ok(Some(TlsSettings {
+        root_ca,
+        client_cert,
+        alpn,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn params(value: serde_json::Value) -> Params {
+        Params::decode(value.to_string().as_bytes()).expect("valid params")
+    }
+
+    fn job(value: serde_json::Value) -> Result<Job, JobError> {
+        Job::validate(params(value), Limits::default())
+    }
+
+    fn minimal() -> serde_json::Value {
+        json!({"broker": "tcp://localhost", "client-id": "c", "topic": "a/b", "content": "hi"})
+    }
+
+    fn with(key: &str, value: serde_json::Value) -> serde_json::Value {
+        let mut body = minimal();
+        body[key] = value;
+        body
+    }
+
+    fn message_of(result: Result<impl fmt::Debug, JobError>) -> String {
+        match result {
+            Err(JobError::Invalid(message)) => message,
+            other => panic!("expected an invalid job, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_job_gets_the_contract_defaults() {
+        let job = job(minimal()).expect("valid");
+        assert_eq!(job.message.qos, Qos::ExactlyOnce);
+        assert!(!job.message.retain);
+        assert_eq!(job.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(job.target.broker.port, 1883);
+        assert!(job.target.tls.is_none());
+    }
+
+    #[test]
+    fn schemes_map_to_transports_and_default_ports() {
+        for (url, transport, port) in [
+            ("tcp://h", Transport::Tcp, 1883),
+            ("mqtt://h:1999", Transport::Tcp, 1999),
+            ("ssl://h", Transport::Tls, 8883),
+            ("MQTTS://h:443/", Transport::Tls, 443),
+        ] {
+            let broker = Broker::parse(url).expect(url);
+            assert_eq!((broker.transport, broker.port), (transport, port), "{url}");
+        }
+        assert_eq!(Broker::parse("tcp://[::1]:1884").expect("v6").to_string(), "[::1]:1884");
+    }
+
+    #[test]
+    fn bad_broker_urls_are_invalid_jobs() {
+        for url in ["localhost:1883", "http://h", "tcp://h:99999", "tcp://h:x", "tcp://", "tcp://u:p@h", "ws://h"] {
+            assert!(Broker::parse(url).is_err(), "{url} should be rejected");
+        }
+    }
+
+    #[test]
+    fn qos_three_is_rejected_with_its_key() {
+        assert!(message_of(job(with("qos", json!(3)))).contains("qos"));
+    }
+
+    #[test]
+    fn wildcard_topics_are_rejected() {
+        for topic in ["a/#", "a/+/b", ""] {
+            assert!(job(with("topic", json!(topic))).is_err(), "{topic}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named_in_the_error() {
+        assert!(message_of(job(with("colour", json!("red")))).contains("colour"));
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let message = message_of(Params::decode(br#"{"qos": "two"}"#));
+        assert!(message.contains("qos"), "{message}");
+    }
+
+    #[test]
+    fn bodies_that_are_not_one_object_are_invalid() {
+        for body in [&b"not json"[..], b"[1,2]", b"", b"\xff\xfe", b"{\"topic\": "] {
+            assert!(Params::decode(body).is_err(), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
+        let body = format!("{{\"alpn\": {}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(Params::decode(body.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn huge_unknown_keys_are_quoted_briefly() {
+        let key = "k".repeat(1_000_000);
+        let message = message_of(Params::decode(format!("{{\"{key}\": 1}}").as_bytes()));
+        assert!(message.len() < 1_000, "{} bytes", message.len());
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        for key in ["broker", "client-id", "topic", "content"] {
+            let mut body = minimal();
+            body.as_object_mut().expect("object").remove(key);
+            assert!(message_of(job(body)).contains(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn job_keys_override_connector_keys() {
+        let connector = params(json!({"broker": "tcp://c", "qos": 1, "topic": "from/connector"}));
+        let merged = params(json!({"topic": "from/job"})).over(&connector);
+        assert_eq!(merged.topic.as_deref(), Some("from/job"));
+        assert_eq!(merged.qos, Some(1));
+        assert_eq!(merged.broker.as_deref(), Some("tcp://c"));
+    }
+
+    #[test]
+    fn certificates_need_a_tls_broker() {
+        assert!(message_of(job(with("use-certificate", json!(true)))).contains("ssl://"));
+        assert!(message_of(job(with("root-ca-crt", json!("/ca.pem")))).contains("TLS"));
+    }
+
+    #[test]
+    fn use_certificate_needs_both_files() {
+        let mut body = with("broker", json!("ssl://h"));
+        body["use-certificate"] = json!(true);
+        body["certificate"] = json!("/c.pem");
+        assert!(message_of(job(body)).contains("private-key"));
+    }
+
+    #[test]
+    fn alpn_accepts_one_name_or_a_list() {
+        let mut body = with("broker", json!("ssl://h:443"));
+        body["alpn"] = json!("x-amzn-mqtt-ca");
+        let tls = job(body.clone()).expect("valid").target.tls.expect("tls");
+        assert_eq!(tls.alpn, vec!["x-amzn-mqtt-ca"]);
+        body["alpn"] = json!(["a", "b"]);
+        assert_eq!(job(body).expect("valid").target.tls.expect("tls").alpn, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn aws_iot_rejects_qos_two_up_front() {
+        let body = with("broker", json!("ssl://abc.iot.us-east-1.amazonaws.com:8883"));
+        assert!(message_of(job(body)).contains("AWS"));
+    }
+
+    #[test]
+    fn content_over_the_limit_is_invalid() {
+        let limits = Limits { max_content_bytes: 4 };
+        let result = Job::validate(params(with("content", json!("12345"))), limits);
+        assert!(message_of(result).contains("limit"));
+    }
+
+    #[test]
+    fn timeout_zero_and_too_long_are_invalid() {
+        assert!(job(with("timeout", json!(0))).is_err());
+        assert!(job(with("timeout", json!(10_000_000))).is_err());
+        assert_eq!(job(with("timeout", json!(250))).expect("valid").timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn password_never_appears_in_debug_output() {
+        let job = job(json!({"broker": "tcp://h", "client-id": "c", "topic": "t", "content": "x",
+                             "username": "u", "password": "s3cr3t-pw"}))
+        .expect("valid");
+        assert!(!format!("{job:?}").contains("s3cr3t-pw"));
+    }
+}

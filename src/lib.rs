@@ -1,0 +1,33 @@
+//! mqtt-connector: RabbitMQ "send" jobs in, acknowledged MQTT publishes out, results on the reply queue.
+//!
+//! The flow of one job, top to bottom:
+//! - [`amqp::consumer`] receives a delivery from the request queue,
+//! - [`job`] decodes it, [`connectors`] supplies the named defaults, [`job`] merges and validates,
+//! - [`pipeline`] publishes it through [`mqtt::pool`] (retries, backoff, the job's timeout) and
+//!   waits for the broker's acknowledgement ([`mqtt::connection`]),
+//! - [`amqp::replier`] publishes `{exit-code, message}` and waits for RabbitMQ's confirm,
+//! - [`worker`] settles the delivery ([`settle`]: ack, reject or requeue) and runs the whole loop.
+//!
+//! Around it: [`metrics`] (every metric name in one place), [`http`] (`/metrics`, `/healthz`,
+//! `/readyz`), [`submit`] (the client side of the queue) and [`backoff`].
+
+pub mod amqp;
+pub mod backoff;
+pub mod connectors;
+pub mod http;
+pub mod job;
+pub mod metrics;
+pub mod mqtt;
+pub mod outcome;
+pub mod pipeline;
+pub mod secret;
+pub mod settle;
+pub mod submit;
+pub mod worker;
+
+/// Installs the process-wide rustls crypto provider (ring). Call once at start-up: if two
+/// providers end up compiled in, rustls would otherwise panic when a TLS config is first built.
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

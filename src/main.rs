@@ -1,0 +1,305 @@
+//! `mqtt-connector`: parse the command line, set up logging, run the command, map its outcome
+//! to the process exit status.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mqtt_connector::amqp::{DEFAULT_QUEUE, DEFAULT_URL};
+use mqtt_connector::connectors::ConnectorStore;
+use mqtt_connector::job::{Job, Limits};
+use mqtt_connector::metrics::Metrics;
+use mqtt_connector::mqtt::connection::ConnectionSettings;
+use mqtt_connector::mqtt::pool::Pool;
+use mqtt_connector::mqtt::tls;
+use mqtt_connector::outcome::Reply;
+use mqtt_connector::pipeline::Pipeline;
+use mqtt_connector::submit::{self, SubmitError};
+use mqtt_connector::worker::{Worker, WorkerOptions};
+use tokio_util::sync::CancellationToken;
+
+/// Turns RabbitMQ "send" jobs into acknowledged MQTT publishes.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "MQTT_CONNECTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a worker: consume jobs, publish them, reply.
+    Worker(WorkerArgs),
+    /// Run one job directly (no queue) and print its result; exits with its exit-code.
+    Send(SendArgs),
+    /// Put one job on the queue; with --wait, print the reply and exit with its exit-code.
+    Submit(SubmitArgs),
+    /// Load every connector and report what is wrong.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct AmqpArgs {
+    /// RabbitMQ URL.
+    #[arg(long, env = "MQTT_CONNECTOR_AMQP_URL", default_value = DEFAULT_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// The request queue.
+    #[arg(long, env = "MQTT_CONNECTOR_QUEUE", default_value = DEFAULT_QUEUE)]
+    queue: String,
+}
+
+#[derive(Args)]
+struct ConnectorsArg {
+    /// Folder of connector files (NAME.json).
+    #[arg(long, env = "MQTT_CONNECTOR_CONNECTORS", default_value = "config/connectors")]
+    connectors: PathBuf,
+}
+
+#[derive(Args)]
+struct JobArgs {
+    /// Connector to start from.
+    #[arg(long, env = "MQTT_CONNECTOR_CONNECTOR")]
+    connector: Option<String>,
+    /// A job key, e.g. --set topic=a/b --set content=hi (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    amqp: AmqpArgs,
+    #[command(flatten)]
+    connectors: ConnectorsArg,
+    /// Jobs in flight at once (RabbitMQ prefetch).
+    #[arg(long, env = "MQTT_CONNECTOR_PREFETCH", default_value_t = 256)]
+    prefetch: u16,
+    /// Where to serve /metrics, /healthz and /readyz, e.g. 0.0.0.0:9090.
+    #[arg(long, env = "MQTT_CONNECTOR_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Close MQTT connections unused for this many seconds.
+    #[arg(long, env = "MQTT_CONNECTOR_IDLE_TIMEOUT", default_value_t = 300)]
+    idle_timeout: u64,
+    /// Seconds the jobs in flight may take to finish after SIGTERM.
+    #[arg(long, env = "MQTT_CONNECTOR_GRACE_PERIOD", default_value_t = 30)]
+    grace_period: u64,
+    /// Largest `content` accepted, in bytes.
+    #[arg(long, env = "MQTT_CONNECTOR_MAX_CONTENT_BYTES", default_value_t = mqtt_connector::job::DEFAULT_MAX_CONTENT_BYTES)]
+    max_content_bytes: usize,
+    /// Publishes in flight on one MQTT connection.
+    #[arg(long, env = "MQTT_CONNECTOR_MQTT_INFLIGHT", default_value_t = 1000)]
+    mqtt_inflight: u16,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    #[command(flatten)]
+    connectors: ConnectorsArg,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    /// Wait for the reply, print it and exit with its exit-code.
+    #[arg(long)]
+    wait: bool,
+    /// Seconds to wait for the reply.
+    #[arg(long, env = "MQTT_CONNECTOR_WAIT_TIMEOUT", default_value_t = 60)]
+    wait_timeout: u64,
+    #[command(flatten)]
+    amqp: AmqpArgs,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    connectors: ConnectorsArg,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    mqtt_connector::install_crypto_provider();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Worker(args) => worker(args).await,
+            Command::Send(args) => send(args).await,
+            Command::Submit(args) => submit(args).await,
+            Command::Check(args) => check(args),
+        }
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,rumqttc=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn worker(args: WorkerArgs) -> ExitCode {
+    let mut options = WorkerOptions::new(args.amqp.amqp_url, args.amqp.queue, args.connectors.connectors);
+    options.prefetch = args.prefetch.max(1);
+    options.metrics_addr = args.metrics_addr;
+    options.idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
+    options.grace_period = Duration::from_secs(args.grace_period);
+    options.limits = Limits {
+        max_content_bytes: args.max_content_bytes,
+    };
+    options.mqtt = ConnectionSettings {
+        inflight: args.mqtt_inflight.max(1),
+        max_packet_bytes: args.max_content_bytes.saturating_add(64 * 1024),
+        ..ConnectionSettings::default()
+    };
+    let shutdown = CancellationToken::new();
+    let worker = match Worker::start(options, shutdown.clone()).await {
+        Ok(worker) => worker,
+        Err(err) => {
+            tracing::error!("{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::spawn(cancel_on_signal(shutdown));
+    worker.run().await;
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM or SIGINT: stop taking jobs and finish those in flight.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested: finishing the jobs in flight");
+    shutdown.cancel();
+}
+
+async fn send(args: SendArgs) -> ExitCode {
+    let store = match ConnectorStore::load(&args.connectors.connectors) {
+        Ok(store) => store,
+        Err(err) => return fail(&err.to_string()),
+    };
+    let body = match submit::job_body(args.job.connector.as_deref(), &args.job.sets) {
+        Ok(body) => body,
+        Err(err) => return fail(&err),
+    };
+    let metrics = Metrics::new();
+    let pool = Pool::new(ConnectionSettings::default(), Duration::from_secs(60), metrics.clone());
+    let pipeline = Pipeline::new(Arc::new(store), pool.clone(), metrics, Limits::default());
+    let started = std::time::Instant::now();
+    let finished = pipeline.run(&body).await;
+    pool.close_all();
+    println!(
+        "{}",
+        String::from_utf8_lossy(&Reply::new(&finished.outcome, started.elapsed()).to_json())
+    );
+    ExitCode::from(finished.outcome.exit_code.code())
+}
+
+async fn submit(args: SubmitArgs) -> ExitCode {
+    let body = match submit::job_body(args.job.connector.as_deref(), &args.job.sets) {
+        Ok(body) => body,
+        Err(err) => return fail(&err),
+    };
+    let wait = args.wait.then(|| Duration::from_secs(args.wait_timeout));
+    match submit::submit(&args.amqp.amqp_url, &args.amqp.queue, &body, wait).await {
+        Ok((correlation_id, None)) => {
+            println!("{correlation_id}");
+            ExitCode::SUCCESS
+        }
+        Ok((_, Some(reply))) => {
+            println!("{}", String::from_utf8_lossy(&reply));
+            let code = serde_json::from_slice::<serde_json::Value>(&reply)
+                .ok()
+                .and_then(|json| json["exit-code"].as_u64())
+                .and_then(|code| u8::try_from(code).ok())
+                .unwrap_or(1);
+            ExitCode::from(code)
+        }
+        Err(err @ SubmitError::NoReply(_)) => {
+            println!("{}", serde_json::json!({"exit-code": 6, "message": err.to_string()}));
+            ExitCode::from(6)
+        }
+        Err(err) => fail(&err.to_string()),
+    }
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let dir = &args.connectors.connectors;
+    let store = match ConnectorStore::load(dir) {
+        Ok(store) => store,
+        Err(err) => return fail(&err.to_string()),
+    };
+    let mut problems = 0;
+    for (name, params) in store.iter() {
+        let mut notes = Vec::new();
+        if let Some(broker) = &params.broker
+            && let Err(err) = mqtt_connector::job::Broker::parse(broker)
+        {
+            notes.push(err.to_string());
+        }
+        // Validate as a job would be, with placeholders for what jobs usually bring.
+        let mut sample = params.clone();
+        sample.topic = sample.topic.or_else(|| Some("check".into()));
+        sample.content = Some(String::new());
+        sample.client_id = sample.client_id.or_else(|| Some("check".into()));
+        if params.broker.is_some() {
+            match Job::validate(sample, Limits::default()) {
+                Ok(job) => {
+                    if let Some(settings) = &job.target.tls {
+                        notes.extend(tls::check_files(settings).into_iter().map(|err| err.to_string()));
+                    }
+                }
+                Err(err) => notes.push(err.to_string()),
+            }
+        }
+        if notes.is_empty() {
+            println!("ok       {name}");
+        } else {
+            problems += 1;
+            for note in notes {
+                println!("problem  {name}: {note}");
+            }
+        }
+    }
+    println!("{} connector(s) in {}, {problems} with problems", store.len(), dir.display());
+    if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,218 @@
+//! Every metric of the worker, its name and its labels, in one place: the Grafana dashboard and
+//! the alert rules match what is written here. Names are prefixed `mqtt_connector_`; label
+//! values are bounded (connector names, exit-codes, QoS, broker host:port), never a topic,
+//! client-id or correlation id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::job::Qos;
+use crate::outcome::ExitCode;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    connector: String,
+    exit_code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectorLabels {
+    connector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QosLabels {
+    qos: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BrokerLabels {
+    broker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+/// Buckets from 1 ms to about 33 s, doubling.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+struct Inner {
+    registry: Registry,
+    jobs: Family<JobLabels, Counter>,
+    job_duration: Family<ConnectorLabels, Histogram, fn() -> Histogram>,
+    publish_duration: Family<QosLabels, Histogram, fn() -> Histogram>,
+    retries: Family<ConnectorLabels, Counter>,
+    jobs_in_flight: Gauge,
+    mqtt_connections: Family<BrokerLabels, Gauge>,
+    mqtt_reconnects: Family<BrokerLabels, Counter>,
+    amqp_consumer_up: Gauge,
+}
+
+/// The worker's metrics. Cheap to clone; every clone records into the same registry.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mqtt_connector");
+        let jobs = Family::default();
+        registry.register("jobs", "Jobs finished, by connector and exit-code", jobs.clone());
+        let job_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "job_duration_seconds",
+            "Time from taking a job to its final outcome, retries included",
+            job_duration.clone(),
+        );
+        let publish_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "publish_duration_seconds",
+            "Time from handing a publish to the MQTT connection to the broker's acknowledgement",
+            publish_duration.clone(),
+        );
+        let retries = Family::default();
+        registry.register("retries", "Publish attempts retried after a transient failure", retries.clone());
+        let jobs_in_flight = Gauge::default();
+        registry.register("jobs_in_flight", "Jobs taken and not yet settled", jobs_in_flight.clone());
+        let mqtt_connections = Family::default();
+        registry.register("mqtt_connections", "Open MQTT connections, by broker", mqtt_connections.clone());
+        let mqtt_reconnects = Family::default();
+        registry.register(
+            "mqtt_reconnects",
+            "MQTT connections opened again after one to the same target was lost",
+            mqtt_reconnects.clone(),
+        );
+        let amqp_consumer_up = Gauge::default();
+        registry.register(
+            "amqp_consumer_up",
+            "1 while the worker consumes from RabbitMQ, else 0",
+            amqp_consumer_up.clone(),
+        );
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "The running version, always 1", build_info);
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                jobs,
+                job_duration,
+                publish_duration,
+                retries,
+                jobs_in_flight,
+                mqtt_connections,
+                mqtt_reconnects,
+                amqp_consumer_up,
+            }),
+        }
+    }
+
+    /// One finished job.
+    pub fn job_finished(&self, connector: &str, exit_code: ExitCode, duration: Duration) {
+        let inner = &self.inner;
+        inner
+            .jobs
+            .get_or_create(&JobLabels {
+                connector: connector.to_owned(),
+                exit_code: exit_code.label(),
+            })
+            .inc();
+        inner
+            .job_duration
+            .get_or_create(&ConnectorLabels {
+                connector: connector.to_owned(),
+            })
+            .observe(duration.as_secs_f64());
+    }
+
+    pub fn publish_acknowledged(&self, qos: Qos, latency: Duration) {
+        let qos = ["0", "1", "2"][usize::from(qos.level())];
+        self.inner
+            .publish_duration
+            .get_or_create(&QosLabels { qos })
+            .observe(latency.as_secs_f64());
+    }
+
+    pub fn retry(&self, connector: &str) {
+        self.inner
+            .retries
+            .get_or_create(&ConnectorLabels {
+                connector: connector.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The in-flight gauge; the caller increments and decrements around each job.
+    pub fn jobs_in_flight(&self) -> &Gauge {
+        &self.inner.jobs_in_flight
+    }
+
+    /// The open-connections gauge of one broker.
+    pub fn mqtt_connections(&self, broker: &str) -> Gauge {
+        self.inner
+            .mqtt_connections
+            .get_or_create_owned(&BrokerLabels {
+                broker: broker.to_owned(),
+            })
+    }
+
+    pub fn mqtt_reconnect(&self, broker: &str) {
+        self.inner
+            .mqtt_reconnects
+            .get_or_create(&BrokerLabels {
+                broker: broker.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn set_consumer_up(&self, up: bool) {
+        self.inner.amqp_consumer_up.set(i64::from(up));
+    }
+
+    /// The registry in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.inner.registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_finished_job_shows_up_with_connector_and_exit_code() {
+        let metrics = Metrics::new();
+        metrics.job_finished("local", ExitCode::ConnectFailed, Duration::from_millis(3));
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"mqtt_connector_jobs_total{connector="local",exit_code="3"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("mqtt_connector_job_duration_seconds_bucket"), "{text}");
+        assert!(text.contains("mqtt_connector_build_info{version="), "{text}");
+    }
+}

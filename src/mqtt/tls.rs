@@ -1,0 +1,189 @@
+//! TLS client configuration from a job's certificate paths: roots to trust, the client
+//! certificate chain and key (PKCS#1, PKCS#8 or SEC1), and ALPN. Files are read when a
+//! connection is opened, so they may be mounted after the worker starts.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::job::TlsSettings;
+
+/// A certificate or key problem, in words that say which file and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsFileError(String);
+
+/// Builds the rustls configuration for one target.
+pub fn client_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>, TlsFileError> {
+    let roots = match &settings.root_ca {
+        Some(path) => roots_from_file(path)?,
+        None => system_roots()?,
+    };
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut config = match &settings.client_cert {
+        Some(client) => {
+            let chain = certificates(&client.certificate, "certificate")?;
+            let key = private_key(&client.private_key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|err| TlsFileError(format!(
+                    "certificate {} and private-key {} do not form a usable pair: {err}",
+                    client.certificate.display(),
+                    client.private_key.display()
+                )))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = settings.alpn.iter().map(|name| name.as_bytes().to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Checks that every file a TLS setting names can be read and parsed (for `check`).
+pub fn check_files(settings: &TlsSettings) -> Vec<TlsFileError> {
+    let mut problems = Vec::new();
+    if let Some(path) = &settings.root_ca
+        && let Err(err) = roots_from_file(path)
+    {
+        problems.push(err);
+    }
+    if let Some(client) = &settings.client_cert {
+        if let Err(err) = certificates(&client.certificate, "certificate") {
+            problems.push(err);
+        }
+        if let Err(err) = private_key(&client.private_key) {
+            problems.push(err);
+        }
+    }
+    problems
+}
+
+fn roots_from_file(path: &Path) -> Result<RootCertStore, TlsFileError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates(path, "root-ca-crt")? {
+        roots
+            .add(cert)
+            .map_err(|err| TlsFileError(format!("root-ca-crt {}: not a usable CA certificate: {err}", path.display())))?;
+    }
+    Ok(roots)
+}
+
+/// The system's trusted roots, read once per process.
+fn system_roots() -> Result<RootCertStore, TlsFileError> {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    let roots = ROOTS.get_or_init(|| {
+        let mut roots = RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(found.certs);
+        roots
+    });
+    if roots.is_empty() {
+        return Err(TlsFileError(
+            "no system CA certificates found: install ca-certificates or set root-ca-crt".into(),
+        ));
+    }
+    Ok(roots.clone())
+}
+
+fn certificates(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+    let bytes = read(path, key)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| TlsFileError(format!("{key} {}: not a PEM certificate: {}", path.display(), pem_reason(&err))))?;
+    if certs.is_empty() {
+        return Err(TlsFileError(format!(
+            "{key} {}: holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
+    let bytes = read(path, "private-key")?;
+    if bytes.windows(b"ENCRYPTED".len()).any(|w| w == b"ENCRYPTED") {
+        return Err(TlsFileError(format!(
+            "private-key {}: encrypted keys are not supported; decrypt it (openssl pkey -in KEY -out KEY.plain)",
+            path.display()
+        )));
+    }
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|err| {
+        TlsFileError(format!(
+            "private-key {}: no usable key (PEM PKCS#1 RSA, PKCS#8 or SEC1 EC expected): {}",
+            path.display(),
+            pem_reason(&err)
+        ))
+    })
+}
+
+fn read(path: &Path, key: &str) -> Result<Vec<u8>, TlsFileError> {
+    if path.is_dir() {
+        return Err(TlsFileError(format!("{key} {}: is a directory, not a file", path.display())));
+    }
+    std::fs::read(path).map_err(|err| TlsFileError(format!("{key} {}: cannot be read: {err}", path.display())))
+}
+
+/// The PEM error without echoing file contents (a key must never reach a message).
+fn pem_reason(err: &pem::Error) -> &'static str {
+    match err {
+        pem::Error::NoItemsFound => "no PEM section found",
+        pem::Error::MissingSectionEnd { .. } => "a PEM section has no END line",
+        pem::Error::IllegalSectionStart { .. } => "a PEM section start is malformed",
+        pem::Error::Base64Decode(_) => "a PEM section is not valid base64",
+        _ => "unreadable PEM",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::ClientCert;
+
+    fn settings(dir: &Path, cert: &str, key: &str) -> TlsSettings {
+        std::fs::write(dir.join("c.pem"), cert).expect("write");
+        std::fs::write(dir.join("k.pem"), key).expect("write");
+        TlsSettings {
+            root_ca: Some(dir.join("c.pem")),
+            client_cert: Some(ClientCert {
+                certificate: dir.join("c.pem"),
+                private_key: dir.join("k.pem"),
+            }),
+            alpn: vec![],
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_named_and_its_key_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = TlsSettings {
+            root_ca: Some(dir.path().join("absent.crt")),
+            client_cert: None,
+            alpn: vec![],
+        };
+        let err = client_config(&settings).expect_err("missing").to_string();
+        assert!(err.contains("root-ca-crt") && err.contains("absent.crt"), "{err}");
+    }
+
+    #[test]
+    fn a_directory_is_not_a_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = TlsSettings {
+            root_ca: Some(dir.path().to_owned()),
+            client_cert: None,
+            alpn: vec![],
+        };
+        assert!(client_config(&settings).expect_err("dir").to_string().contains("directory"));
+    }
+
+    #[test]
+    fn an_encrypted_key_says_so_and_never_echoes_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nU0VDUkVUS0VZ\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let problems = check_files(&settings(dir.path(), "junk", key));
+        let text = format!("{problems:?}");
+        assert!(text.contains("encrypted"), "{text}");
+        assert!(!text.contains("U0VDUkVUS0VZ"), "{text}");
+    }
+}

@@ -1,0 +1,133 @@
+//! What a job came to: its exit-code (the contract's table), a message a person can act on,
+//! and the reply body that carries both.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The contract's exit-codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitCode {
+    Published = 0,
+    InvalidJob = 1,
+    UnknownConnector = 2,
+    ConnectFailed = 3,
+    NotAuthorized = 4,
+    Tls = 5,
+    Timeout = 6,
+    PublishFailed = 7,
+}
+
+impl ExitCode {
+    pub const ALL: [ExitCode; 8] = [
+        ExitCode::Published,
+        ExitCode::InvalidJob,
+        ExitCode::UnknownConnector,
+        ExitCode::ConnectFailed,
+        ExitCode::NotAuthorized,
+        ExitCode::Tls,
+        ExitCode::Timeout,
+        ExitCode::PublishFailed,
+    ];
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// A job that ended with this code would end the same way if tried again.
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            ExitCode::InvalidJob | ExitCode::UnknownConnector | ExitCode::NotAuthorized | ExitCode::Tls
+        )
+    }
+
+    /// The code as a metric label value ("0".."7"), without allocating.
+    pub fn label(self) -> &'static str {
+        ["0", "1", "2", "3", "4", "5", "6", "7"][self as usize]
+    }
+}
+
+/// The final result of one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub exit_code: ExitCode,
+    pub message: String,
+    /// Publish attempts made; 0 when the job never got as far as the broker.
+    pub attempts: u32,
+}
+
+impl Outcome {
+    pub fn new(exit_code: ExitCode, message: impl Into<String>, attempts: u32) -> Self {
+        Self {
+            exit_code,
+            message: message.into(),
+            attempts,
+        }
+    }
+}
+
+impl From<crate::job::JobError> for Outcome {
+    fn from(err: crate::job::JobError) -> Self {
+        let exit_code = match err {
+            crate::job::JobError::Invalid(_) => ExitCode::InvalidJob,
+            crate::job::JobError::UnknownConnector(_) => ExitCode::UnknownConnector,
+        };
+        Outcome::new(exit_code, err.to_string(), 0)
+    }
+}
+
+/// The reply body: `exit-code` and `message` always, then what helps a person diagnose.
+#[derive(Debug, Serialize)]
+pub struct Reply<'a> {
+    #[serde(rename = "exit-code")]
+    pub exit_code: u8,
+    pub message: &'a str,
+    pub attempts: u32,
+    #[serde(rename = "duration-ms")]
+    pub duration_ms: u64,
+}
+
+impl<'a> Reply<'a> {
+    pub fn new(outcome: &'a Outcome, duration: Duration) -> Self {
+        Self {
+            exit_code: outcome.exit_code.code(),
+            message: &outcome.message,
+            attempts: outcome.attempts,
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing a struct of integers and a string cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_codes_one_two_four_and_five_are_permanent() {
+        let permanent: Vec<u8> = ExitCode::ALL.iter().filter(|c| c.is_permanent()).map(|c| c.code()).collect();
+        assert_eq!(permanent, vec![1, 2, 4, 5]);
+    }
+
+    #[test]
+    fn labels_match_codes() {
+        for code in ExitCode::ALL {
+            assert_eq!(code.label(), code.code().to_string());
+        }
+    }
+
+    #[test]
+    fn reply_has_the_contract_keys() {
+        let outcome = Outcome::new(ExitCode::Published, "published to t (qos 1)", 1);
+        let json: serde_json::Value =
+            serde_json::from_slice(&Reply::new(&outcome, Duration::from_millis(12)).to_json()).expect("json");
+        assert_eq!(json["exit-code"], 0);
+        assert_eq!(json["message"], "published to t (qos 1)");
+        assert_eq!(json["duration-ms"], 12);
+    }
+}

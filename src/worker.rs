@@ -1,0 +1,230 @@
+//! The worker: consume deliveries, run each job through the [`Pipeline`], reply, settle.
+//! Reconnects to RabbitMQ with backoff whenever the session ends; on shutdown stops
+//! consuming, lets the jobs in flight finish (within a grace period) and closes everything.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::amqp::consumer::{Session, SessionError};
+use crate::amqp::{self, replier};
+use crate::backoff::Backoff;
+use crate::connectors::{ConnectorError, ConnectorStore};
+use crate::http::{self, Readiness};
+use crate::job::Limits;
+use crate::metrics::Metrics;
+use crate::mqtt::connection::ConnectionSettings;
+use crate::mqtt::pool::Pool;
+use crate::outcome::Reply;
+use crate::pipeline::Pipeline;
+use crate::settle::{ReplyStatus, Settlement, settle};
+
+/// Everything a worker is configured with.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub amqp_url: String,
+    pub queue: String,
+    pub connectors_dir: PathBuf,
+    /// Unacknowledged deliveries RabbitMQ hands this worker at once: its concurrency.
+    pub prefetch: u16,
+    pub metrics_addr: Option<SocketAddr>,
+    /// MQTT connections unused this long are closed.
+    pub idle_timeout: Duration,
+    /// How long jobs in flight may take to finish after SIGTERM.
+    pub grace_period: Duration,
+    pub limits: Limits,
+    pub mqtt: ConnectionSettings,
+}
+
+impl WorkerOptions {
+    pub fn new(amqp_url: impl Into<String>, queue: impl Into<String>, connectors_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            amqp_url: amqp_url.into(),
+            queue: queue.into(),
+            connectors_dir: connectors_dir.into(),
+            prefetch: 256,
+            metrics_addr: None,
+            idle_timeout: Duration::from_secs(300),
+            grace_period: Duration::from_secs(30),
+            limits: Limits::default(),
+            mqtt: ConnectionSettings::default(),
+        }
+    }
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Connectors(#[from] ConnectorError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A worker that has loaded its connectors and bound its HTTP endpoint, ready to [`Worker::run`].
+pub struct Worker {
+    options: WorkerOptions,
+    pipeline: Pipeline,
+    metrics: Metrics,
+    readiness: Readiness,
+    metrics_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    /// Loads the connectors (a bad file stops the start) and binds `/metrics`.
+    pub async fn start(options: WorkerOptions, shutdown: CancellationToken) -> Result<Worker, WorkerError> {
+        let connectors = Arc::new(ConnectorStore::load(&options.connectors_dir)?);
+        let metrics = Metrics::new();
+        let readiness = Readiness::default();
+        let metrics_addr = match options.metrics_addr {
+            Some(addr) => Some(
+                http::serve(addr, metrics.clone(), readiness.clone(), shutdown.clone())
+                    .await
+                    .map_err(|source| WorkerError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
+        let pool = Pool::new(options.mqtt.clone(), options.idle_timeout, metrics.clone());
+        let pipeline = Pipeline::new(connectors.clone(), pool, metrics.clone(), options.limits);
+        tracing::info!(
+            connectors = connectors.len(),
+            queue = %options.queue,
+            amqp = %amqp::redact_url(&options.amqp_url),
+            metrics = ?metrics_addr,
+            "worker started"
+        );
+        Ok(Worker {
+            options,
+            pipeline,
+            metrics,
+            readiness,
+            metrics_addr,
+            shutdown,
+        })
+    }
+
+    /// The address `/metrics` is served on, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Consumes until the shutdown token is cancelled, then drains and returns.
+    pub async fn run(self) {
+        let tracker = TaskTracker::new();
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+        while !self.shutdown.is_cancelled() {
+            let ended = match Session::open(&self.options.amqp_url, &self.options.queue, self.options.prefetch).await {
+                Ok(session) => {
+                    backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+                    self.consume(session, &tracker).await
+                }
+                Err(err) => Err(err),
+            };
+            self.set_ready(false);
+            match ended {
+                Ok(()) => break,
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %err, retry_in = ?delay, "not consuming from RabbitMQ");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+        self.pipeline.pool().close_all();
+        tracing::info!("worker stopped");
+    }
+
+    /// Runs one session until it fails (`Err`) or shutdown is requested and its jobs are done.
+    async fn consume(&self, session: Session, tracker: &TaskTracker) -> Result<(), SessionError> {
+        let Session {
+            connection,
+            channel,
+            mut consumer,
+        } = session;
+        self.set_ready(true);
+        tracing::info!(queue = %self.options.queue, prefetch = self.options.prefetch, "consuming");
+        let ended = loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break Ok(()),
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => {
+                        let job = handle(delivery, channel.clone(), self.pipeline.clone(), self.metrics.clone());
+                        tracker.spawn(job);
+                    }
+                    Some(Err(err)) => break Err(SessionError::Amqp(err)),
+                    None => break Err(SessionError::ConsumerEnded),
+                },
+            }
+        };
+        if ended.is_ok() {
+            // Stop deliveries, finish what we hold (its replies and acks need this channel),
+            // then close: deliveries prefetched but not started go back to the queue.
+            self.set_ready(false);
+            let _ = channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await;
+            tracker.close();
+            if tokio::time::timeout(self.options.grace_period, tracker.wait()).await.is_err() {
+                tracing::warn!(grace = ?self.options.grace_period, "jobs still running at the end of the grace period; RabbitMQ will redeliver them");
+            }
+            let _ = connection.close(200, "worker shutting down".into()).await;
+        }
+        ended
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.readiness.set(ready);
+        self.metrics.set_consumer_up(ready);
+    }
+}
+
+/// One delivery: run the job, reply, settle.
+async fn handle(delivery: Delivery, channel: Channel, pipeline: Pipeline, metrics: Metrics) {
+    metrics.jobs_in_flight().inc();
+    let started = Instant::now();
+    let finished = pipeline.run(&delivery.data).await;
+    let properties = &delivery.properties;
+    let correlation_id = properties.correlation_id().as_ref().map(|id| id.as_str());
+    let reply_status = match properties.reply_to() {
+        Some(reply_to) => {
+            let body = Reply::new(&finished.outcome, started.elapsed()).to_json();
+            replier::reply(&channel, reply_to.as_str(), correlation_id, &body).await
+        }
+        None => ReplyStatus::NotRequested,
+    };
+    let settlement = settle(finished.outcome.exit_code, reply_status);
+    let settled = match settlement {
+        Settlement::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Settlement::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await,
+        Settlement::Requeue => delivery.acker.reject(BasicRejectOptions { requeue: true }).await,
+    };
+    if let Err(err) = settled {
+        tracing::warn!(error = %err, "could not settle the delivery; RabbitMQ will redeliver it");
+    }
+    tracing::info!(
+        correlation_id = correlation_id.unwrap_or(""),
+        connector = %finished.connector,
+        exit_code = finished.outcome.exit_code.code(),
+        attempts = finished.outcome.attempts,
+        duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        redelivered = delivery.redelivered,
+        reply = ?reply_status,
+        settlement = ?settlement,
+        "{}", finished.outcome.message
+    );
+    metrics.jobs_in_flight().dec();
+}
