@@ -10,6 +10,9 @@
 //! broker from dropping privileges to the `mosquitto` user when the tests run as root (it could
 //! not read the temp directory otherwise; the option is ignored when not run as root);
 //! `log_dest file DIR/mosquitto.log` with connection messages, see [`Mosquitto::log`].
+//!
+//! The methods are synchronous and block for the few milliseconds the broker needs to start;
+//! call them from `#[tokio::test(flavor = "multi_thread")]` tests (they do not need a runtime).
 
 use super::certs::Certs;
 use super::free_port;
