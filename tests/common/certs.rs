@@ -274,10 +274,12 @@ impl Certs {
 
     /// One certificate set per test process, generated on first use into a fresh directory under
     /// Cargo's `CARGO_TARGET_TMPDIR` (`target/tmp/certs-*`), which outlives the process: files a
-    /// worker reads later are still there. Safe to call from many tests at once.
+    /// worker reads later are still there. Sets older than a day are removed then. Safe to call
+    /// from many tests at once.
     pub fn shared() -> &'static Certs {
         static CERTS: OnceLock<Certs> = OnceLock::new();
         CERTS.get_or_init(|| {
+            remove_stale_cert_dirs(Path::new(env!("CARGO_TARGET_TMPDIR")));
             let dir = tempfile::Builder::new()
                 .prefix("certs-")
                 .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
@@ -304,6 +306,21 @@ impl Certs {
             &self.client_pkcs8,
             &self.client_ec_sec1,
         ]
+    }
+}
+
+fn remove_stale_cert_dirs(tmp: &Path) {
+    let day = std::time::Duration::from_secs(24 * 3600);
+    for entry in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > day);
+        if stale && entry.file_name().to_string_lossy().starts_with("certs-") {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
