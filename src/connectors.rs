@@ -11,9 +11,15 @@ use crate::job::Params;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
     #[error("cannot read the connectors folder {dir}: {source}")]
-    Folder { dir: PathBuf, source: std::io::Error },
+    Folder {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read connector file {file}: {source}")]
-    Read { file: PathBuf, source: std::io::Error },
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("connector file {file}: {message}")]
     Invalid { file: PathBuf, message: String },
 }
@@ -31,7 +37,10 @@ impl ConnectorStore {
     }
 
     /// Loads every `*.json` file of `dir`, resolving `${NAME}` through `env`.
-    pub fn load_with_env(dir: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConnectorError> {
+    pub fn load_with_env(
+        dir: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConnectorError> {
         let folder_error = |source| ConnectorError::Folder {
             dir: dir.to_owned(),
             source,
@@ -46,7 +55,11 @@ impl ConnectorStore {
         files.sort();
         let mut connectors = HashMap::new();
         for file in files {
-            let Some(name) = file.file_stem().and_then(|stem| stem.to_str()).map(str::to_owned) else {
+            let Some(name) = file
+                .file_stem()
+                .and_then(|stem| stem.to_str())
+                .map(str::to_owned)
+            else {
                 continue;
             };
             let text = std::fs::read_to_string(&file).map_err(|source| ConnectorError::Read {
@@ -69,7 +82,11 @@ impl ConnectorStore {
 
     /// Every connector, sorted by name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Params)> {
-        let mut all: Vec<_> = self.connectors.iter().map(|(name, params)| (name.as_str(), params.as_ref())).collect();
+        let mut all: Vec<_> = self
+            .connectors
+            .iter()
+            .map(|(name, params)| (name.as_str(), params.as_ref()))
+            .collect();
         all.sort_by_key(|(name, _)| *name);
         all.into_iter()
     }
@@ -85,7 +102,8 @@ impl ConnectorStore {
 
 /// One connector file's text to parameters. The error names the key at fault.
 pub fn parse(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Params, String> {
-    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|err| format!("not valid JSON: {err}"))?;
+    let mut value: serde_json::Value =
+        serde_json::from_str(text).map_err(|err| format!("not valid JSON: {err}"))?;
     let object = value.as_object_mut().ok_or("must hold one JSON object")?;
     for key in ["action", "connector"] {
         if object.contains_key(key) {
@@ -95,11 +113,19 @@ pub fn parse(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Params
     for (key, value) in object.iter_mut() {
         expand_env(key, value, env)?;
     }
-    Params::from_json(value).map_err(|err| err.to_string().trim_start_matches("invalid job: ").to_owned())
+    Params::from_json(value).map_err(|err| {
+        err.to_string()
+            .trim_start_matches("invalid job: ")
+            .to_owned()
+    })
 }
 
 /// Replaces every `${NAME}` inside string values (also inside lists) with the variable's value.
-fn expand_env(key: &str, value: &mut serde_json::Value, env: &impl Fn(&str) -> Option<String>) -> Result<(), String> {
+fn expand_env(
+    key: &str,
+    value: &mut serde_json::Value,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), String> {
     match value {
         serde_json::Value::String(text) if text.contains("${") => {
             *text = expand(text, env).map_err(|var| {
@@ -153,15 +179,25 @@ mod tests {
             "client-id": "thing-name", "topic": "$aws/things/thing-name/shadow/update", "qos": 1,
             "root-ca-crt": "/certs/root-CA.crt", "certificate": "/certs/device.pem.crt",
             "private-key": "/certs/device.pem.key", "use-certificate": true }"#;
-        assert_eq!(parse(flint, &env).expect("flint").client_id.as_deref(), Some("flint_mqtt"));
+        assert_eq!(
+            parse(flint, &env).expect("flint").client_id.as_deref(),
+            Some("flint_mqtt")
+        );
         assert_eq!(parse(aws, &env).expect("aws").use_certificate, Some(true));
     }
 
     #[test]
     fn env_placeholders_are_expanded_inside_strings() {
-        let params = parse(r#"{"broker": "tcp://${HOST}:1883", "password": "${PW}"}"#, &env).expect("valid");
+        let params = parse(
+            r#"{"broker": "tcp://${HOST}:1883", "password": "${PW}"}"#,
+            &env,
+        )
+        .expect("valid");
         assert_eq!(params.broker.as_deref(), Some("tcp://mqtt.example:1883"));
-        assert_eq!(params.password.map(|p| p.expose().to_owned()), Some("secret".into()));
+        assert_eq!(
+            params.password.map(|p| p.expose().to_owned()),
+            Some("secret".into())
+        );
     }
 
     #[test]

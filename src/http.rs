@@ -73,6 +73,9 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if state.readiness.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not consuming from RabbitMQ\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not consuming from RabbitMQ\n",
+        )
     }
 }

@@ -17,7 +17,7 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
 /// MQTT's own ceiling for a packet (256 MiB); the default content limit.
 pub const DEFAULT_MAX_CONTENT_BYTES: usize = 256 * 1024 * 1024;
 /// Error messages quote user input; this keeps a huge key or value from making a huge reply.
-const MAX_QUOTE_CHARS: usize = 200;
+const MAX_QUOTE_CHARS: usize = 400;
 
 /// Why a job cannot run. Both are permanent: the same job will fail the same way again.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,11 +93,11 @@ impl Params {
     {
         serde_path_to_error::deserialize(de).map_err(|err| {
             let path = err.path().to_string();
-            let inner = quote_limited(&err.into_inner().to_string());
+            let inner = err.into_inner().to_string();
             if path == "." || path.is_empty() {
-                invalid(inner)
+                invalid(quote_limited(&inner))
             } else {
-                invalid(format!("key {path:?}: {inner}"))
+                invalid(quote_limited(&format!("key {path:?}: {inner}")))
             }
         })
     }
@@ -283,7 +283,11 @@ impl Broker {
                     "uses websockets, which this version does not support yet; use tcp:// or ssl://",
                 ));
             }
-            _ => return Err(bad("has an unknown scheme; use tcp://, mqtt://, ssl:// or mqtts://")),
+            _ => {
+                return Err(bad(
+                    "has an unknown scheme; use tcp://, mqtt://, ssl:// or mqtts://",
+                ));
+            }
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.contains(['/', '@', '?', '#']) {
@@ -324,7 +328,11 @@ fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
     };
     match port {
         None => Some((host, None)),
-        Some(port) => port.parse::<u16>().ok().filter(|p| *p != 0).map(|p| (host, Some(p))),
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .map(|p| (host, Some(p))),
     }
 }
 
@@ -343,7 +351,11 @@ impl Job {
     /// Checks merged parameters and builds the job. `action` and `connector` are the caller's
     /// business and ignored here.
     pub fn validate(params: Params, limits: Limits) -> Result<Job, JobError> {
-        let missing = |key: &str| invalid(format!("key {key:?} is missing (set it in the job or its connector)"));
+        let missing = |key: &str| {
+            invalid(format!(
+                "key {key:?} is missing (set it in the job or its connector)"
+            ))
+        };
         let broker = Broker::parse(params.broker.as_deref().ok_or_else(|| missing("broker"))?)?;
         let client_id = params.client_id.ok_or_else(|| missing("client-id"))?;
         if client_id.is_empty() || client_id.len() > usize::from(u16::MAX) {
@@ -378,7 +390,14 @@ impl Job {
         if params.username.is_none() && params.password.is_some() {
             return Err(invalid("key \"password\" is set without \"username\""));
         }
-        let tls = tls_settings(&broker, params.root_ca_crt, params.certificate, params.private_key, params.use_certificate, params.alpn)?;
+        let tls = tls_settings(
+            &broker,
+            params.root_ca_crt,
+            params.certificate,
+            params.private_key,
+            params.use_certificate,
+            params.alpn,
+        )?;
         Ok(Job {
             target: Target {
                 broker,
@@ -429,15 +448,25 @@ fn tls_settings(
                 certificate,
                 private_key,
             }),
-            (None, _) => return Err(invalid("key \"use-certificate\" is true but \"certificate\" is missing")),
-            (_, None) => return Err(invalid("key \"use-certificate\" is true but \"private-key\" is missing")),
+            (None, _) => {
+                return Err(invalid(
+                    "key \"use-certificate\" is true but \"certificate\" is missing",
+                ));
+            }
+            (_, None) => {
+                return Err(invalid(
+                    "key \"use-certificate\" is true but \"private-key\" is missing",
+                ));
+            }
         }
     } else {
         None
     };
     let alpn = alpn.map(Alpn::into_vec).unwrap_or_default();
     if alpn.iter().any(|name| name.is_empty() || name.len() > 255) {
-        return Err(invalid("key \"alpn\": each protocol name must be 1 to 255 bytes"));
+        return Err(invalid(
+            "key \"alpn\": each protocol name must be 1 to 255 bytes",
+        ));
     }
     Ok(Some(TlsSettings {
         root_ca,
@@ -497,12 +526,23 @@ mod tests {
             let broker = Broker::parse(url).expect(url);
             assert_eq!((broker.transport, broker.port), (transport, port), "{url}");
         }
-        assert_eq!(Broker::parse("tcp://[::1]:1884").expect("v6").to_string(), "[::1]:1884");
+        assert_eq!(
+            Broker::parse("tcp://[::1]:1884").expect("v6").to_string(),
+            "[::1]:1884"
+        );
     }
 
     #[test]
     fn bad_broker_urls_are_invalid_jobs() {
-        for url in ["localhost:1883", "http://h", "tcp://h:99999", "tcp://h:x", "tcp://", "tcp://u:p@h", "ws://h"] {
+        for url in [
+            "localhost:1883",
+            "http://h",
+            "tcp://h:99999",
+            "tcp://h:x",
+            "tcp://",
+            "tcp://u:p@h",
+            "ws://h",
+        ] {
             assert!(Broker::parse(url).is_err(), "{url} should be rejected");
         }
     }
@@ -521,7 +561,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_in_the_error() {
-        assert!(message_of(job(with("colour", json!("red")))).contains("colour"));
+        let body = with("colour", json!("red")).to_string();
+        assert!(message_of(Params::decode(body.as_bytes())).contains("colour"));
     }
 
     #[test]
@@ -532,14 +573,24 @@ mod tests {
 
     #[test]
     fn bodies_that_are_not_one_object_are_invalid() {
-        for body in [&b"not json"[..], b"[1,2]", b"", b"\xff\xfe", b"{\"topic\": "] {
+        for body in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"",
+            b"\xff\xfe",
+            b"{\"topic\": ",
+        ] {
             assert!(Params::decode(body).is_err(), "{body:?}");
         }
     }
 
     #[test]
     fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
-        let body = format!("{{\"alpn\": {}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        let body = format!(
+            "{{\"alpn\": {}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
         assert!(Params::decode(body.as_bytes()).is_err());
     }
 
@@ -589,18 +640,26 @@ mod tests {
         let tls = job(body.clone()).expect("valid").target.tls.expect("tls");
         assert_eq!(tls.alpn, vec!["x-amzn-mqtt-ca"]);
         body["alpn"] = json!(["a", "b"]);
-        assert_eq!(job(body).expect("valid").target.tls.expect("tls").alpn, vec!["a", "b"]);
+        assert_eq!(
+            job(body).expect("valid").target.tls.expect("tls").alpn,
+            vec!["a", "b"]
+        );
     }
 
     #[test]
     fn aws_iot_rejects_qos_two_up_front() {
-        let body = with("broker", json!("ssl://abc.iot.us-east-1.amazonaws.com:8883"));
+        let body = with(
+            "broker",
+            json!("ssl://abc.iot.us-east-1.amazonaws.com:8883"),
+        );
         assert!(message_of(job(body)).contains("AWS"));
     }
 
     #[test]
     fn content_over_the_limit_is_invalid() {
-        let limits = Limits { max_content_bytes: 4 };
+        let limits = Limits {
+            max_content_bytes: 4,
+        };
         let result = Job::validate(params(with("content", json!("12345"))), limits);
         assert!(message_of(result).contains("limit"));
     }
@@ -609,13 +668,18 @@ mod tests {
     fn timeout_zero_and_too_long_are_invalid() {
         assert!(job(with("timeout", json!(0))).is_err());
         assert!(job(with("timeout", json!(10_000_000))).is_err());
-        assert_eq!(job(with("timeout", json!(250))).expect("valid").timeout, Duration::from_millis(250));
+        assert_eq!(
+            job(with("timeout", json!(250))).expect("valid").timeout,
+            Duration::from_millis(250)
+        );
     }
 
     #[test]
     fn password_never_appears_in_debug_output() {
-        let job = job(json!({"broker": "tcp://h", "client-id": "c", "topic": "t", "content": "x",
-                             "username": "u", "password": "s3cr3t-pw"}))
+        let job = job(
+            json!({"broker": "tcp://h", "client-id": "c", "topic": "t", "content": "x",
+                             "username": "u", "password": "s3cr3t-pw"}),
+        )
         .expect("valid");
         assert!(!format!("{job:?}").contains("s3cr3t-pw"));
     }

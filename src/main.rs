@@ -63,7 +63,11 @@ struct AmqpArgs {
 #[derive(Args)]
 struct ConnectorsArg {
     /// Folder of connector files (NAME.json).
-    #[arg(long, env = "MQTT_CONNECTOR_CONNECTORS", default_value = "config/connectors")]
+    #[arg(
+        long,
+        env = "MQTT_CONNECTOR_CONNECTORS",
+        default_value = "config/connectors"
+    )]
     connectors: PathBuf,
 }
 
@@ -155,7 +159,9 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,rumqttc=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -163,7 +169,11 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn worker(args: WorkerArgs) -> ExitCode {
-    let mut options = WorkerOptions::new(args.amqp.amqp_url, args.amqp.queue, args.connectors.connectors);
+    let mut options = WorkerOptions::new(
+        args.amqp.amqp_url,
+        args.amqp.queue,
+        args.connectors.connectors,
+    );
     options.prefetch = args.prefetch.max(1);
     options.metrics_addr = args.metrics_addr;
     options.idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
@@ -217,7 +227,11 @@ async fn send(args: SendArgs) -> ExitCode {
         Err(err) => return fail(&err),
     };
     let metrics = Metrics::new();
-    let pool = Pool::new(ConnectionSettings::default(), Duration::from_secs(60), metrics.clone());
+    let pool = Pool::new(
+        ConnectionSettings::default(),
+        Duration::from_secs(60),
+        metrics.clone(),
+    );
     let pipeline = Pipeline::new(Arc::new(store), pool.clone(), metrics, Limits::default());
     let started = std::time::Instant::now();
     let finished = pipeline.run(&body).await;
@@ -250,7 +264,10 @@ async fn submit(args: SubmitArgs) -> ExitCode {
             ExitCode::from(code)
         }
         Err(err @ SubmitError::NoReply(_)) => {
-            println!("{}", serde_json::json!({"exit-code": 6, "message": err.to_string()}));
+            println!(
+                "{}",
+                serde_json::json!({"exit-code": 6, "message": err.to_string()})
+            );
             ExitCode::from(6)
         }
         Err(err) => fail(&err.to_string()),
@@ -280,7 +297,11 @@ fn check(args: CheckArgs) -> ExitCode {
             match Job::validate(sample, Limits::default()) {
                 Ok(job) => {
                     if let Some(settings) = &job.target.tls {
-                        notes.extend(tls::check_files(settings).into_iter().map(|err| err.to_string()));
+                        notes.extend(
+                            tls::check_files(settings)
+                                .into_iter()
+                                .map(|err| err.to_string()),
+                        );
                     }
                 }
                 Err(err) => notes.push(err.to_string()),
@@ -295,8 +316,16 @@ fn check(args: CheckArgs) -> ExitCode {
             }
         }
     }
-    println!("{} connector(s) in {}, {problems} with problems", store.len(), dir.display());
-    if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    println!(
+        "{} connector(s) in {}, {problems} with problems",
+        store.len(),
+        dir.display()
+    );
+    if problems == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -75,7 +75,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mqtt_connector");
         let jobs = Family::default();
-        registry.register("jobs", "Jobs finished, by connector and exit-code", jobs.clone());
+        registry.register(
+            "jobs",
+            "Jobs finished, by connector and exit-code",
+            jobs.clone(),
+        );
         let job_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register(
             "job_duration_seconds",
@@ -89,11 +93,23 @@ impl Metrics {
             publish_duration.clone(),
         );
         let retries = Family::default();
-        registry.register("retries", "Publish attempts retried after a transient failure", retries.clone());
+        registry.register(
+            "retries",
+            "Publish attempts retried after a transient failure",
+            retries.clone(),
+        );
         let jobs_in_flight = Gauge::default();
-        registry.register("jobs_in_flight", "Jobs taken and not yet settled", jobs_in_flight.clone());
+        registry.register(
+            "jobs_in_flight",
+            "Jobs taken and not yet settled",
+            jobs_in_flight.clone(),
+        );
         let mqtt_connections = Family::default();
-        registry.register("mqtt_connections", "Open MQTT connections, by broker", mqtt_connections.clone());
+        registry.register(
+            "mqtt_connections",
+            "Open MQTT connections, by broker",
+            mqtt_connections.clone(),
+        );
         let mqtt_reconnects = Family::default();
         registry.register(
             "mqtt_reconnects",
@@ -212,7 +228,13 @@ mod tests {
             text.contains(r#"mqtt_connector_jobs_total{connector="local",exit_code="3"} 1"#),
             "{text}"
         );
-        assert!(text.contains("mqtt_connector_job_duration_seconds_bucket"), "{text}");
-        assert!(text.contains("mqtt_connector_build_info{version="), "{text}");
+        assert!(
+            text.contains("mqtt_connector_job_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mqtt_connector_build_info{version="),
+            "{text}"
+        );
     }
 }

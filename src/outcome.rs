@@ -38,7 +38,10 @@ impl ExitCode {
     pub fn is_permanent(self) -> bool {
         matches!(
             self,
-            ExitCode::InvalidJob | ExitCode::UnknownConnector | ExitCode::NotAuthorized | ExitCode::Tls
+            ExitCode::InvalidJob
+                | ExitCode::UnknownConnector
+                | ExitCode::NotAuthorized
+                | ExitCode::Tls
         )
     }
 
@@ -110,7 +113,11 @@ mod tests {
 
     #[test]
     fn only_codes_one_two_four_and_five_are_permanent() {
-        let permanent: Vec<u8> = ExitCode::ALL.iter().filter(|c| c.is_permanent()).map(|c| c.code()).collect();
+        let permanent: Vec<u8> = ExitCode::ALL
+            .iter()
+            .filter(|c| c.is_permanent())
+            .map(|c| c.code())
+            .collect();
         assert_eq!(permanent, vec![1, 2, 4, 5]);
     }
 
@@ -125,7 +132,8 @@ mod tests {
     fn reply_has_the_contract_keys() {
         let outcome = Outcome::new(ExitCode::Published, "published to t (qos 1)", 1);
         let json: serde_json::Value =
-            serde_json::from_slice(&Reply::new(&outcome, Duration::from_millis(12)).to_json()).expect("json");
+            serde_json::from_slice(&Reply::new(&outcome, Duration::from_millis(12)).to_json())
+                .expect("json");
         assert_eq!(json["exit-code"], 0);
         assert_eq!(json["message"], "published to t (qos 1)");
         assert_eq!(json["duration-ms"], 12);

@@ -38,7 +38,12 @@ pub struct Finished {
 }
 
 impl Pipeline {
-    pub fn new(connectors: Arc<ConnectorStore>, pool: Pool, metrics: Metrics, limits: Limits) -> Self {
+    pub fn new(
+        connectors: Arc<ConnectorStore>,
+        pool: Pool,
+        metrics: Metrics,
+        limits: Limits,
+    ) -> Self {
         Self {
             connectors,
             pool,
@@ -64,8 +69,11 @@ impl Pipeline {
                 connector,
             },
         };
-        self.metrics
-            .job_finished(&finished.connector, finished.outcome.exit_code, started.elapsed());
+        self.metrics.job_finished(
+            &finished.connector,
+            finished.outcome.exit_code,
+            started.elapsed(),
+        );
         finished
     }
 
@@ -105,7 +113,9 @@ impl Pipeline {
                     return Outcome::new(err.exit_code(), err.to_string(), attempts);
                 }
                 Ok(Err(err)) => err,
-                Err(_elapsed) => return timed_out(job, phase, last_failure, attempts, started.elapsed()),
+                Err(_elapsed) => {
+                    return timed_out(job, phase, last_failure, attempts, started.elapsed());
+                }
             };
             let delay = backoff.next_delay();
             if tokio::time::Instant::now() + delay >= deadline {
@@ -159,7 +169,13 @@ fn published(job: &Job, ack: Ack, attempts: u32) -> Outcome {
     Outcome::new(ExitCode::Published, message, attempts)
 }
 
-fn timed_out(job: &Job, phase: Phase, last_failure: Option<MqttError>, attempts: u32, elapsed: Duration) -> Outcome {
+fn timed_out(
+    job: &Job,
+    phase: Phase,
+    last_failure: Option<MqttError>,
+    attempts: u32,
+    elapsed: Duration,
+) -> Outcome {
     match last_failure {
         Some(failure) => gave_up(job, &failure, attempts, elapsed),
         None => {

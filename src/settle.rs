@@ -48,30 +48,56 @@ mod tests {
 
     #[test]
     fn a_published_job_with_a_confirmed_reply_is_acked() {
-        assert_eq!(settle(ExitCode::Published, ReplyStatus::Confirmed), Settlement::Ack);
+        assert_eq!(
+            settle(ExitCode::Published, ReplyStatus::Confirmed),
+            Settlement::Ack
+        );
     }
 
     #[test]
     fn a_job_that_can_never_succeed_is_dead_lettered_not_requeued() {
-        for code in [ExitCode::InvalidJob, ExitCode::UnknownConnector, ExitCode::NotAuthorized, ExitCode::Tls] {
-            assert_eq!(settle(code, ReplyStatus::Confirmed), Settlement::DeadLetter, "{code:?}");
+        for code in [
+            ExitCode::InvalidJob,
+            ExitCode::UnknownConnector,
+            ExitCode::NotAuthorized,
+            ExitCode::Tls,
+        ] {
+            assert_eq!(
+                settle(code, ReplyStatus::Confirmed),
+                Settlement::DeadLetter,
+                "{code:?}"
+            );
         }
     }
 
     #[test]
     fn a_transient_failure_that_ran_out_of_time_is_final_and_acked() {
-        for code in [ExitCode::ConnectFailed, ExitCode::Timeout, ExitCode::PublishFailed] {
-            assert_eq!(settle(code, ReplyStatus::Confirmed), Settlement::Ack, "{code:?}");
+        for code in [
+            ExitCode::ConnectFailed,
+            ExitCode::Timeout,
+            ExitCode::PublishFailed,
+        ] {
+            assert_eq!(
+                settle(code, ReplyStatus::Confirmed),
+                Settlement::Ack,
+                "{code:?}"
+            );
         }
     }
 
     #[test]
     fn a_reply_rabbitmq_refused_requeues_the_job() {
-        assert_eq!(settle(ExitCode::Published, ReplyStatus::Failed), Settlement::Requeue);
+        assert_eq!(
+            settle(ExitCode::Published, ReplyStatus::Failed),
+            Settlement::Requeue
+        );
     }
 
     #[test]
     fn a_reply_to_a_missing_queue_does_not_loop() {
-        assert_eq!(settle(ExitCode::Published, ReplyStatus::Unroutable), Settlement::Ack);
+        assert_eq!(
+            settle(ExitCode::Published, ReplyStatus::Unroutable),
+            Settlement::Ack
+        );
     }
 }

@@ -10,9 +10,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 
 use crate::amqp::consumer::{SessionError, declare_queue};
-
-/// RabbitMQ's direct reply-to pseudo-queue.
-pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+use crate::amqp::replier::DIRECT_REPLY_TO;
 
 /// Builds a job body. Values are typed by key: `qos` and `timeout` numbers, `retain` and
 /// `use-certificate` booleans, `alpn` a list when it holds commas; everything else a string.
@@ -34,7 +32,9 @@ fn typed_value(key: &str, value: &str) -> serde_json::Value {
     let parsed = match key {
         "qos" | "timeout" => value.parse::<u64>().ok().map(serde_json::Value::from),
         "retain" | "use-certificate" => value.parse::<bool>().ok().map(serde_json::Value::from),
-        "alpn" if value.contains(',') => Some(value.split(',').map(str::trim).collect::<Vec<_>>().into()),
+        "alpn" if value.contains(',') => {
+            Some(value.split(',').map(str::trim).collect::<Vec<_>>().into())
+        }
         _ => None,
     };
     // A value of the wrong shape is sent as a string: the worker's error will name the key.
@@ -65,7 +65,9 @@ pub async fn submit(
     let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
     declare_queue(&connection, queue).await?;
     let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let correlation_id = uuid::Uuid::new_v4().to_string();
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
@@ -81,7 +83,12 @@ pub async fn submit(
             };
             Some(
                 channel
-                    .basic_consume(DIRECT_REPLY_TO.into(), "".into(), options, FieldTable::default())
+                    .basic_consume(
+                        DIRECT_REPLY_TO.into(),
+                        "".into(),
+                        options,
+                        FieldTable::default(),
+                    )
                     .await?,
             )
         }
@@ -103,7 +110,11 @@ pub async fn submit(
             let waited = tokio::time::timeout(limit, async {
                 while let Some(delivery) = replies.next().await {
                     let delivery = delivery?;
-                    let id = delivery.properties.correlation_id().as_ref().map(|id| id.as_str());
+                    let id = delivery
+                        .properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|id| id.as_str());
                     if id == Some(correlation_id.as_str()) {
                         return Ok(Some(delivery.data));
                     }
@@ -128,7 +139,12 @@ mod tests {
     fn set_values_are_typed_by_key() {
         let body = job_body(
             Some("local"),
-            &["qos=1".into(), "retain=true".into(), "content=123".into(), "alpn=a,b".into()],
+            &[
+                "qos=1".into(),
+                "retain=true".into(),
+                "content=123".into(),
+                "alpn=a,b".into(),
+            ],
         )
         .expect("body");
         let json: serde_json::Value = serde_json::from_slice(&body).expect("json");

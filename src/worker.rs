@@ -45,7 +45,11 @@ pub struct WorkerOptions {
 }
 
 impl WorkerOptions {
-    pub fn new(amqp_url: impl Into<String>, queue: impl Into<String>, connectors_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        amqp_url: impl Into<String>,
+        queue: impl Into<String>,
+        connectors_dir: impl Into<PathBuf>,
+    ) -> Self {
         Self {
             amqp_url: amqp_url.into(),
             queue: queue.into(),
@@ -66,7 +70,10 @@ pub enum WorkerError {
     #[error(transparent)]
     Connectors(#[from] ConnectorError),
     #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics { addr: SocketAddr, source: std::io::Error },
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A worker that has loaded its connectors and bound its HTTP endpoint, ready to [`Worker::run`].
@@ -81,7 +88,10 @@ pub struct Worker {
 
 impl Worker {
     /// Loads the connectors (a bad file stops the start) and binds `/metrics`.
-    pub async fn start(options: WorkerOptions, shutdown: CancellationToken) -> Result<Worker, WorkerError> {
+    pub async fn start(
+        options: WorkerOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Worker, WorkerError> {
         let connectors = Arc::new(ConnectorStore::load(&options.connectors_dir)?);
         let metrics = Metrics::new();
         let readiness = Readiness::default();
@@ -122,7 +132,13 @@ impl Worker {
         let tracker = TaskTracker::new();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
         while !self.shutdown.is_cancelled() {
-            let ended = match Session::open(&self.options.amqp_url, &self.options.queue, self.options.prefetch).await {
+            let ended = match Session::open(
+                &self.options.amqp_url,
+                &self.options.queue,
+                self.options.prefetch,
+            )
+            .await
+            {
                 Ok(session) => {
                     backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
                     self.consume(session, &tracker).await
@@ -178,7 +194,10 @@ impl Worker {
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                 .await;
             tracker.close();
-            if tokio::time::timeout(self.options.grace_period, tracker.wait()).await.is_err() {
+            if tokio::time::timeout(self.options.grace_period, tracker.wait())
+                .await
+                .is_err()
+            {
                 tracing::warn!(grace = ?self.options.grace_period, "jobs still running at the end of the grace period; RabbitMQ will redeliver them");
             }
             let _ = connection.close(200, "worker shutting down".into()).await;
@@ -209,8 +228,18 @@ async fn handle(delivery: Delivery, channel: Channel, pipeline: Pipeline, metric
     let settlement = settle(finished.outcome.exit_code, reply_status);
     let settled = match settlement {
         Settlement::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
-        Settlement::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await,
-        Settlement::Requeue => delivery.acker.reject(BasicRejectOptions { requeue: true }).await,
+        Settlement::DeadLetter => {
+            delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await
+        }
+        Settlement::Requeue => {
+            delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await
+        }
     };
     if let Err(err) = settled {
         tracing::warn!(error = %err, "could not settle the delivery; RabbitMQ will redeliver it");

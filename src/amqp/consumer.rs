@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 
@@ -67,13 +69,21 @@ pub async fn declare_queue(connection: &Connection, queue: &str) -> Result<(), S
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    if bounded(probe.queue_declare(queue.into(), passive, FieldTable::default())).await.is_ok() {
+    if bounded(probe.queue_declare(queue.into(), passive, FieldTable::default()))
+        .await
+        .is_ok()
+    {
         let _ = probe.close(200, "ok".into()).await;
         return Ok(());
     }
     // The failed passive declare closed the probe channel (404): declare on a fresh one.
     let channel = bounded(connection.create_channel()).await?;
-    bounded(channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default())).await?;
+    bounded(channel.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    ))
+    .await?;
     let _ = channel.close(200, "ok".into()).await;
     Ok(())
 }

@@ -6,18 +6,30 @@ use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::settle::ReplyStatus;
 
+/// RabbitMQ's direct reply-to pseudo-queue; replies go to `amq.rabbitmq.reply-to.<token>`.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
 /// Sends one reply and reports what RabbitMQ made of it.
-pub async fn reply(channel: &Channel, reply_to: &str, correlation_id: Option<&str>, body: &[u8]) -> ReplyStatus {
+pub async fn reply(
+    channel: &Channel,
+    reply_to: &str,
+    correlation_id: Option<&str>,
+    body: &[u8],
+) -> ReplyStatus {
     let mut properties = BasicProperties::default().with_content_type("application/json".into());
     if let Some(id) = correlation_id {
         properties = properties.with_correlation_id(id.into());
     }
     // mandatory: a reply_to that routes nowhere comes back instead of vanishing unnoticed.
+    // Not for direct reply-to: RabbitMQ delivers those yet reports them as returned (NO_ROUTE).
     let options = BasicPublishOptions {
-        mandatory: true,
+        mandatory: !reply_to.starts_with(DIRECT_REPLY_TO),
         ..BasicPublishOptions::default()
     };
-    let confirm = match channel.basic_publish("".into(), reply_to.into(), options, body, properties).await {
+    let confirm = match channel
+        .basic_publish("".into(), reply_to.into(), options, body, properties)
+        .await
+    {
         Ok(confirm) => confirm,
         Err(err) => {
             tracing::warn!(error = %err, "could not publish the reply");

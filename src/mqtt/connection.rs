@@ -9,8 +9,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, NetworkOptions, Packet, PublishOptions,
-    TlsConfiguration, Transport,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, NetworkOptions, Packet,
+    PublishOptions, TlsConfiguration, Transport,
 };
 
 use super::MqttError;
@@ -69,9 +69,16 @@ pub enum End {
 
 impl Connection {
     /// Connects and waits for CONNACK, then hands the event loop to its own task.
-    pub async fn open(target: &Target, settings: &ConnectionSettings, metrics: &Metrics) -> Result<Connection, MqttError> {
+    pub async fn open(
+        target: &Target,
+        settings: &ConnectionSettings,
+        metrics: &Metrics,
+    ) -> Result<Connection, MqttError> {
         let broker = target.broker.to_string();
-        let mut options = MqttOptions::new(target.client_id.clone(), rumqttc::Broker::tcp(target.broker.host.clone(), target.broker.port));
+        let mut options = MqttOptions::new(
+            target.client_id.clone(),
+            rumqttc::Broker::tcp(target.broker.host.clone(), target.broker.port),
+        );
         options
             .set_keep_alive(u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX))
             .set_clean_session(true)
@@ -79,7 +86,11 @@ impl Connection {
         options.set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes);
         options.set_request_channel_capacity(usize::from(settings.inflight.max(1)) * 2);
         if let Some(username) = &target.username {
-            let password = target.password.as_ref().map(|p| p.expose().to_owned()).unwrap_or_default();
+            let password = target
+                .password
+                .as_ref()
+                .map(|p| p.expose().to_owned())
+                .unwrap_or_default();
             options.set_credentials(username.clone(), password);
         }
         if let Some(tls_settings) = &target.tls {
@@ -89,10 +100,13 @@ impl Connection {
             })?;
             options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
         }
-        let (client, mut eventloop) = AsyncClient::builder(options).try_build().map_err(|err| MqttError::Connect {
-            broker: broker.clone(),
-            reason: format!("bad client options: {err}"),
-        })?;
+        let (client, mut eventloop) =
+            AsyncClient::builder(options)
+                .try_build()
+                .map_err(|err| MqttError::Connect {
+                    broker: broker.clone(),
+                    reason: format!("bad client options: {err}"),
+                })?;
         let mut network = NetworkOptions::new();
         network.set_tcp_nodelay(true);
         // The job's own timeout bounds every connect; this is only a backstop.
@@ -178,7 +192,10 @@ impl Connection {
         if self.in_use.load(Ordering::Acquire) > 0 {
             return Duration::ZERO;
         }
-        Duration::from_millis(self.age_ms().saturating_sub(self.last_used_ms.load(Ordering::Relaxed)))
+        Duration::from_millis(
+            self.age_ms()
+                .saturating_sub(self.last_used_ms.load(Ordering::Relaxed)),
+        )
     }
 
     /// Sends DISCONNECT and lets the event loop end; publishes in flight are failed.
@@ -209,7 +226,9 @@ fn connect_error(broker: &str, err: &ConnectionError) -> MqttError {
     let broker = broker.to_owned();
     let reason = describe(err);
     match err {
-        ConnectionError::ConnectionRefused(ConnectReturnCode::ServiceUnavailable) => MqttError::Connect { broker, reason },
+        ConnectionError::ConnectionRefused(ConnectReturnCode::ServiceUnavailable) => {
+            MqttError::Connect { broker, reason }
+        }
         ConnectionError::ConnectionRefused(_) => MqttError::Refused { broker, reason },
         ConnectionError::Tls(_) => MqttError::Tls { broker, reason },
         ConnectionError::NetworkTimeout => MqttError::NoAnswer { broker, reason },
@@ -222,10 +241,17 @@ fn connect_error(broker: &str, err: &ConnectionError) -> MqttError {
 fn describe(err: &ConnectionError) -> String {
     match err {
         ConnectionError::ConnectionRefused(code) => match code {
-            ConnectReturnCode::BadUserNamePassword => "bad username or password (CONNACK code 4)".into(),
-            ConnectReturnCode::NotAuthorized => "not authorized: check username, password or client certificate (CONNACK code 5)".into(),
+            ConnectReturnCode::BadUserNamePassword => {
+                "bad username or password (CONNACK code 4)".into()
+            }
+            ConnectReturnCode::NotAuthorized => {
+                "not authorized: check username, password or client certificate (CONNACK code 5)"
+                    .into()
+            }
             ConnectReturnCode::BadClientId => "client-id rejected (CONNACK code 2)".into(),
-            ConnectReturnCode::RefusedProtocolVersion => "MQTT 3.1.1 not accepted (CONNACK code 1)".into(),
+            ConnectReturnCode::RefusedProtocolVersion => {
+                "MQTT 3.1.1 not accepted (CONNACK code 1)".into()
+            }
             ConnectReturnCode::ServiceUnavailable => "server unavailable (CONNACK code 3)".into(),
             ConnectReturnCode::Success => "refused".into(),
         },

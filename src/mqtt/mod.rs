@@ -24,7 +24,9 @@ pub enum MqttError {
     #[error("{broker} did not answer: {reason}")]
     NoAnswer { broker: String, reason: String },
     /// Connected, but the connection ended before the broker acknowledged the publish.
-    #[error("the connection to {broker} ended before the broker acknowledged the publish: {reason}")]
+    #[error(
+        "the connection to {broker} ended before the broker acknowledged the publish: {reason}"
+    )]
     PublishLost { broker: String, reason: String },
 }
 

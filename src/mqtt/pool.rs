@@ -22,7 +22,10 @@ type Opening = Shared<BoxFuture<'static, Result<Arc<Connection>, MqttError>>>;
 enum Slot {
     Open(Arc<Connection>),
     /// A connect in progress, awaited by every job that needs it; `id` tells attempts apart.
-    Opening { id: u64, future: Opening },
+    Opening {
+        id: u64,
+        future: Opening,
+    },
 }
 
 struct Inner {
@@ -82,27 +85,38 @@ impl Pool {
             let mut slots = self.lock();
             match slots.entry(target.clone()) {
                 Entry::Occupied(mut slot) => match slot.get() {
-                    Slot::Open(connection) if !connection.is_ended() => return Ok(lease(connection)),
+                    Slot::Open(connection) if !connection.is_ended() => {
+                        return Ok(lease(connection));
+                    }
                     Slot::Open(connection) => {
                         if let Some(End::Lost(_)) = connection.end() {
-                            self.inner.metrics.mqtt_reconnect(&target.broker.to_string());
+                            self.inner
+                                .metrics
+                                .mqtt_reconnect(&target.broker.to_string());
                         }
                         let (id, future) = self.open(target);
-                        slot.insert(Slot::Opening { id, future: future.clone() });
+                        slot.insert(Slot::Opening {
+                            id,
+                            future: future.clone(),
+                        });
                         (id, future)
                     }
                     Slot::Opening { id, future } => (*id, future.clone()),
                 },
                 Entry::Vacant(slot) => {
                     let (id, future) = self.open(target);
-                    slot.insert(Slot::Opening { id, future: future.clone() });
+                    slot.insert(Slot::Opening {
+                        id,
+                        future: future.clone(),
+                    });
                     (id, future)
                 }
             }
         };
         let result = opening.await;
         let mut slots = self.lock();
-        let ours = matches!(slots.get(target), Some(Slot::Opening { id: current, .. }) if *current == id);
+        let ours =
+            matches!(slots.get(target), Some(Slot::Opening { id: current, .. }) if *current == id);
         match result {
             Ok(connection) => {
                 if ours {
@@ -157,7 +171,10 @@ impl Pool {
 
 fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, HashMap<Target, Slot>> {
     // A panic while holding this lock cannot leave the map inconsistent: keep going.
-    inner.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    inner
+        .slots
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Closes idle connections and forgets ended ones, until the pool is dropped.

@@ -27,17 +27,21 @@ pub fn client_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>
         Some(client) => {
             let chain = certificates(&client.certificate, "certificate")?;
             let key = private_key(&client.private_key)?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|err| TlsFileError(format!(
+            builder.with_client_auth_cert(chain, key).map_err(|err| {
+                TlsFileError(format!(
                     "certificate {} and private-key {} do not form a usable pair: {err}",
                     client.certificate.display(),
                     client.private_key.display()
-                )))?
+                ))
+            })?
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = settings.alpn.iter().map(|name| name.as_bytes().to_vec()).collect();
+    config.alpn_protocols = settings
+        .alpn
+        .iter()
+        .map(|name| name.as_bytes().to_vec())
+        .collect();
     Ok(Arc::new(config))
 }
 
@@ -63,9 +67,12 @@ pub fn check_files(settings: &TlsSettings) -> Vec<TlsFileError> {
 fn roots_from_file(path: &Path) -> Result<RootCertStore, TlsFileError> {
     let mut roots = RootCertStore::empty();
     for cert in certificates(path, "root-ca-crt")? {
-        roots
-            .add(cert)
-            .map_err(|err| TlsFileError(format!("root-ca-crt {}: not a usable CA certificate: {err}", path.display())))?;
+        roots.add(cert).map_err(|err| {
+            TlsFileError(format!(
+                "root-ca-crt {}: not a usable CA certificate: {err}",
+                path.display()
+            ))
+        })?;
     }
     Ok(roots)
 }
@@ -91,7 +98,13 @@ fn certificates(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, 
     let bytes = read(path, key)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| TlsFileError(format!("{key} {}: not a PEM certificate: {}", path.display(), pem_reason(&err))))?;
+        .map_err(|err| {
+            TlsFileError(format!(
+                "{key} {}: not a PEM certificate: {}",
+                path.display(),
+                pem_reason(&err)
+            ))
+        })?;
     if certs.is_empty() {
         return Err(TlsFileError(format!(
             "{key} {}: holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
@@ -120,9 +133,13 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
 
 fn read(path: &Path, key: &str) -> Result<Vec<u8>, TlsFileError> {
     if path.is_dir() {
-        return Err(TlsFileError(format!("{key} {}: is a directory, not a file", path.display())));
+        return Err(TlsFileError(format!(
+            "{key} {}: is a directory, not a file",
+            path.display()
+        )));
     }
-    std::fs::read(path).map_err(|err| TlsFileError(format!("{key} {}: cannot be read: {err}", path.display())))
+    std::fs::read(path)
+        .map_err(|err| TlsFileError(format!("{key} {}: cannot be read: {err}", path.display())))
 }
 
 /// The PEM error without echoing file contents (a key must never reach a message).
@@ -163,7 +180,10 @@ mod tests {
             alpn: vec![],
         };
         let err = client_config(&settings).expect_err("missing").to_string();
-        assert!(err.contains("root-ca-crt") && err.contains("absent.crt"), "{err}");
+        assert!(
+            err.contains("root-ca-crt") && err.contains("absent.crt"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -174,7 +194,12 @@ mod tests {
             client_cert: None,
             alpn: vec![],
         };
-        assert!(client_config(&settings).expect_err("dir").to_string().contains("directory"));
+        assert!(
+            client_config(&settings)
+                .expect_err("dir")
+                .to_string()
+                .contains("directory")
+        );
     }
 
     #[test]
