@@ -1,0 +1,2 @@
+//! Placeholder: the throughput benchmark is being written.
+fn main() {}
