@@ -26,10 +26,12 @@
 
 pub mod amqp;
 pub mod certs;
+pub mod http;
 pub mod mock;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod proxy;
+pub mod worker;
 
 pub use amqp::{Amqp, Message, Reply, ReplyStream, amqp_url};
 pub use certs::{Certs, ClientCert};
