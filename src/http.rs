@@ -1,4 +1,5 @@
-//! The worker's HTTP endpoints: `/metrics` (Prometheus), `/healthz` (the process runs) and
+//! The worker's HTTP endpoints: `/metrics` (Prometheus: OpenMetrics when asked for, else the
+//! classic text format), `/healthz` (the process runs) and
 //! `/readyz` (it consumes from RabbitMQ).
 
 use std::net::SocketAddr;
@@ -7,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
@@ -59,14 +60,31 @@ pub async fn serve(
     Ok(bound)
 }
 
-async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
+/// OpenMetrics for clients that ask for it (Prometheus does), else the classic text format
+/// (curl, `promtool check metrics`).
+async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            state.metrics.encode(),
+        )
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            state.metrics.encode_classic(),
+        )
+    }
 }
 
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {

@@ -102,6 +102,10 @@ struct WorkerArgs {
     /// Largest `content` accepted, in bytes.
     #[arg(long, env = "MQTT_CONNECTOR_MAX_CONTENT_BYTES", default_value_t = mqtt_connector::job::DEFAULT_MAX_CONTENT_BYTES)]
     max_content_bytes: usize,
+    /// Appended to every MQTT client-id, so several workers can share a connector; `auto`
+    /// means `-HOSTNAME-PID`. Empty (default): client-ids are used as written.
+    #[arg(long, env = "MQTT_CONNECTOR_CLIENT_ID_SUFFIX", default_value = "")]
+    client_id_suffix: String,
     /// Publishes in flight on one MQTT connection.
     #[arg(long, env = "MQTT_CONNECTOR_MQTT_INFLIGHT", default_value_t = 1000)]
     mqtt_inflight: u16,
@@ -184,6 +188,7 @@ async fn worker(args: WorkerArgs) -> ExitCode {
     options.mqtt = ConnectionSettings {
         inflight: args.mqtt_inflight.max(1),
         max_packet_bytes: args.max_content_bytes.saturating_add(64 * 1024),
+        client_id_suffix: client_id_suffix(&args.client_id_suffix),
         ..ConnectionSettings::default()
     };
     let shutdown = CancellationToken::new();
@@ -197,6 +202,16 @@ async fn worker(args: WorkerArgs) -> ExitCode {
     tokio::spawn(cancel_on_signal(shutdown));
     worker.run().await;
     ExitCode::SUCCESS
+}
+
+fn client_id_suffix(option: &str) -> String {
+    if option != "auto" {
+        return option.to_owned();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "worker".into());
+    format!("-{host}-{}", std::process::id())
 }
 
 /// SIGTERM or SIGINT: stop taking jobs and finish those in flight.

@@ -213,6 +213,46 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.inner.registry);
         text
     }
+
+    /// The registry in the classic Prometheus text format (`text/plain; version=0.0.4`), for
+    /// clients that do not ask for OpenMetrics (curl, `promtool check metrics`).
+    pub fn encode_classic(&self) -> String {
+        openmetrics_to_classic(&self.encode())
+    }
+}
+
+/// The OpenMetrics text of prometheus-client as the classic text format: a counter family is
+/// named by its samples (`x_total`, not `x`) in `# HELP` and `# TYPE`; `# UNIT` and `# EOF`
+/// do not exist there. Every other line is the same in both formats.
+fn openmetrics_to_classic(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                text.push_str(prefix);
+                text.push_str(name);
+                if counters.contains(name) && !name.ends_with("_total") {
+                    text.push_str("_total");
+                }
+                text.push(' ');
+                text.push_str(tail);
+            }
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
 }
 
 #[cfg(test)]
@@ -236,5 +276,26 @@ mod tests {
             text.contains("mqtt_connector_build_info{version="),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_samples() {
+        let metrics = Metrics::new();
+        metrics.job_finished("local", ExitCode::Published, Duration::from_millis(3));
+        let text = metrics.encode_classic();
+        assert!(
+            text.contains("# TYPE mqtt_connector_jobs_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP mqtt_connector_jobs_total Jobs finished"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE mqtt_connector_jobs_in_flight gauge\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(!text.contains("# UNIT"), "{text}");
     }
 }

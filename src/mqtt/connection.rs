@@ -26,6 +26,9 @@ pub struct ConnectionSettings {
     pub inflight: u16,
     /// Largest MQTT packet we send or accept.
     pub max_packet_bytes: usize,
+    /// Appended to every client-id, so workers sharing a connector do not share a client-id
+    /// (MQTT lets only one connection hold one). Empty: client-ids are used as written.
+    pub client_id_suffix: String,
 }
 
 impl Default for ConnectionSettings {
@@ -34,6 +37,7 @@ impl Default for ConnectionSettings {
             keep_alive: Duration::from_secs(30),
             inflight: 1000,
             max_packet_bytes: crate::job::DEFAULT_MAX_CONTENT_BYTES + 64 * 1024,
+            client_id_suffix: String::new(),
         }
     }
 }
@@ -76,7 +80,7 @@ impl Connection {
     ) -> Result<Connection, MqttError> {
         let broker = target.broker.to_string();
         let mut options = MqttOptions::new(
-            target.client_id.clone(),
+            format!("{}{}", target.client_id, settings.client_id_suffix),
             rumqttc::Broker::tcp(target.broker.host.clone(), target.broker.port),
         );
         options
@@ -185,6 +189,11 @@ impl Connection {
     /// Why it ended, if it has.
     pub fn end(&self) -> Option<&End> {
         self.ended.get()
+    }
+
+    /// How long since this connection was opened.
+    pub fn age(&self) -> Duration {
+        self.opened.elapsed()
     }
 
     /// How long no publish has used this connection; zero while one is in flight.

@@ -4,7 +4,6 @@
 //! longer than the idle timeout is closed by a reaper.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -14,12 +13,25 @@ use futures_util::future::{BoxFuture, Shared};
 
 use super::MqttError;
 use super::connection::{Connection, ConnectionSettings, End};
+use crate::backoff::Backoff;
 use crate::job::Target;
 use crate::metrics::Metrics;
 
 type Opening = Shared<BoxFuture<'static, Result<Arc<Connection>, MqttError>>>;
 
-enum Slot {
+/// Backstop for one connect attempt shared by many jobs; each job's own timeout is usually shorter.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection lost sooner than this after opening counts as a quick loss: the next one to the
+/// same target waits first (two workers sharing a client-id take the connection from each other).
+const QUICK_LOSS: Duration = Duration::from_secs(10);
+
+struct Slot {
+    state: State,
+    /// Connections to this target lost quickly, in a row.
+    quick_losses: u32,
+}
+
+enum State {
     Open(Arc<Connection>),
     /// A connect in progress, awaited by every job that needs it; `id` tells attempts apart.
     Opening {
@@ -81,62 +93,59 @@ impl Pool {
 
     /// A live connection to `target`, opening one if needed.
     pub async fn lease(&self, target: &Target) -> Result<Lease, MqttError> {
-        let (id, opening) = {
+        let opening = {
             let mut slots = self.lock();
-            match slots.entry(target.clone()) {
-                Entry::Occupied(mut slot) => match slot.get() {
-                    Slot::Open(connection) if !connection.is_ended() => {
-                        return Ok(lease(connection));
-                    }
-                    Slot::Open(connection) => {
-                        if let Some(End::Lost(_)) = connection.end() {
+            match slots.get_mut(target) {
+                Some(Slot {
+                    state: State::Open(connection),
+                    ..
+                }) if !connection.is_ended() => return Ok(lease(connection)),
+                Some(slot) => match &slot.state {
+                    State::Opening { future, .. } => future.clone(),
+                    State::Open(connection) => {
+                        let lost = matches!(connection.end(), Some(End::Lost(_)));
+                        if lost {
                             self.inner
                                 .metrics
                                 .mqtt_reconnect(&target.broker.to_string());
                         }
-                        let (id, future) = self.open(target);
-                        slot.insert(Slot::Opening {
+                        slot.quick_losses = if lost && connection.age() < QUICK_LOSS {
+                            slot.quick_losses + 1
+                        } else {
+                            0
+                        };
+                        let (id, future) = self.open(target, reconnect_delay(slot.quick_losses));
+                        slot.state = State::Opening {
                             id,
                             future: future.clone(),
-                        });
-                        (id, future)
+                        };
+                        future
                     }
-                    Slot::Opening { id, future } => (*id, future.clone()),
                 },
-                Entry::Vacant(slot) => {
-                    let (id, future) = self.open(target);
-                    slot.insert(Slot::Opening {
+                None => {
+                    let (id, future) = self.open(target, Duration::ZERO);
+                    let state = State::Opening {
                         id,
                         future: future.clone(),
-                    });
-                    (id, future)
+                    };
+                    slots.insert(
+                        target.clone(),
+                        Slot {
+                            state,
+                            quick_losses: 0,
+                        },
+                    );
+                    future
                 }
             }
         };
-        let result = opening.await;
-        let mut slots = self.lock();
-        let ours =
-            matches!(slots.get(target), Some(Slot::Opening { id: current, .. }) if *current == id);
-        match result {
-            Ok(connection) => {
-                if ours {
-                    slots.insert(target.clone(), Slot::Open(Arc::clone(&connection)));
-                }
-                Ok(lease(&connection))
-            }
-            Err(err) => {
-                if ours {
-                    slots.remove(target);
-                }
-                Err(err)
-            }
-        }
+        opening.await.map(|connection| lease(&connection))
     }
 
     /// Closes every connection (at shutdown, once no job is in flight).
     pub fn close_all(&self) {
         for (_, slot) in self.lock().drain() {
-            if let Slot::Open(connection) = slot {
+            if let State::Open(connection) = slot.state {
                 connection.close();
             }
         }
@@ -146,18 +155,47 @@ impl Pool {
     pub fn open_connections(&self) -> usize {
         self.lock()
             .values()
-            .filter(|slot| matches!(slot, Slot::Open(c) if !c.is_ended()))
+            .filter(|slot| matches!(&slot.state, State::Open(c) if !c.is_ended()))
             .count()
     }
 
-    fn open(&self, target: &Target) -> (u64, Opening) {
+    /// Starts connecting in a task of its own, so the attempt runs to its end (and settles the
+    /// slot) even when every job waiting for it has timed out.
+    fn open(&self, target: &Target, delay: Duration) -> (u64, Opening) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let target = target.clone();
         let inner = Arc::clone(&self.inner);
+        let broker = target.broker.to_string();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let connect = Connection::open(&target, &inner.settings, &inner.metrics);
+            let result = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(result) => result.map(Arc::new),
+                Err(_) => Err(MqttError::NoAnswer {
+                    broker: target.broker.to_string(),
+                    reason: format!("no CONNACK within {} s", CONNECT_TIMEOUT.as_secs()),
+                }),
+            };
+            let mut slots = lock(&inner);
+            if let Some(slot) = slots.get_mut(&target)
+                && matches!(slot.state, State::Opening { id: current, .. } if current == id)
+            {
+                match &result {
+                    Ok(connection) => slot.state = State::Open(Arc::clone(connection)),
+                    Err(_) => {
+                        slots.remove(&target);
+                    }
+                }
+            }
+            result
+        });
         let future = async move {
-            Connection::open(&target, &inner.settings, &inner.metrics)
-                .await
-                .map(Arc::new)
+            task.await.unwrap_or_else(|err| {
+                Err(MqttError::Connect {
+                    broker,
+                    reason: format!("the connect task failed: {err}"),
+                })
+            })
         }
         .boxed()
         .shared();
@@ -167,6 +205,18 @@ impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Target, Slot>> {
         lock(&self.inner)
     }
+}
+
+/// No wait after the first quick loss; then 200 ms doubling up to 5 s, with jitter.
+fn reconnect_delay(quick_losses: u32) -> Duration {
+    if quick_losses < 2 {
+        return Duration::ZERO;
+    }
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    (2..quick_losses).for_each(|_| {
+        backoff.next_delay();
+    });
+    backoff.next_delay()
 }
 
 fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, HashMap<Target, Slot>> {
@@ -183,12 +233,12 @@ async fn reap_idle(pool: Weak<Inner>, idle_timeout: Duration) {
     loop {
         tokio::time::sleep(period).await;
         let Some(inner) = pool.upgrade() else { return };
-        lock(&inner).retain(|_, slot| match slot {
-            Slot::Open(connection) if connection.is_ended() => false,
-            Slot::Open(connection) if connection.idle_for() >= idle_timeout => {
+        lock(&inner).retain(|_, slot| match &slot.state {
+            State::Open(connection) if connection.idle_for() >= idle_timeout => {
                 connection.close();
                 false
             }
+            // An ended connection stays, to remember its quick losses, until idle.
             _ => true,
         });
     }
