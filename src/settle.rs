@@ -12,7 +12,9 @@ pub enum ReplyStatus {
     Confirmed,
     /// RabbitMQ confirmed it but could not route it: the `reply_to` queue does not exist.
     Unroutable,
-    /// RabbitMQ refused the reply (nack), or the channel failed before the confirm arrived.
+    /// RabbitMQ refused the reply (nack), even after a few tries.
+    Refused,
+    /// The channel failed before the confirm arrived.
     Failed,
 }
 
@@ -30,7 +32,7 @@ pub enum Settlement {
 pub fn settle(exit_code: ExitCode, reply: ReplyStatus) -> Settlement {
     match reply {
         // The outcome never reached its client: run the job again rather than lose the answer.
-        ReplyStatus::Failed => Settlement::Requeue,
+        ReplyStatus::Refused | ReplyStatus::Failed => Settlement::Requeue,
         // Nobody can ever read this reply; running the job again would not change that.
         ReplyStatus::Unroutable | ReplyStatus::NotRequested | ReplyStatus::Confirmed => {
             if exit_code.is_permanent() {

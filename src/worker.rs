@@ -158,8 +158,9 @@ impl Worker {
                 }
             }
         }
+        // Jobs of a session that failed may still run; they get the same grace period.
         tracker.close();
-        tracker.wait().await;
+        let _ = tokio::time::timeout(self.options.grace_period, tracker.wait()).await;
         self.pipeline.pool().close_all();
         tracing::info!("worker stopped");
     }

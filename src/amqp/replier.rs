@@ -1,6 +1,8 @@
 //! Publishes a job's reply on the default exchange with routing key `reply_to` (a queue or
 //! RabbitMQ's direct reply-to) and waits for RabbitMQ's publisher confirm.
 
+use std::time::Duration;
+
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
 
@@ -9,8 +11,34 @@ use crate::settle::ReplyStatus;
 /// RabbitMQ's direct reply-to pseudo-queue; replies go to `amq.rabbitmq.reply-to.<token>`.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-/// Sends one reply and reports what RabbitMQ made of it.
+/// Delays before trying a refused (nacked) reply again; after them the job is requeued.
+const NACK_RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_millis(1600),
+];
+
+/// Sends one reply and reports what RabbitMQ made of it. A reply RabbitMQ refuses (nack, e.g.
+/// a full reply queue with `reject-publish`) is tried again a few times before giving up, so a
+/// refused reply does not turn into a tight requeue loop.
 pub async fn reply(
+    channel: &Channel,
+    reply_to: &str,
+    correlation_id: Option<&str>,
+    body: &[u8],
+) -> ReplyStatus {
+    let mut status = publish(channel, reply_to, correlation_id, body).await;
+    for delay in NACK_RETRY_DELAYS {
+        if status != ReplyStatus::Refused {
+            break;
+        }
+        tokio::time::sleep(delay).await;
+        status = publish(channel, reply_to, correlation_id, body).await;
+    }
+    status
+}
+
+async fn publish(
     channel: &Channel,
     reply_to: &str,
     correlation_id: Option<&str>,
@@ -39,7 +67,7 @@ pub async fn reply(
     match confirm.await {
         Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => ReplyStatus::Confirmed,
         Ok(Confirmation::Ack(Some(_returned))) => ReplyStatus::Unroutable,
-        Ok(Confirmation::Nack(_)) => ReplyStatus::Failed,
+        Ok(Confirmation::Nack(_)) => ReplyStatus::Refused,
         Err(err) => {
             tracing::warn!(error = %err, "no confirm for the reply");
             ReplyStatus::Failed
