@@ -8,11 +8,13 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /build
 
-# Dependency-caching layer: build the dependencies against a stub main.rs, so that a change in
+# Dependency-caching layer: build the dependencies against a stub main.rs (and the stub bench
+# target Cargo.toml names), so that a change in
 # src/ alone does not rebuild them.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+RUN mkdir src benches \
     && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > benches/throughput.rs \
     && cargo build --release --locked \
     && rm -rf src
 
