@@ -4,7 +4,7 @@
 //! These tests only read files: no Docker engine, Prometheus or Grafana is needed.
 //!
 //! PromQL in the dashboard may use Grafana's `$__rate_interval` (and `$__interval`, `$__range`);
-//! [`substitute_grafana_variables`] replaces them with `1m`, which is what a test that sends the
+//! `common::dashboard::substitute_grafana_variables` replaces them with `1m`, which is what a test that sends the
 //! expressions to a real Prometheus should do too. No other `$` may remain.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,6 +12,12 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
+
+mod common;
+
+use common::dashboard::{
+    ALERTS, DASHBOARD, alert_rules, dashboard_exprs, dashboard_panels, substitute_grafana_variables,
+};
 
 /// Plain metrics the worker exposes.
 const METRICS: &[&str] = &[
@@ -30,10 +36,8 @@ const HISTOGRAMS: &[&str] = &[
     "mqtt_connector_publish_duration_seconds",
 ];
 
-const DASHBOARD: &str = "grafana/dashboards/mqtt-connector.json";
 const COMPOSE: &str = "docker-compose.yml";
 const PROMETHEUS: &str = "config/prometheus.yml";
-const ALERTS: &str = "config/alerts.yml";
 
 // ------------------------------------------------------------------------------------------------
 // helpers
@@ -78,17 +82,6 @@ fn all_metric_names() -> BTreeSet<String> {
         }
     }
     names
-}
-
-/// Replaces Grafana's interval variables by `1m`, so that the expression is plain PromQL.
-pub fn substitute_grafana_variables(expr: &str) -> String {
-    let mut out = expr.to_string();
-    for var in ["__rate_interval", "__interval", "__range"] {
-        out = out
-            .replace(&format!("${{{var}}}"), "1m")
-            .replace(&format!("${var}"), "1m");
-    }
-    out
 }
 
 const GROUPING: &[&str] = &[
@@ -382,60 +375,6 @@ fn published_ports(svc: &Yaml) -> BTreeMap<u16, u16> {
         );
     }
     ports
-}
-
-/// Every panel of a dashboard, rows' nested panels included (rows themselves excluded).
-fn dashboard_panels(dash: &Json) -> Vec<&Json> {
-    fn walk<'a>(panels: &'a Json, out: &mut Vec<&'a Json>) {
-        for p in panels.as_array().into_iter().flatten() {
-            if p["type"] != "row" {
-                out.push(p);
-            }
-            walk(&p["panels"], out);
-        }
-    }
-    let mut out = Vec::new();
-    walk(&dash["panels"], &mut out);
-    out
-}
-
-/// Every PromQL expression of the dashboard, as (panel title, expression with the Grafana
-/// variables substituted).
-fn dashboard_exprs() -> Vec<(String, String)> {
-    let dash = json(DASHBOARD);
-    let mut exprs = Vec::new();
-    for panel in dashboard_panels(&dash) {
-        let title = panel["title"].as_str().unwrap_or("?").to_string();
-        for target in panel["targets"].as_array().into_iter().flatten() {
-            let expr = target["expr"]
-                .as_str()
-                .unwrap_or_else(|| panic!("panel {title:?}: target without expr"));
-            exprs.push((title.clone(), substitute_grafana_variables(expr)));
-        }
-    }
-    exprs
-}
-
-/// Every alerting or recording rule, as (name, expression).
-fn alert_rules() -> Vec<(String, String)> {
-    let rules = yaml(ALERTS);
-    let mut out = Vec::new();
-    for group in rules["groups"]
-        .as_sequence()
-        .expect("alerts.yml: no groups")
-    {
-        for rule in group["rules"]
-            .as_sequence()
-            .expect("alerts.yml: group without rules")
-        {
-            let name = rule["alert"]
-                .as_str()
-                .or(rule["record"].as_str())
-                .expect("rule without alert/record");
-            out.push((name.to_string(), ystr(&rule["expr"], name).to_string()));
-        }
-    }
-    out
 }
 
 // ------------------------------------------------------------------------------------------------

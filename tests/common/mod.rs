@@ -26,10 +26,12 @@
 
 pub mod amqp;
 pub mod certs;
+pub mod dashboard;
 pub mod http;
 pub mod mock;
 pub mod mosquitto;
 pub mod mqtt;
+pub mod prometheus;
 pub mod proxy;
 pub mod worker;
 
