@@ -16,6 +16,9 @@
 //!   [`ReplyStream`] (await the worker's [`Reply`]s).
 //! - [`proxy`]: a [`TcpProxy`] between the worker and a broker that can cut, stall and refuse
 //!   connections.
+//! - [`prometheus`]: a real Prometheus server ([`prometheus::Prometheus`]) scraping workers,
+//!   queried through its HTTP API; [`dashboard`]: the PromQL of the Grafana dashboard and of the
+//!   alert rules.
 //! - [`mock`]: fake brokers for the failures a real broker cannot produce ([`SilentServer`],
 //!   [`ConnackThenSilent`], [`ConnackThenClose`]).
 //!
