@@ -334,14 +334,15 @@ async fn offers_the_alpn_protocols_the_job_names() {
         )
         .await;
     assert_eq!(reply.exit_code(), 0, "{}", reply.body);
-    let seen = seen.lock().expect("lock");
-    assert_eq!(
-        seen.offered[1..],
-        [
-            vec!["x-amzn-mqtt-ca".to_string(), "mqtt".to_string()],
-            Vec::<String>::new()
-        ]
-    );
-    drop(seen);
+    {
+        let seen = seen.lock().expect("lock");
+        assert_eq!(
+            seen.offered[1..],
+            [
+                vec!["x-amzn-mqtt-ca".to_string(), "mqtt".to_string()],
+                Vec::<String>::new()
+            ]
+        );
+    }
     bed.finish().await;
 }
