@@ -1,0 +1,440 @@
+//! The `mqtt-connector` binary as a user runs it: `send` (synchronous, no queue), `submit` with
+//! and without `--wait` against a `worker` child process configured by `MQTT_CONNECTOR_*`
+//! environment variables, `check`, the worker's refusal of a bad connector file, its
+//! `/healthz` and `/readyz`, and its clean exit on SIGTERM.
+
+mod common;
+
+use common::worker::connectors_dir;
+use common::*;
+use rumqttc::QoS;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+const BIN: &str = env!("CARGO_BIN_EXE_mqtt-connector");
+
+/// Runs the binary with `args` (and `envs`) to completion, off the async threads; 60 s at most.
+async fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(BIN);
+    command.args(args).stdin(Stdio::null());
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    let described = format!("mqtt-connector {args:?}");
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || command.output()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{described} did not finish within 60 s"))
+    .expect("join")
+    .unwrap_or_else(|e| panic!("run {described}: {e}"));
+    output
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The result JSON `send` and `submit --wait` print (the last line of stdout).
+fn printed_json(output: &Output) -> serde_json::Value {
+    let out = stdout(output);
+    let line = out.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not a JSON result ({e}): {out:?}; stderr: {}",
+            stderr(output)
+        )
+    })
+}
+
+/// A connectors folder with `local`: the machine's Mosquitto on 127.0.0.1:1883.
+fn local_connectors() -> tempfile::TempDir {
+    let dir = connectors_dir();
+    write_connector(
+        dir.path(),
+        "local",
+        json!({"broker": "tcp://127.0.0.1:1883", "client-id": unique_name("cli"), "qos": 1}),
+    );
+    dir
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_publishes_and_exits_0() {
+    let dir = local_connectors();
+    let topic = unique_name("cli");
+    let mut sub = Subscriber::start(1883, &topic, QoS::ExactlyOnce).await;
+    let out = run(
+        &[
+            "send",
+            "--connector",
+            "local",
+            "--set",
+            &format!("topic={topic}"),
+            "--set",
+            "content=hi",
+            "--connectors",
+            path(dir.path()),
+        ],
+        &[],
+    )
+    .await;
+    let result = printed_json(&out);
+    assert_eq!(result["exit-code"], 0, "{result}; stderr: {}", stderr(&out));
+    assert!(result["message"].is_string(), "{result}");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).starts_with("{\"exit-code\":0"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(sub.expect(T).await.payload_str(), "hi");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_to_a_closed_port_exits_3() {
+    let dir = connectors_dir();
+    let port = free_port();
+    let out = run(
+        &[
+            "send",
+            "--set",
+            &format!("broker=tcp://127.0.0.1:{port}"),
+            "--set",
+            "client-id=cli-closed",
+            "--set",
+            "topic=t",
+            "--set",
+            "content=x",
+            "--set",
+            "timeout=1500",
+            "--connectors",
+            path(dir.path()),
+        ],
+        &[],
+    )
+    .await;
+    let result = printed_json(&out);
+    assert_eq!(result["exit-code"], 3, "{result}");
+    assert_eq!(out.status.code(), Some(3));
+    let message = result["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    assert!(message.contains("attempts"), "{message}");
+}
+
+/// A `worker` child process; SIGKILLed on drop if still running.
+struct WorkerProcess {
+    child: Option<Child>,
+    log: tempfile::NamedTempFile,
+    addr: SocketAddr,
+}
+
+impl WorkerProcess {
+    fn start(queue: &str, connectors: &Path) -> WorkerProcess {
+        Self::start_with_amqp(&amqp_url(), queue, connectors)
+    }
+
+    fn start_with_amqp(amqp_url: &str, queue: &str, connectors: &Path) -> WorkerProcess {
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let child = Command::new(BIN)
+            .arg("worker")
+            .env("MQTT_CONNECTOR_AMQP_URL", amqp_url)
+            .env("MQTT_CONNECTOR_QUEUE", queue)
+            .env("MQTT_CONNECTOR_CONNECTORS", connectors)
+            .env("MQTT_CONNECTOR_METRICS_ADDR", addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.reopen().expect("reopen log"))
+            .stderr(log.reopen().expect("reopen log"))
+            .spawn()
+            .expect("spawn worker");
+        WorkerProcess {
+            child: Some(child),
+            log,
+            addr,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Sends `signal` (e.g. "TERM") to the process.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Waits for the process to exit (`within` at most) and returns its exit code.
+    async fn wait(&mut self, within: Duration) -> Option<i32> {
+        let mut child = self.child.take().expect("running");
+        let waited = tokio::time::timeout(
+            within,
+            tokio::task::spawn_blocking(move || {
+                let status = child.wait();
+                (child, status)
+            }),
+        )
+        .await;
+        match waited {
+            Ok(joined) => {
+                let (_, status) = joined.expect("join");
+                status.expect("wait for worker").code()
+            }
+            Err(_) => panic!(
+                "worker did not exit within {within:?}; log:\n{}",
+                self.log()
+            ),
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_process_health_submit_and_sigterm() {
+    let dir = local_connectors();
+    let queue = unique_name("cli-jobs");
+    let topic = unique_name("cli");
+    let mut sub = Subscriber::start(1883, &topic, QoS::ExactlyOnce).await;
+    let mut worker = WorkerProcess::start(&queue, dir.path());
+    common::http::wait_for_status(worker.addr, "/healthz", 200, T).await;
+    common::http::wait_for_status(worker.addr, "/readyz", 200, T).await;
+    let (status, metrics) = common::http::get(worker.addr, "/metrics")
+        .await
+        .expect("GET /metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("mqtt_connector_"), "{metrics}");
+
+    let amqp_url = amqp_url();
+    let env = [("MQTT_CONNECTOR_AMQP_URL", amqp_url.as_str())];
+    let topic_set = format!("topic={topic}");
+
+    // submit --wait: prints the reply and exits with its exit-code.
+    let out = run(
+        &[
+            "submit",
+            "--connector",
+            "local",
+            "--set",
+            &topic_set,
+            "--set",
+            "content=waited",
+            "--wait",
+            "--queue",
+            &queue,
+        ],
+        &env,
+    )
+    .await;
+    let result = printed_json(&out);
+    assert_eq!(
+        result["exit-code"],
+        0,
+        "{result}; worker log:\n{}",
+        worker.log()
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(sub.expect(T).await.payload_str(), "waited");
+
+    let out = run(
+        &[
+            "submit",
+            "--connector",
+            "local",
+            "--set",
+            &topic_set,
+            "--set",
+            "content=x",
+            "--set",
+            "qos=3",
+            "--wait",
+            "--queue",
+            &queue,
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(printed_json(&out)["exit-code"], 1, "{}", stdout(&out));
+    assert_eq!(out.status.code(), Some(1));
+
+    // submit without --wait: prints the correlation id; the worker still publishes it.
+    let out = run(
+        &[
+            "submit",
+            "--connector",
+            "local",
+            "--set",
+            &topic_set,
+            "--set",
+            "content=async",
+            "--queue",
+            &queue,
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    assert!(
+        uuid::Uuid::parse_str(&id).is_ok(),
+        "a correlation id: {:?}",
+        stdout(&out)
+    );
+    assert_eq!(sub.expect(T).await.payload_str(), "async");
+
+    // SIGTERM: stops and exits 0.
+    worker.signal("TERM");
+    let code = worker.wait(T).await;
+    assert_eq!(code, Some(0), "log:\n{}", worker.log());
+    assert!(common::http::get(worker.addr, "/healthz").await.is_err());
+
+    let amqp = Amqp::connect().await;
+    assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
+    amqp.delete_queue(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_refuses_a_connector_with_an_unknown_key() {
+    let dir = connectors_dir();
+    write_connector(
+        dir.path(),
+        "good",
+        json!({"broker": "tcp://127.0.0.1:1883", "client-id": "c"}),
+    );
+    write_connector(
+        dir.path(),
+        "typo",
+        json!({"broker": "tcp://127.0.0.1:1883", "client_id": "c"}),
+    );
+    let queue = unique_name("cli-refused");
+    let mut worker = WorkerProcess::start(&queue, dir.path());
+    let code = worker.wait(T).await;
+    let log = worker.log();
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exit {code:?}; log:\n{log}"
+    );
+    assert!(log.contains("typo.json"), "names the file: {log}");
+    assert!(log.contains("client_id"), "names the key: {log}");
+    // It never consumed: the queue was not even declared.
+    let amqp = Amqp::connect().await;
+    assert_eq!(amqp.queue_message_count(&queue).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_bad_file_and_key() {
+    let dir = connectors_dir();
+    write_connector(
+        dir.path(),
+        "good",
+        json!({"broker": "tcp://127.0.0.1:1883", "client-id": "c"}),
+    );
+    write_connector(
+        dir.path(),
+        "bad",
+        json!({"broker": "tcp://127.0.0.1:1883", "colour": "red"}),
+    );
+    let out = run(&["check", "--connectors", path(dir.path())], &[]).await;
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("bad.json"), "names the file: {text}");
+    assert!(text.contains("colour"), "names the key: {text}");
+
+    // The two examples of the contract load as they stand.
+    let dir = connectors_dir();
+    std::fs::write(
+        dir.path().join("flint.json"),
+        r#"{ "broker": "tcp://localhost:1883", "username": "user", "password": "pwd",
+  "client-id": "flint_mqtt", "qos": 2, "topic": "flint_topic" }"#,
+    )
+    .expect("write");
+    let out = run(&["check", "--connectors", path(dir.path())], &[]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("flint"), "{}", stdout(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_missing_certificate_files() {
+    let dir = connectors_dir();
+    // The contract's AWS example, as it stands: none of its /certs files exist here.
+    std::fs::write(
+        dir.path().join("aws.json"),
+        r#"{ "broker": "ssl://Z2EBLEZ5JJFGKF.iot.us-east-1.amazonaws.com:8883",
+  "client-id": "thing-name", "topic": "$aws/things/thing-name/shadow/update", "qos": 1,
+  "root-ca-crt": "/certs/root-CA.crt", "certificate": "/certs/device.pem.crt",
+  "private-key": "/certs/device.pem.key", "use-certificate": true }"#,
+    )
+    .expect("write");
+    let out = run(&["check", "--connectors", path(dir.path())], &[]).await;
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    for file in [
+        "/certs/root-CA.crt",
+        "/certs/device.pem.crt",
+        "/certs/device.pem.key",
+    ] {
+        assert!(text.contains(file), "reports {file}: {text}");
+    }
+    assert!(text.contains("aws"), "names the connector: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_without_rabbitmq_is_healthy_not_ready_and_keeps_trying() {
+    let dir = local_connectors();
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    let mut worker = WorkerProcess::start_with_amqp(&url, &unique_name("cli-nomq"), dir.path());
+    common::http::wait_for_status(worker.addr, "/healthz", 200, T).await;
+    // Still running and still not ready a while later: it does not exit, it retries.
+    for _ in 0..5 {
+        let (status, _) = common::http::get(worker.addr, "/readyz")
+            .await
+            .expect("GET /readyz");
+        assert_eq!(
+            status,
+            503,
+            "not ready without RabbitMQ; log:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, metrics) = common::http::get(worker.addr, "/metrics")
+        .await
+        .expect("GET /metrics");
+    assert!(
+        metrics.contains("mqtt_connector_"),
+        "metrics served without RabbitMQ: {metrics}"
+    );
+    worker.signal("TERM");
+    assert_eq!(worker.wait(T).await, Some(0), "log:\n{}", worker.log());
+}
