@@ -25,15 +25,14 @@ async fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
         command.env(key, value);
     }
     let described = format!("mqtt-connector {args:?}");
-    let output = tokio::time::timeout(
+    tokio::time::timeout(
         Duration::from_secs(60),
         tokio::task::spawn_blocking(move || command.output()),
     )
     .await
     .unwrap_or_else(|_| panic!("{described} did not finish within 60 s"))
     .expect("join")
-    .unwrap_or_else(|e| panic!("run {described}: {e}"));
-    output
+    .unwrap_or_else(|e| panic!("run {described}: {e}"))
 }
 
 fn stdout(output: &Output) -> String {
