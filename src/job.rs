@@ -94,7 +94,9 @@ impl Params {
         serde_path_to_error::deserialize(de).map_err(|err| {
             let path = err.path().to_string();
             let inner = err.into_inner().to_string();
-            if path == "." || path.is_empty() {
+            // "?" is serde_path_to_error's path when the error is not at a key (e.g. the body
+            // ends early): naming `key "?"` would only confuse.
+            if path == "." || path == "?" || path.is_empty() {
                 invalid(quote_limited(&inner))
             } else {
                 invalid(quote_limited(&format!("key {path:?}: {inner}")))
@@ -486,6 +488,14 @@ mod tests {
 
     fn job(value: serde_json::Value) -> Result<Job, JobError> {
         Job::validate(params(value), Limits::default())
+    }
+
+    #[test]
+    fn truncated_body_does_not_name_a_key() {
+        let err = Params::decode(br#"{"content": "x""#).expect_err("truncated");
+        let message = err.to_string();
+        assert!(!message.contains("key \"?\""), "{message}");
+        assert!(message.contains("EOF"), "{message}");
     }
 
     fn minimal() -> serde_json::Value {
