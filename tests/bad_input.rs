@@ -173,6 +173,11 @@ async fn each_bad_job_gets_a_clear_reply_and_the_worker_keeps_working() {
             c.name,
             reply.raw.len()
         );
+        assert!(
+            !message.contains("key \"?\""),
+            "{}: names a key that is not one: {message}",
+            c.name
+        );
         eprintln!("{}: {}", c.name, reply.message());
         raw_replies.push(reply.raw);
     }
