@@ -84,6 +84,9 @@ pub struct Worker {
     readiness: Readiness,
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
+    /// Stops the HTTP endpoint when the worker is done (dropped), not at `shutdown`: while
+    /// it drains, `/healthz` still answers 200, `/readyz` 503 and `/metrics` shows the drain.
+    http_stop: CancellationToken,
 }
 
 impl Worker {
@@ -95,9 +98,10 @@ impl Worker {
         let connectors = Arc::new(ConnectorStore::load(&options.connectors_dir)?);
         let metrics = Metrics::new();
         let readiness = Readiness::default();
+        let http_stop = CancellationToken::new();
         let metrics_addr = match options.metrics_addr {
             Some(addr) => Some(
-                http::serve(addr, metrics.clone(), readiness.clone(), shutdown.clone())
+                http::serve(addr, metrics.clone(), readiness.clone(), http_stop.clone())
                     .await
                     .map_err(|source| WorkerError::Metrics { addr, source })?,
             ),
@@ -119,6 +123,7 @@ impl Worker {
             readiness,
             metrics_addr,
             shutdown,
+            http_stop,
         })
     }
 
@@ -209,6 +214,12 @@ impl Worker {
     fn set_ready(&self, ready: bool) {
         self.readiness.set(ready);
         self.metrics.set_consumer_up(ready);
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.http_stop.cancel();
     }
 }
 
