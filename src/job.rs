@@ -98,6 +98,9 @@ impl Params {
             // ends early): naming `key "?"` would only confuse.
             if path == "." || path == "?" || path.is_empty() {
                 invalid(quote_limited(&inner))
+            } else if path == "password" {
+                // serde quotes the offending value; a password must not reach a reply or a log.
+                invalid("key \"password\" must be a string")
             } else {
                 invalid(quote_limited(&format!("key {path:?}: {inner}")))
             }
@@ -682,6 +685,12 @@ mod tests {
             job(with("timeout", json!(250))).expect("valid").timeout,
             Duration::from_millis(250)
         );
+    }
+
+    #[test]
+    fn a_password_of_the_wrong_type_is_not_quoted() {
+        let message = message_of(Params::decode(br#"{"password": 987654321}"#));
+        assert!(message.contains("password") && !message.contains("987654321"), "{message}");
     }
 
     #[test]
