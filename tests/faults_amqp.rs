@@ -258,12 +258,16 @@ async fn declare_with_args(amqp: &Amqp, name: &str, args: FieldTable) {
 // ---------------------------------------------------------------------------------------------
 
 /// RabbitMQ closes the worker's connection (`rabbitmqctl close_connection`) while jobs stream
-/// in: `/readyz` goes 503 then 200 again, the consumer runs on a new connection, and every job
+/// in and some are in flight (their MQTT broker hangs behind a stalled proxy for the moment of
+/// the cut): `/readyz` goes 503 then 200 again, the consumer runs on a new connection, and every job
 /// sent before, during and after gets a reply; only jobs in flight at the cut may be answered
 /// twice (reply confirmed, ack lost with the connection): at least once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_closed_by_rabbitmq_is_reopened_and_no_job_is_lost() {
     let broker = Mosquitto::plain();
+    // The MQTT broker hangs for a moment at the cut, so that jobs are in flight when it happens.
+    let mqtt_proxy = TcpProxy::start(broker.port()).await;
+    let broker_url = format!("tcp://127.0.0.1:{}", mqtt_proxy.port());
     let topic = unique_name("cut");
     let client_id = unique_name("cut-client");
     let amqp = Amqp::connect().await;
@@ -282,7 +286,7 @@ async fn connection_closed_by_rabbitmq_is_reopened_and_no_job_is_lost() {
     };
     let mut before = BTreeSet::new();
     for id in send(&mut before, "before", 20) {
-        let body = job_for(&broker.url(), &topic, &client_id, &id, 10_000);
+        let body = job_for(&broker_url, &topic, &client_id, &id, 10_000);
         amqp.send_job(&queue, &body, Some(&reply_queue), Some(&id))
             .await;
     }
@@ -300,7 +304,7 @@ async fn connection_closed_by_rabbitmq_is_reopened_and_no_job_is_lost() {
         let (queue, reply_queue, broker, topic, client_id, sent) = (
             queue.clone(),
             reply_queue.clone(),
-            broker.url(),
+            broker_url.clone(),
             topic.clone(),
             client_id.clone(),
             sent.clone(),
@@ -339,12 +343,15 @@ async fn connection_closed_by_rabbitmq_is_reopened_and_no_job_is_lost() {
         assert!(Instant::now() < deadline, "sender stuck");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let in_flight_at_cut = metric(addr, "mqtt_connector_jobs_in_flight").await;
+    mqtt_proxy.stall();
+    wait_metric(addr, "mqtt_connector_jobs_in_flight", |v| v >= 10.0, T).await;
     rabbitmqctl(&["close_connection", &old_pid, "closed by faults_amqp test"]).await;
+    let in_flight_at_cut = metric(addr, "mqtt_connector_jobs_in_flight").await;
     assert!(
         watcher.await.expect("watcher"),
         "/readyz did not go 503 then 200 after the connection was closed"
     );
+    mqtt_proxy.resume();
     wait_metric(addr, "mqtt_connector_amqp_consumer_up", |v| v == 1.0, T).await;
     let during = sender.await.expect("sender");
     let (_, new) = consuming_connection(&queue)
@@ -354,7 +361,7 @@ async fn connection_closed_by_rabbitmq_is_reopened_and_no_job_is_lost() {
 
     let mut after = BTreeSet::new();
     for id in send(&mut after, "after", 20) {
-        let body = job_for(&broker.url(), &topic, &client_id, &id, 10_000);
+        let body = job_for(&broker_url, &topic, &client_id, &id, 10_000);
         amqp.send_job(&queue, &body, Some(&reply_queue), Some(&id))
             .await;
     }
