@@ -199,3 +199,212 @@ async fn broker_killed_mid_burst_qos1_no_job_lost() {
 async fn broker_killed_mid_burst_qos2_no_job_lost() {
     broker_killed_mid_burst(2, 1000).await;
 }
+
+/// The three brokers that misbehave in ways a real one cannot: each job ends with its code
+/// within its timeout (`duration-ms` ≤ timeout + 1 s), the three running at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_servers_end_within_the_timeout() {
+    let silent = SilentServer::start().await;
+    let no_ack = ConnackThenSilent::start().await;
+    let closing = ConnackThenClose::start().await;
+    let amqp = Amqp::connect().await;
+    let queue = unique_name("jobs");
+    amqp.declare_job_queue(&queue).await;
+    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let connectors = connectors_dir();
+    let worker = spawn_worker_with(worker_options(&queue, connectors.path())).await;
+    let timeout_ms = 1500u64;
+    let cases = [
+        ("silent", silent.url(), 6, "CONNACK"),
+        ("no-ack", no_ack.url(), 6, "acknowledgement"),
+        ("closing", closing.url(), 7, "attempts"),
+    ];
+    let bodies: Vec<(String, Vec<u8>)> = cases
+        .iter()
+        .map(|(name, url, _, _)| {
+            let body = json!({"broker": url, "client-id": unique_name(name), "topic": "t",
+                "content": "x", "qos": 1, "timeout": timeout_ms});
+            (name.to_string(), body.to_string().into_bytes())
+        })
+        .collect();
+    send_burst(&amqp, &queue, &reply_queue, &bodies).await;
+    let answered = Replies::gather(&mut replies, 3, T, Duration::from_millis(300)).await;
+    assert!(answered.answered_twice().is_empty());
+    for (name, url, code, words) in &cases {
+        let reply = answered.first(name);
+        println!("{name}: {}", reply.body);
+        assert_eq!(reply.exit_code(), *code, "{name}: {}", reply.body);
+        assert!(
+            reply.message().contains(&url[6..]),
+            "{name}: {}",
+            reply.body
+        );
+        assert!(reply.message().contains(words), "{name}: {}", reply.body);
+        let duration = reply.body["duration-ms"].as_u64().expect("duration-ms");
+        assert!(
+            duration <= timeout_ms + 1000,
+            "{name}: {duration} ms for a {timeout_ms} ms timeout"
+        );
+    }
+    assert!(no_ack.stats().publishes >= 1, "{:?}", no_ack.stats());
+    assert!(closing.stats().connects >= 2, "{:?}", closing.stats());
+    worker.stop().await;
+    amqp.delete_queue(&queue).await;
+}
+
+/// A worker process's open fds and RSS after 2 × 1,000 jobs against the three misbehaving
+/// brokers (334/333/333 a batch, 300 ms timeouts, 100 client-ids per broker and batch, prefetch
+/// 200, a batch sent at once, the same 300 client-ids both times): fds back to the baseline
+/// (+5) once the jobs are done, RSS growth under 32 MiB in all and under 4 MiB from the first
+/// batch to the second. The worker's
+/// idle timeout is 1 s so the reaper closes the connections to the broker that never acks (with
+/// the default 300 s they would stay until keep-alive fails); a connect to the silent server
+/// lasts until the pool's 30 s CONNECT_TIMEOUT whatever the jobs' timeouts, hence the 45 s
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_servers_leak_no_fds_or_memory() {
+    let silent = SilentServer::start().await;
+    let no_ack = ConnackThenSilent::start().await;
+    let closing = ConnackThenClose::start().await;
+    let amqp = Amqp::connect().await;
+    let queue = unique_name("jobs");
+    amqp.declare_job_queue(&queue).await;
+    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let connectors = connectors_dir();
+    let worker = ChildWorker::start(
+        &queue,
+        connectors.path(),
+        &[
+            ("MQTT_CONNECTOR_PREFETCH", "200"),
+            ("MQTT_CONNECTOR_IDLE_TIMEOUT", "1"),
+        ],
+    )
+    .await;
+    let fds_before = worker.open_fds();
+    let rss_before = worker.rss_kib();
+    let urls = [silent.url(), no_ack.url(), closing.url()];
+    let jobs = 1000;
+    let mut fds_peak = fds_before;
+    let mut by_kind: [std::collections::BTreeMap<i64, usize>; 3] = Default::default();
+    let mut slowest = [0u64; 3];
+    let mut rss_after_batch = Vec::new();
+    let mut unexpected = Vec::new();
+    let started = Instant::now();
+    let run = unique_name("r");
+    // Two batches to the same 300 targets: growth over the first is warm-up (connections, pool
+    // map, allocator), over the second a leak per job.
+    for batch in 0..2 {
+        let bodies: Vec<(String, Vec<u8>)> = (0..jobs)
+            .map(|i| {
+                let body = json!({"broker": urls[i % 3], "client-id": format!("{run}-{}-{}", i % 3, i % 100),
+                    "topic": "t", "content": format!("job {i}"), "qos": 1, "timeout": 300});
+                (format!("{batch}-{i}"), body.to_string().into_bytes())
+            })
+            .collect();
+        send_burst(&amqp, &queue, &reply_queue, &bodies).await;
+        fds_peak = fds_peak.max(worker.open_fds());
+        let answered = Replies::gather(&mut replies, jobs, T, Duration::from_millis(300)).await;
+        fds_peak = fds_peak.max(worker.open_fds());
+        assert!(answered.answered_twice().is_empty());
+        for i in 0..jobs {
+            let reply = answered.first(&format!("{batch}-{i}"));
+            *by_kind[i % 3].entry(reply.exit_code()).or_default() += 1;
+            // Dropped connections should all be 7; some end 6 (see the ignored
+            // `dropped_connections_are_7_even_while_the_pool_backs_off`): accepted here, where
+            // resources are the point.
+            let expected: &[i64] = if i % 3 == 2 { &[6, 7] } else { &[6] };
+            if !expected.contains(&reply.exit_code()) && unexpected.len() < 5 {
+                unexpected.push(reply.body.to_string());
+            }
+            let ms = reply.body["duration-ms"].as_u64().unwrap_or(u64::MAX);
+            slowest[i % 3] = slowest[i % 3].max(ms);
+        }
+        rss_after_batch.push(worker.rss_kib());
+    }
+    let done_at = started.elapsed();
+    let mut fds_after = worker.open_fds();
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while fds_after > fds_before + 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        fds_peak = fds_peak.max(fds_after);
+        fds_after = worker.open_fds();
+    }
+    let fds_back_at = started.elapsed();
+    let rss_after = worker.rss_kib();
+    println!(
+        "2 x 1000 jobs answered in {done_at:?}; RSS after each batch {rss_after_batch:?} KiB; exit codes silent {:?}, no-ack {:?}, closing {:?}; \
+         slowest duration-ms {slowest:?}; fds {fds_before} before, {fds_peak} peak, {fds_after} \
+         at {fds_back_at:?}; RSS {} KiB before, {} KiB after (+{} KiB); mock connections: \
+         silent {:?}, no-ack {:?}, closing {:?}",
+        by_kind[0],
+        by_kind[1],
+        by_kind[2],
+        rss_before,
+        rss_after,
+        rss_after.saturating_sub(rss_before),
+        silent.stats(),
+        no_ack.stats(),
+        closing.stats()
+    );
+    assert!(
+        unexpected.is_empty(),
+        "codes {by_kind:?}; unexpected: {unexpected:#?}"
+    );
+    assert!(slowest.iter().all(|ms| *ms <= 300 + 1000), "{slowest:?}");
+    assert!(
+        fds_after <= fds_before + 5,
+        "open fds still {fds_after} (baseline {fds_before}) 45 s after the jobs"
+    );
+    // ~18 MiB measured over the first batch (debug build): ~300 connections open or connecting
+    // at once, ~80 KiB each (fresh targets every batch grew RSS ~8 MiB per batch, 100 new
+    // 30-s connects each); the second batch to the same targets adds < 1 MiB.
+    assert!(
+        rss_after.saturating_sub(rss_before) < 32 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    assert!(
+        rss_after_batch[1].saturating_sub(rss_after_batch[0]) < 4 * 1024,
+        "RSS after each batch: {rss_after_batch:?} KiB"
+    );
+    let status = worker.stop().await;
+    assert!(status.success(), "{status}");
+    amqp.delete_queue(&queue).await;
+}
+
+/// Jobs to a broker that drops every connection right after CONNACK, one client-id, one after
+/// another: each should end 7 ("the connection ... ended before the broker acknowledged the
+/// publish"), the code of the transient failure being retried. Once the pool has seen two quick
+/// losses it waits (200 ms doubling to 5 s) before reconnecting; a job whose timeout runs out
+/// during that wait has made no failed attempt of its own and is answered 6 "did not answer ...
+/// while waiting for a connection (no CONNACK)": wrong (the broker answers; no CONNECT was even
+/// sent) and misleading (it sends the reader to a hung broker, not one that drops connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: a job waiting out the pool's quick-loss backoff times out as 6 'no CONNACK' instead of 7"]
+async fn dropped_connections_are_7_even_while_the_pool_backs_off() {
+    let closing = ConnackThenClose::start().await;
+    let amqp = Amqp::connect().await;
+    let queue = unique_name("jobs");
+    amqp.declare_job_queue(&queue).await;
+    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let connectors = connectors_dir();
+    let worker = spawn_worker_with(worker_options(&queue, connectors.path())).await;
+    let client_id = unique_name("closing");
+    let mut codes = std::collections::BTreeMap::<i64, usize>::new();
+    let mut wrong = Vec::new();
+    for i in 0..10 {
+        let body = json!({"broker": closing.url(), "client-id": client_id, "topic": "t",
+            "content": "x", "qos": 1, "timeout": 500});
+        let jobs = [(i.to_string(), body.to_string().into_bytes())];
+        send_burst(&amqp, &queue, &reply_queue, &jobs).await;
+        let answered = Replies::gather(&mut replies, 1, T, Duration::ZERO).await;
+        let reply = answered.first(&i.to_string());
+        *codes.entry(reply.exit_code()).or_default() += 1;
+        if reply.exit_code() != 7 {
+            wrong.push(reply.body.to_string());
+        }
+    }
+    println!("10 jobs to a broker dropping every connection: codes {codes:?}");
+    assert!(wrong.is_empty(), "codes {codes:?}; not 7: {wrong:#?}");
+    worker.stop().await;
+    amqp.delete_queue(&queue).await;
+}
