@@ -690,7 +690,10 @@ mod tests {
     #[test]
     fn a_password_of_the_wrong_type_is_not_quoted() {
         let message = message_of(Params::decode(br#"{"password": 987654321}"#));
-        assert!(message.contains("password") && !message.contains("987654321"), "{message}");
+        assert!(
+            message.contains("password") && !message.contains("987654321"),
+            "{message}"
+        );
     }
 
     #[test]
