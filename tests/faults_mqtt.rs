@@ -408,3 +408,128 @@ async fn dropped_connections_are_7_even_while_the_pool_backs_off() {
     worker.stop().await;
     amqp.delete_queue(&queue).await;
 }
+
+const PASSWORD: &str = "pw-5e1d-SECRET";
+
+/// The base64 body lines of a PEM file (everything but the BEGIN/END lines).
+fn pem_body_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .expect("read PEM")
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A worker process logging at `RUST_LOG=debug`, jobs carrying a distinctive password (right,
+/// then wrong) and a client key (good mutual TLS, then the key given where a certificate or a CA
+/// is expected, so that parse errors have the key's content at hand): neither the password nor
+/// any base64 line of the key appears in the worker's stdout/stderr or in a reply. Also the
+/// `Debug` of a validated job holding the password does not show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_in_output_or_replies() {
+    let certs = Certs::shared();
+    let client = &certs.client_pkcs8;
+    let key_lines = pem_body_lines(&client.key);
+    assert!(key_lines.len() > 10, "key body lines: {}", key_lines.len());
+    let with_password = Mosquitto::with_password("alice", PASSWORD);
+    let mutual = Mosquitto::mutual_tls(certs);
+    let topic = unique_name("secret");
+    let mut sub = Subscriber::start_with(
+        tls_options(mutual.port(), certs, Some(&certs.client_ec_sec1)),
+        &topic,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    let amqp = Amqp::connect().await;
+    let queue = unique_name("jobs");
+    amqp.declare_job_queue(&queue).await;
+    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let connectors = connectors_dir();
+    let worker = ChildWorker::start(&queue, connectors.path(), &[("RUST_LOG", "debug")]).await;
+
+    let password_job = |password: &str| {
+        json!({"broker": with_password.url(), "client-id": unique_name("pw"), "topic": "t",
+               "content": "x", "qos": 1, "timeout": 5000, "username": "alice",
+               "password": password})
+    };
+    let tls_job = |extra: serde_json::Value| {
+        let mut job = json!({"broker": mutual.url(), "client-id": unique_name("tls"),
+            "topic": topic, "content": "over mutual TLS", "qos": 1, "timeout": 5000,
+            "root-ca-crt": certs.ca_crt, "use-certificate": true,
+            "certificate": client.crt, "private-key": client.key});
+        for (k, v) in extra.as_object().expect("object") {
+            job[k] = v.clone();
+        }
+        job
+    };
+    let cases: Vec<(&str, serde_json::Value, i64)> = vec![
+        ("right-password", password_job(PASSWORD), 0),
+        (
+            "wrong-password",
+            password_job(&format!("{PASSWORD}-WRONG")),
+            4,
+        ),
+        ("mutual-tls", tls_job(json!({})), 0),
+        (
+            "key-as-certificate",
+            tls_job(json!({"certificate": client.key})),
+            5,
+        ),
+        ("key-as-ca", tls_job(json!({"root-ca-crt": client.key})), 5),
+        (
+            "certificate-as-key",
+            tls_job(json!({"private-key": client.crt})),
+            5,
+        ),
+    ];
+    let bodies: Vec<(String, Vec<u8>)> = cases
+        .iter()
+        .map(|(name, job, _)| (name.to_string(), job.to_string().into_bytes()))
+        .collect();
+    send_burst(&amqp, &queue, &reply_queue, &bodies).await;
+    let answered = Replies::gather(&mut replies, cases.len(), T, Duration::from_millis(300)).await;
+    assert!(answered.answered_twice().is_empty());
+    assert_eq!(sub.expect(T).await.payload_str(), "over mutual TLS");
+    let (status, output) = worker.stop_with_output().await;
+    assert!(status.success(), "{status}");
+    for (name, _, code) in &cases {
+        let reply = answered.first(name);
+        println!("{name}: {}", reply.body);
+        assert_eq!(reply.exit_code(), *code, "{name}: {}", reply.body);
+    }
+    // The output is worth searching: debug lines, the jobs' outcomes and TLS errors are in it.
+    assert!(output.contains("DEBUG"), "no debug output:\n{output}");
+    assert!(output.contains("CONNACK code 5"), "{output}");
+    let replies_text: String = answered
+        .by_id
+        .values()
+        .flatten()
+        .map(|r| String::from_utf8_lossy(&r.raw).into_owned())
+        .collect();
+    for (what, text) in [("worker output", &output), ("replies", &replies_text)] {
+        assert!(!text.contains(PASSWORD), "the password is in the {what}");
+        for line in &key_lines {
+            assert!(
+                !text.contains(line.as_str()),
+                "a line of the private key is in the {what}: {line}"
+            );
+        }
+    }
+    println!(
+        "worker output: {} lines, {} bytes; no password, none of the key's {} lines",
+        output.lines().count(),
+        output.len(),
+        key_lines.len()
+    );
+
+    let body = password_job(PASSWORD).to_string();
+    let params = mqtt_connector::job::Params::decode(body.as_bytes()).expect("decode");
+    assert!(!format!("{params:?}").contains(PASSWORD), "{params:?}");
+    let job = mqtt_connector::job::Job::validate(params, mqtt_connector::job::Limits::default())
+        .expect("valid job");
+    let debug = format!("{job:?} {job:#?}");
+    assert!(!debug.contains(PASSWORD), "{debug}");
+    assert!(debug.contains("alice"), "the Debug shows the job: {debug}");
+    amqp.delete_queue(&queue).await;
+}

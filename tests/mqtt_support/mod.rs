@@ -243,13 +243,18 @@ impl ChildWorker {
     }
 
     /// SIGTERM, then waits (20 s at most) for it to exit; returns its exit status.
-    pub async fn stop(mut self) -> std::process::ExitStatus {
+    pub async fn stop(self) -> std::process::ExitStatus {
+        self.stop_with_output().await.0
+    }
+
+    /// [`stop`](Self::stop), also returning everything it wrote.
+    pub async fn stop_with_output(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.pid().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
+                return (status, self.output());
             }
             assert!(
                 Instant::now() < deadline,
