@@ -533,3 +533,125 @@ async fn secrets_never_in_output_or_replies() {
     assert!(debug.contains("alice"), "the Debug shows the job: {debug}");
     amqp.delete_queue(&queue).await;
 }
+
+/// Sends `jobs` (name, body) to a fresh queue consumed by an in-process worker with `options`
+/// adjusted by `adjust`, and returns the replies.
+async fn run_jobs(
+    adjust: impl FnOnce(&mut WorkerOptions),
+    jobs: &[(&str, serde_json::Value)],
+    within: Duration,
+) -> Replies {
+    let amqp = Amqp::connect().await;
+    let queue = unique_name("jobs");
+    amqp.declare_job_queue(&queue).await;
+    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let connectors = connectors_dir();
+    let mut options = worker_options(&queue, connectors.path());
+    adjust(&mut options);
+    let worker = spawn_worker_with(options).await;
+    let bodies: Vec<(String, Vec<u8>)> = jobs
+        .iter()
+        .map(|(name, job)| (name.to_string(), job.to_string().into_bytes()))
+        .collect();
+    send_burst(&amqp, &queue, &reply_queue, &bodies).await;
+    let answered =
+        Replies::gather(&mut replies, jobs.len(), within, Duration::from_millis(200)).await;
+    assert!(answered.answered_twice().is_empty());
+    worker.stop().await;
+    amqp.delete_queue(&queue).await;
+    answered
+}
+
+/// `content` over `limits.max_content_bytes` (1,024) is an invalid job (1) whose message names
+/// the limit; a `certificate` that is a directory is a TLS failure (5) whose message names the
+/// path. Neither reaches the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_over_the_limit_and_certificate_directory() {
+    let certs = Certs::shared();
+    let broker = Mosquitto::mutual_tls(certs);
+    let directory = tempfile::Builder::new()
+        .prefix("cert-dir-")
+        .tempdir()
+        .expect("tempdir");
+    let base = json!({"broker": broker.url(), "client-id": unique_name("limits"), "topic": "t",
+        "qos": 1, "timeout": 5000, "root-ca-crt": certs.ca_crt});
+    let mut too_big = base.clone();
+    too_big["content"] = json!("x".repeat(1025));
+    let mut at_limit = base.clone();
+    at_limit["content"] = json!("x".repeat(1024));
+    at_limit["use-certificate"] = json!(true);
+    at_limit["certificate"] = json!(certs.client_ec_sec1.crt);
+    at_limit["private-key"] = json!(certs.client_ec_sec1.key);
+    let mut dir_cert = at_limit.clone();
+    dir_cert["certificate"] = json!(directory.path());
+    let answered = run_jobs(
+        |options| options.limits.max_content_bytes = 1024,
+        &[
+            ("too-big", too_big),
+            ("at-limit", at_limit),
+            ("dir-cert", dir_cert),
+        ],
+        T,
+    )
+    .await;
+    let too_big = answered.first("too-big");
+    println!("too-big: {}", too_big.body);
+    assert_eq!(too_big.exit_code(), 1, "{}", too_big.body);
+    assert!(too_big.message().contains("1024"), "{}", too_big.body);
+    assert!(too_big.message().contains("content"), "{}", too_big.body);
+    let at_limit = answered.first("at-limit");
+    assert_eq!(at_limit.exit_code(), 0, "{}", at_limit.body);
+    let dir_cert = answered.first("dir-cert");
+    println!("dir-cert: {}", dir_cert.body);
+    assert_eq!(dir_cert.exit_code(), 5, "{}", dir_cert.body);
+    let path = directory.path().to_str().expect("utf-8");
+    assert!(dir_cert.message().contains(path), "{}", dir_cert.body);
+}
+
+/// 1 MiB of content under the default limit is published and received byte for byte (rumqttc's
+/// default maximum packet is 10 KiB; the worker sets its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mebibyte_content_published_intact() {
+    let broker = Mosquitto::plain();
+    let topic = unique_name("big");
+    let mut sub = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
+    let content: String = (0..1024 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let job = json!({"broker": broker.url(), "client-id": unique_name("big"), "topic": topic,
+        "content": content, "qos": 1, "timeout": 10000});
+    let answered = run_jobs(|_| {}, &[("big", job)], T).await;
+    let reply = answered.first("big");
+    assert_eq!(reply.exit_code(), 0, "{}", reply.body);
+    let got = sub.expect(T).await;
+    assert_eq!(got.payload.len(), content.len());
+    assert!(got.payload == content.as_bytes(), "payload differs");
+}
+
+/// `ssl://` pointed at a plain-TCP Mosquitto port: the handshake fails, the job ends with a TLS
+/// error (5) and nothing is published in clear (a subscriber on `#` receives nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_a_plain_port_fails_and_never_publishes_in_clear() {
+    let certs = Certs::shared();
+    let broker = Mosquitto::plain();
+    let mut sub = Subscriber::start(broker.port(), "#", QoS::AtLeastOnce).await;
+    let topic = unique_name("clear");
+    let job = json!({"broker": format!("ssl://localhost:{}", broker.port()),
+        "client-id": unique_name("tls"), "topic": topic, "content": "must not be seen",
+        "qos": 1, "timeout": 3000, "root-ca-crt": certs.ca_crt});
+    let answered = run_jobs(|_| {}, &[("tls", job)], T).await;
+    let reply = answered.first("tls");
+    println!("ssl:// to a plain port: {}", reply.body);
+    assert_eq!(reply.exit_code(), 5, "{}", reply.body);
+    assert!(reply.message().contains("TLS"), "{}", reply.body);
+    assert!(
+        reply
+            .message()
+            .contains(&format!("localhost:{}", broker.port())),
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.body["attempts"], 1, "not retried: {}", reply.body);
+    // The reply came after the only attempt ended: anything published would have arrived.
+    assert_eq!(sub.recv(Duration::from_millis(500)).await, None);
+}
