@@ -309,9 +309,9 @@ async fn silent_servers_leak_no_fds_or_memory() {
         for i in 0..jobs {
             let reply = answered.first(&format!("{batch}-{i}"));
             *by_kind[i % 3].entry(reply.exit_code()).or_default() += 1;
-            // Dropped connections should all be 7; some end 6 (see the ignored
-            // `dropped_connections_are_7_even_while_the_pool_backs_off`): accepted here, where
-            // resources are the point.
+            // Dropped connections end 7 (see `dropped_connections_are_7_even_while_the_pool_backs_off`);
+            // under this load a 300 ms timeout may still run out inside a connect: 6 accepted
+            // here, where resources are the point.
             let expected: &[i64] = if i % 3 == 2 { &[6, 7] } else { &[6] };
             if !expected.contains(&reply.exit_code()) && unexpected.len() < 5 {
                 unexpected.push(reply.body.to_string());
@@ -372,14 +372,12 @@ async fn silent_servers_leak_no_fds_or_memory() {
 }
 
 /// Jobs to a broker that drops every connection right after CONNACK, one client-id, one after
-/// another: each should end 7 ("the connection ... ended before the broker acknowledged the
-/// publish"), the code of the transient failure being retried. Once the pool has seen two quick
-/// losses it waits (200 ms doubling to 5 s) before reconnecting; a job whose timeout runs out
-/// during that wait has made no failed attempt of its own and is answered 6 "did not answer ...
-/// while waiting for a connection (no CONNACK)": wrong (the broker answers; no CONNECT was even
-/// sent) and misleading (it sends the reader to a hung broker, not one that drops connections).
+/// another: each ends 7 ("the connection ... ended before the broker acknowledged the
+/// publish"), the code of the transient failure being retried — also while the pool rests
+/// between reconnects after quick losses (it answers leases with that loss instead of making
+/// jobs wait for a connect, which would time out as 6 "no CONNACK" against a broker that does
+/// answer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a job waiting out the pool's quick-loss backoff times out as 6 'no CONNACK' instead of 7"]
 async fn dropped_connections_are_7_even_while_the_pool_backs_off() {
     let closing = ConnackThenClose::start().await;
     let amqp = Amqp::connect().await;

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
@@ -33,6 +33,12 @@ struct Slot {
 
 enum State {
     Open(Arc<Connection>),
+    /// Lost quickly several times in a row: until `until`, leases fail at once with `error`
+    /// (the job retries with its own backoff) instead of reconnecting.
+    Resting {
+        until: Instant,
+        error: MqttError,
+    },
     /// A connect in progress, awaited by every job that needs it; `id` tells attempts apart.
     Opening {
         id: u64,
@@ -102,28 +108,46 @@ impl Pool {
                 }) if !connection.is_ended() => return Ok(lease(connection)),
                 Some(slot) => match &slot.state {
                     State::Opening { future, .. } => future.clone(),
+                    State::Resting { until, error } if Instant::now() < *until => {
+                        return Err(error.clone());
+                    }
+                    State::Resting { .. } => self.reopen(slot, target),
                     State::Open(connection) => {
-                        let lost = matches!(connection.end(), Some(End::Lost(_)));
-                        if lost {
+                        let loss = match connection.end() {
+                            Some(End::Lost(reason)) => Some(reason.clone()),
+                            _ => None,
+                        };
+                        if loss.is_some() {
                             self.inner
                                 .metrics
                                 .mqtt_reconnect(&target.broker.to_string());
                         }
-                        slot.quick_losses = if lost && connection.age() < QUICK_LOSS {
-                            slot.quick_losses + 1
-                        } else {
-                            0
+                        slot.quick_losses = match loss {
+                            Some(_) if connection.age() < QUICK_LOSS => slot.quick_losses + 1,
+                            _ => 0,
                         };
-                        let (id, future) = self.open(target, reconnect_delay(slot.quick_losses));
-                        slot.state = State::Opening {
-                            id,
-                            future: future.clone(),
-                        };
-                        future
+                        let delay = reconnect_delay(slot.quick_losses);
+                        if let Some(reason) = loss.filter(|_| !delay.is_zero()) {
+                            let error = MqttError::PublishLost {
+                                broker: target.broker.to_string(),
+                                reason: format!(
+                                    "{reason} (lost {} times in a row soon after connecting; \
+                                     next connect in {} ms)",
+                                    slot.quick_losses,
+                                    delay.as_millis()
+                                ),
+                            };
+                            slot.state = State::Resting {
+                                until: Instant::now() + delay,
+                                error: error.clone(),
+                            };
+                            return Err(error);
+                        }
+                        self.reopen(slot, target)
                     }
                 },
                 None => {
-                    let (id, future) = self.open(target, Duration::ZERO);
+                    let (id, future) = self.open(target);
                     let state = State::Opening {
                         id,
                         future: future.clone(),
@@ -140,6 +164,16 @@ impl Pool {
             }
         };
         opening.await.map(|connection| lease(&connection))
+    }
+
+    /// Starts a new connect for an existing slot.
+    fn reopen(&self, slot: &mut Slot, target: &Target) -> Opening {
+        let (id, future) = self.open(target);
+        slot.state = State::Opening {
+            id,
+            future: future.clone(),
+        };
+        future
     }
 
     /// Closes every connection (at shutdown, once no job is in flight).
@@ -161,13 +195,12 @@ impl Pool {
 
     /// Starts connecting in a task of its own, so the attempt runs to its end (and settles the
     /// slot) even when every job waiting for it has timed out.
-    fn open(&self, target: &Target, delay: Duration) -> (u64, Opening) {
+    fn open(&self, target: &Target) -> (u64, Opening) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let target = target.clone();
         let inner = Arc::clone(&self.inner);
         let broker = target.broker.to_string();
         let task = tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
             let connect = Connection::open(&target, &inner.settings, &inner.metrics);
             let result = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
                 Ok(result) => result.map(Arc::new),
@@ -207,7 +240,8 @@ impl Pool {
     }
 }
 
-/// No wait after the first quick loss; then 200 ms doubling up to 5 s, with jitter.
+/// How long to rest before reconnecting: not after the first quick loss; then 200 ms doubling
+/// up to 5 s, with jitter.
 fn reconnect_delay(quick_losses: u32) -> Duration {
     if quick_losses < 2 {
         return Duration::ZERO;
@@ -238,6 +272,7 @@ async fn reap_idle(pool: Weak<Inner>, idle_timeout: Duration) {
                 connection.close();
                 false
             }
+            State::Resting { until, .. } => Instant::now() < *until + idle_timeout,
             // An ended connection stays, to remember its quick losses, until idle.
             _ => true,
         });
