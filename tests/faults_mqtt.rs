@@ -642,6 +642,7 @@ async fn tls_to_a_plain_port_fails_and_never_publishes_in_clear() {
     println!("ssl:// to a plain port: {}", reply.body);
     assert_eq!(reply.exit_code(), 5, "{}", reply.body);
     assert!(reply.message().contains("TLS"), "{}", reply.body);
+    assert!(reply.message().contains("use tcp://"), "{}", reply.body);
     assert!(
         reply
             .message()

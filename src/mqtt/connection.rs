@@ -239,6 +239,14 @@ fn connect_error(broker: &str, err: &ConnectionError) -> MqttError {
             MqttError::Connect { broker, reason }
         }
         ConnectionError::ConnectionRefused(_) => MqttError::Refused { broker, reason },
+        ConnectionError::Tls(_) if rustls_error(err).is_none() => MqttError::Tls {
+            broker,
+            // No TLS error, just the socket closing: the usual cause is a plain-MQTT port.
+            reason: format!(
+                "{reason}: the server closed the connection during the TLS handshake; \
+                 if this port speaks plain MQTT, use tcp:// (or the broker's TLS port)"
+            ),
+        },
         ConnectionError::Tls(_) => MqttError::Tls { broker, reason },
         ConnectionError::NetworkTimeout => MqttError::NoAnswer { broker, reason },
         _ if rustls_error(err).is_some() => MqttError::Tls { broker, reason },
