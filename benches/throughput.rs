@@ -1278,9 +1278,14 @@ async fn mqtt_ceiling(
     }
     let poller = tokio::spawn(async move {
         loop {
-            if let Err(err) = eventloop.poll().await {
-                eprintln!("mqtt ceiling: connection ended: {err}");
-                return;
+            match eventloop.poll().await {
+                Ok(_) => {}
+                // Our own disconnect at the end.
+                Err(rumqttc::ConnectionError::RequestsDone) => return,
+                Err(err) => {
+                    eprintln!("mqtt ceiling: connection ended: {err}");
+                    return;
+                }
             }
         }
     });
