@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicRejectOptions};
+use lapin::options::BasicCancelOptions;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::consumer::{Session, SessionError};
+use crate::amqp::settler::Settler;
 use crate::amqp::{self, replier};
 use crate::backoff::Backoff;
 use crate::connectors::{ConnectorError, ConnectorStore};
@@ -25,7 +26,7 @@ use crate::mqtt::connection::ConnectionSettings;
 use crate::mqtt::pool::Pool;
 use crate::outcome::Reply;
 use crate::pipeline::Pipeline;
-use crate::settle::{ReplyStatus, Settlement, settle};
+use crate::settle::{ReplyStatus, settle};
 
 /// Everything a worker is configured with.
 #[derive(Debug, Clone)]
@@ -179,12 +180,14 @@ impl Worker {
         } = session;
         self.set_ready(true);
         tracing::info!(queue = %self.options.queue, prefetch = self.options.prefetch, "consuming");
+        let settler = Settler::start(channel.clone());
         let ended = loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break Ok(()),
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
-                        let job = handle(delivery, channel.clone(), self.pipeline.clone(), self.metrics.clone());
+                        settler.taken(delivery.delivery_tag);
+                        let job = handle(delivery, channel.clone(), settler.clone(), self.pipeline.clone(), self.metrics.clone());
                         tracker.spawn(job);
                     }
                     Some(Err(err)) => break Err(SessionError::Amqp(err)),
@@ -224,7 +227,13 @@ impl Drop for Worker {
 }
 
 /// One delivery: run the job, reply, settle.
-async fn handle(delivery: Delivery, channel: Channel, pipeline: Pipeline, metrics: Metrics) {
+async fn handle(
+    delivery: Delivery,
+    channel: Channel,
+    settler: Settler,
+    pipeline: Pipeline,
+    metrics: Metrics,
+) {
     metrics.jobs_in_flight().inc();
     let started = Instant::now();
     let finished = pipeline.run(&delivery.data).await;
@@ -238,24 +247,7 @@ async fn handle(delivery: Delivery, channel: Channel, pipeline: Pipeline, metric
         None => ReplyStatus::NotRequested,
     };
     let settlement = settle(finished.outcome.exit_code, reply_status);
-    let settled = match settlement {
-        Settlement::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
-        Settlement::DeadLetter => {
-            delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-        }
-        Settlement::Requeue => {
-            delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await
-        }
-    };
-    if let Err(err) = settled {
-        tracing::warn!(error = %err, "could not settle the delivery; RabbitMQ will redeliver it");
-    }
+    settler.settle(delivery.delivery_tag, settlement);
     tracing::info!(
         correlation_id = correlation_id.unwrap_or(""),
         connector = %finished.connector,

@@ -1,8 +1,9 @@
 //! The RabbitMQ side: a consuming session on the request queue ([`consumer`]) and replies
-//! published with publisher confirms ([`replier`]).
+//! published with publisher confirms ([`replier`]), deliveries settled in batches ([`settler`]).
 
 pub mod consumer;
 pub mod replier;
+pub mod settler;
 
 /// The request queue's default name.
 pub const DEFAULT_QUEUE: &str = "mqtt-connector.send";

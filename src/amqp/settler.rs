@@ -1,0 +1,227 @@
+//! Settles deliveries with as few frames as is safe. Jobs finish out of order; a finished job
+//! whose delivery tag is the lowest still outstanding is acked together with every finished job
+//! right behind it, in one `basic.ack` with `multiple`. A finished job behind one still running
+//! is acked on its own at once, so a slow job never holds back the prefetch window. Rejects
+//! (dead-letter, requeue) are always sent on their own.
+
+use std::collections::BTreeMap;
+
+use futures_util::future::join_all;
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use lapin::types::DeliveryTag;
+use tokio::sync::mpsc;
+
+use crate::settle::Settlement;
+
+enum Event {
+    Taken(DeliveryTag),
+    Settled(DeliveryTag, Settlement),
+}
+
+/// Cloneable handle to the settling task of one channel.
+#[derive(Clone)]
+pub struct Settler {
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Settler {
+    /// Starts the task; it ends when every handle is dropped.
+    pub fn start(channel: Channel) -> Settler {
+        let (events, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(run(channel, receiver));
+        Settler { events }
+    }
+
+    /// A delivery was taken: call in delivery order, before its job starts.
+    pub fn taken(&self, tag: DeliveryTag) {
+        let _ = self.events.send(Event::Taken(tag));
+    }
+
+    /// A delivery's job is over.
+    pub fn settle(&self, tag: DeliveryTag, settlement: Settlement) {
+        let _ = self.events.send(Event::Settled(tag, settlement));
+    }
+}
+
+/// One frame to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frame {
+    Ack { tag: DeliveryTag, multiple: bool },
+    Reject { tag: DeliveryTag, requeue: bool },
+}
+
+/// Deliveries taken and not yet settled with RabbitMQ: `true` once their job is done (acked).
+#[derive(Default)]
+struct Outstanding(BTreeMap<DeliveryTag, bool>);
+
+impl Outstanding {
+    fn apply(&mut self, event: Event, frames: &mut Vec<Frame>) {
+        match event {
+            Event::Taken(tag) => {
+                self.0.insert(tag, false);
+            }
+            Event::Settled(tag, Settlement::Ack) => {
+                self.0.insert(tag, true);
+            }
+            Event::Settled(tag, Settlement::DeadLetter | Settlement::Requeue) => {
+                let requeue = matches!(event, Event::Settled(_, Settlement::Requeue));
+                self.0.remove(&tag);
+                frames.push(Frame::Reject { tag, requeue });
+            }
+        }
+    }
+
+    /// The acks for every finished job: one `multiple` ack for the finished run at the head,
+    /// single acks for finished jobs behind a running one.
+    fn flush(&mut self, frames: &mut Vec<Frame>) {
+        let mut head = None;
+        while let Some((&tag, &true)) = self.0.first_key_value() {
+            self.0.pop_first();
+            head = Some(tag);
+        }
+        if let Some(tag) = head {
+            frames.push(Frame::Ack {
+                tag,
+                multiple: true,
+            });
+        }
+        self.0.retain(|&tag, done| {
+            if *done {
+                frames.push(Frame::Ack {
+                    tag,
+                    multiple: false,
+                });
+            }
+            !*done
+        });
+    }
+}
+
+async fn run(channel: Channel, mut events: mpsc::UnboundedReceiver<Event>) {
+    let mut outstanding = Outstanding::default();
+    let mut frames = Vec::new();
+    while let Some(event) = events.recv().await {
+        outstanding.apply(event, &mut frames);
+        while let Ok(event) = events.try_recv() {
+            outstanding.apply(event, &mut frames);
+        }
+        outstanding.flush(&mut frames);
+        // join_all polls in order: the frames leave in the order they were decided.
+        let sent = join_all(frames.drain(..).map(|frame| {
+            let channel = &channel;
+            async move {
+                match frame {
+                    Frame::Ack { tag, multiple } => {
+                        channel.basic_ack(tag, BasicAckOptions { multiple }).await
+                    }
+                    Frame::Reject { tag, requeue } => {
+                        channel
+                            .basic_reject(tag, BasicRejectOptions { requeue })
+                            .await
+                    }
+                }
+            }
+        }))
+        .await;
+        if let Some(Err(err)) = sent.into_iter().find(Result::is_err) {
+            tracing::warn!(error = %err, "could not settle deliveries; RabbitMQ will redeliver them");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(events: Vec<Event>) -> Vec<Frame> {
+        let mut outstanding = Outstanding::default();
+        let mut frames = Vec::new();
+        for event in events {
+            outstanding.apply(event, &mut frames);
+        }
+        outstanding.flush(&mut frames);
+        frames
+    }
+
+    #[test]
+    fn finished_jobs_at_the_head_are_acked_in_one_multiple_ack() {
+        let sent = frames(vec![
+            Event::Taken(1),
+            Event::Taken(2),
+            Event::Taken(3),
+            Event::Settled(2, Settlement::Ack),
+            Event::Settled(1, Settlement::Ack),
+            Event::Settled(3, Settlement::Ack),
+        ]);
+        assert_eq!(
+            sent,
+            vec![Frame::Ack {
+                tag: 3,
+                multiple: true
+            }]
+        );
+    }
+
+    #[test]
+    fn a_running_job_is_never_covered_by_a_multiple_ack() {
+        let sent = frames(vec![
+            Event::Taken(1),
+            Event::Taken(2),
+            Event::Taken(3),
+            Event::Settled(1, Settlement::Ack),
+            Event::Settled(3, Settlement::Ack),
+        ]);
+        assert_eq!(
+            sent,
+            vec![
+                Frame::Ack {
+                    tag: 1,
+                    multiple: true
+                },
+                Frame::Ack {
+                    tag: 3,
+                    multiple: false
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_go_alone_and_before_the_acks_that_follow() {
+        let sent = frames(vec![
+            Event::Taken(1),
+            Event::Taken(2),
+            Event::Settled(1, Settlement::DeadLetter),
+            Event::Settled(2, Settlement::Ack),
+        ]);
+        assert_eq!(
+            sent,
+            vec![
+                Frame::Reject {
+                    tag: 1,
+                    requeue: false
+                },
+                Frame::Ack {
+                    tag: 2,
+                    multiple: true
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn requeue_is_a_reject_with_requeue() {
+        let sent = frames(vec![
+            Event::Taken(7),
+            Event::Settled(7, Settlement::Requeue),
+        ]);
+        assert_eq!(
+            sent,
+            vec![Frame::Reject {
+                tag: 7,
+                requeue: true
+            }]
+        );
+    }
+}
