@@ -13,7 +13,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::job::Qos;
 use crate::outcome::ExitCode;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +56,27 @@ struct Inner {
     mqtt_connections: Family<BrokerLabels, Gauge>,
     mqtt_reconnects: Family<BrokerLabels, Counter>,
     amqp_consumer_up: Gauge,
+}
+
+/// The metrics of one connector label (a connector's name, `none` or `unknown`).
+#[derive(Clone)]
+pub struct ConnectorMetrics {
+    pub name: Arc<str>,
+    jobs: [Counter; 8],
+    duration: Histogram,
+    retries: Counter,
+}
+
+impl ConnectorMetrics {
+    /// One finished job.
+    pub fn job_finished(&self, exit_code: ExitCode, duration: Duration) {
+        self.jobs[exit_code as usize].inc();
+        self.duration.observe(duration.as_secs_f64());
+    }
+
+    pub fn retry(&self) {
+        self.retries.inc();
+    }
 }
 
 /// The worker's metrics. Cheap to clone; every clone records into the same registry.
@@ -144,39 +164,35 @@ impl Metrics {
         }
     }
 
-    /// One finished job.
-    pub fn job_finished(&self, connector: &str, exit_code: ExitCode, duration: Duration) {
+    /// The handles of one connector label, built once (when the connectors are loaded) so
+    /// that recording a job takes neither an allocation nor the registry's lock. Building them
+    /// also makes every series exist from the start, at 0.
+    pub fn connector(&self, connector: &str) -> ConnectorMetrics {
         let inner = &self.inner;
-        inner
-            .jobs
-            .get_or_create(&JobLabels {
+        let jobs = ExitCode::ALL.map(|exit_code| {
+            inner.jobs.get_or_create_owned(&JobLabels {
                 connector: connector.to_owned(),
                 exit_code: exit_code.label(),
             })
-            .inc();
-        inner
-            .job_duration
-            .get_or_create(&ConnectorLabels {
-                connector: connector.to_owned(),
-            })
-            .observe(duration.as_secs_f64());
+        });
+        let labels = ConnectorLabels {
+            connector: connector.to_owned(),
+        };
+        ConnectorMetrics {
+            name: connector.into(),
+            jobs,
+            duration: inner.job_duration.get_or_create_owned(&labels),
+            retries: inner.retries.get_or_create_owned(&labels),
+        }
     }
 
-    pub fn publish_acknowledged(&self, qos: Qos, latency: Duration) {
-        let qos = ["0", "1", "2"][usize::from(qos.level())];
-        self.inner
-            .publish_duration
-            .get_or_create(&QosLabels { qos })
-            .observe(latency.as_secs_f64());
-    }
-
-    pub fn retry(&self, connector: &str) {
-        self.inner
-            .retries
-            .get_or_create(&ConnectorLabels {
-                connector: connector.to_owned(),
-            })
-            .inc();
+    /// The publish-latency histograms, by QoS.
+    pub fn publish_latency(&self) -> [Histogram; 3] {
+        ["0", "1", "2"].map(|qos| {
+            self.inner
+                .publish_duration
+                .get_or_create_owned(&QosLabels { qos })
+        })
     }
 
     /// The in-flight gauge; the caller increments and decrements around each job.
@@ -262,7 +278,9 @@ mod tests {
     #[test]
     fn a_finished_job_shows_up_with_connector_and_exit_code() {
         let metrics = Metrics::new();
-        metrics.job_finished("local", ExitCode::ConnectFailed, Duration::from_millis(3));
+        metrics
+            .connector("local")
+            .job_finished(ExitCode::ConnectFailed, Duration::from_millis(3));
         let text = metrics.encode();
         assert!(
             text.contains(r#"mqtt_connector_jobs_total{connector="local",exit_code="3"} 1"#),
@@ -281,7 +299,9 @@ mod tests {
     #[test]
     fn the_classic_format_names_counters_by_their_samples() {
         let metrics = Metrics::new();
-        metrics.job_finished("local", ExitCode::Published, Duration::from_millis(3));
+        metrics
+            .connector("local")
+            .job_finished(ExitCode::Published, Duration::from_millis(3));
         let text = metrics.encode_classic();
         assert!(
             text.contains("# TYPE mqtt_connector_jobs_total counter\n"),

@@ -2,19 +2,33 @@
 //! through the pool with retries and backoff, all inside the job's timeout. Used by the worker
 //! for every delivery and by `send` directly.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::timeout_at;
 
 use crate::backoff::Backoff;
 use crate::connectors::ConnectorStore;
 use crate::job::{Job, JobError, Limits, Params, Qos};
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectorMetrics, Metrics};
 use crate::mqtt::MqttError;
 use crate::mqtt::connection::Ack;
 use crate::mqtt::pool::Pool;
 use crate::outcome::{ExitCode, Outcome};
+
+/// Metric handles of every connector label, built once.
+struct Labels {
+    connectors: HashMap<String, ConnectorMetrics>,
+    /// Jobs without a connector.
+    none: ConnectorMetrics,
+    /// Jobs naming a connector that does not exist (their name is not a bounded label value).
+    unknown: ConnectorMetrics,
+}
+
+/// A validated job, or why not; with the label it counts under either way.
+type Prepared<'a> = Result<(Job, &'a ConnectorMetrics), (JobError, &'a ConnectorMetrics)>;
 
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
@@ -23,8 +37,10 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Pipeline {
     connectors: Arc<ConnectorStore>,
+    /// Metric handles by connector label: every connector's name, `none` and `unknown`.
+    labels: Arc<Labels>,
+    publish_latency: Arc<[Histogram; 3]>,
     pool: Pool,
-    metrics: Metrics,
     limits: Limits,
 }
 
@@ -34,7 +50,7 @@ pub struct Finished {
     pub outcome: Outcome,
     /// The connector's name, `none` without one, `unknown` for a name with no file
     /// (a name from a job is not a bounded label value).
-    pub connector: String,
+    pub connector: Arc<str>,
 }
 
 impl Pipeline {
@@ -44,10 +60,19 @@ impl Pipeline {
         metrics: Metrics,
         limits: Limits,
     ) -> Self {
+        let labels = Labels {
+            connectors: connectors
+                .iter()
+                .map(|(name, _)| (name.to_owned(), metrics.connector(name)))
+                .collect(),
+            none: metrics.connector("none"),
+            unknown: metrics.connector("unknown"),
+        };
         Self {
             connectors,
+            labels: Arc::new(labels),
+            publish_latency: Arc::new(metrics.publish_latency()),
             pool,
-            metrics,
             limits,
         }
     }
@@ -59,45 +84,49 @@ impl Pipeline {
     /// Runs one job body to its final outcome and records it in the metrics.
     pub async fn run(&self, body: &[u8]) -> Finished {
         let started = Instant::now();
-        let finished = match self.prepare(body) {
-            Ok((job, connector)) => Finished {
-                outcome: self.publish(&job, &connector).await,
-                connector,
-            },
-            Err((err, connector)) => Finished {
-                outcome: Outcome::from(err),
-                connector,
-            },
+        let (outcome, label) = match self.prepare(body) {
+            Ok((job, label)) => (self.publish(&job, label).await, label),
+            Err((err, label)) => (Outcome::from(err), label),
         };
-        self.metrics.job_finished(
-            &finished.connector,
-            finished.outcome.exit_code,
-            started.elapsed(),
-        );
-        finished
+        label.job_finished(outcome.exit_code, started.elapsed());
+        Finished {
+            outcome,
+            connector: Arc::clone(&label.name),
+        }
     }
 
-    /// Decode, merge, validate.
-    fn prepare(&self, body: &[u8]) -> Result<(Job, String), (JobError, String)> {
-        let params = Params::decode(body).map_err(|err| (err, "none".to_owned()))?;
+    /// Decode, merge, validate; also which connector label the job counts under.
+    fn prepare(&self, body: &[u8]) -> Prepared<'_> {
+        let none = &self.labels.none;
+        let params = Params::decode(body).map_err(|err| (err, none))?;
         if let Some(action) = params.action.as_deref().filter(|action| *action != "send") {
             let message = format!("unknown action {action:?}: the only action is \"send\"");
-            return Err((JobError::Invalid(message), "none".to_owned()));
+            return Err((JobError::Invalid(message), none));
         }
-        let (params, connector) = match params.connector.clone() {
-            None => (params, "none".to_owned()),
-            Some(name) => match self.connectors.get(&name) {
-                Some(defaults) => (params.over(defaults), name),
-                None => return Err((JobError::UnknownConnector(name), "unknown".to_owned())),
+        let (params, label) = match params.connector.as_deref() {
+            None => (params, none),
+            Some(name) => match self.connectors.get(name) {
+                Some(defaults) => {
+                    let label = self
+                        .labels
+                        .connectors
+                        .get(name)
+                        .unwrap_or(&self.labels.unknown);
+                    (params.over(defaults), label)
+                }
+                None => {
+                    let err = JobError::UnknownConnector(name.to_owned());
+                    return Err((err, &self.labels.unknown));
+                }
             },
         };
         Job::validate(params, self.limits)
-            .map(|job| (job, connector.clone()))
-            .map_err(|err| (err, connector))
+            .map(|job| (job, label))
+            .map_err(|err| (err, label))
     }
 
     /// Publishes until the broker acknowledges, a permanent failure, or the job's timeout.
-    async fn publish(&self, job: &Job, connector: &str) -> Outcome {
+    async fn publish(&self, job: &Job, label: &ConnectorMetrics) -> Outcome {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + job.timeout;
         let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
@@ -122,7 +151,7 @@ impl Pipeline {
                 return gave_up(job, &failure, attempts, started.elapsed());
             }
             tracing::debug!(attempt = attempts, error = %failure, ?delay, "publish failed, will retry");
-            self.metrics.retry(connector);
+            label.retry();
             last_failure = Some(failure);
             tokio::time::sleep(delay).await;
         }
@@ -133,7 +162,7 @@ impl Pipeline {
         *phase = Phase::AwaitingAck;
         let sent = Instant::now();
         let ack = connection.publish(&job.message).await?;
-        self.metrics.publish_acknowledged(ack.qos, sent.elapsed());
+        self.publish_latency[usize::from(ack.qos.level())].observe(sent.elapsed().as_secs_f64());
         Ok(ack)
     }
 }
