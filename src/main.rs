@@ -209,8 +209,15 @@ async fn worker(args: WorkerArgs) -> ExitCode {
         }
     };
     tokio::spawn(cancel_on_signal(shutdown));
-    worker.run().await;
-    ExitCode::SUCCESS
+    // A task of its own: on the runtime's worker threads rather than this one, so deliveries
+    // and the jobs they spawn do not hop between threads.
+    match tokio::spawn(worker.run()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("the worker stopped abnormally: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn client_id_suffix(option: &str) -> String {
