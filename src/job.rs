@@ -109,24 +109,26 @@ impl Params {
 
     /// This job's keys over the connector's: a key set in the job wins.
     pub fn over(self, defaults: &Params) -> Params {
-        let d = defaults.clone();
+        // Clone only the defaults the job does not set: most jobs set a few keys.
         Params {
-            action: self.action.or(d.action),
-            connector: self.connector.or(d.connector),
-            broker: self.broker.or(d.broker),
-            username: self.username.or(d.username),
-            password: self.password.or(d.password),
-            client_id: self.client_id.or(d.client_id),
-            topic: self.topic.or(d.topic),
-            qos: self.qos.or(d.qos),
-            content: self.content.or(d.content),
-            retain: self.retain.or(d.retain),
-            root_ca_crt: self.root_ca_crt.or(d.root_ca_crt),
-            certificate: self.certificate.or(d.certificate),
-            private_key: self.private_key.or(d.private_key),
-            use_certificate: self.use_certificate.or(d.use_certificate),
-            alpn: self.alpn.or(d.alpn),
-            timeout: self.timeout.or(d.timeout),
+            action: self.action.or_else(|| defaults.action.clone()),
+            connector: self.connector.or_else(|| defaults.connector.clone()),
+            broker: self.broker.or_else(|| defaults.broker.clone()),
+            username: self.username.or_else(|| defaults.username.clone()),
+            password: self.password.or_else(|| defaults.password.clone()),
+            client_id: self.client_id.or_else(|| defaults.client_id.clone()),
+            topic: self.topic.or_else(|| defaults.topic.clone()),
+            qos: self.qos.or_else(|| defaults.qos.clone()),
+            content: self.content.or_else(|| defaults.content.clone()),
+            retain: self.retain.or_else(|| defaults.retain.clone()),
+            root_ca_crt: self.root_ca_crt.or_else(|| defaults.root_ca_crt.clone()),
+            certificate: self.certificate.or_else(|| defaults.certificate.clone()),
+            private_key: self.private_key.or_else(|| defaults.private_key.clone()),
+            use_certificate: self
+                .use_certificate
+                .or_else(|| defaults.use_certificate.clone()),
+            alpn: self.alpn.or_else(|| defaults.alpn.clone()),
+            timeout: self.timeout.or_else(|| defaults.timeout.clone()),
         }
     }
 }
