@@ -118,9 +118,9 @@ impl Params {
             password: self.password.or_else(|| defaults.password.clone()),
             client_id: self.client_id.or_else(|| defaults.client_id.clone()),
             topic: self.topic.or_else(|| defaults.topic.clone()),
-            qos: self.qos.or_else(|| defaults.qos.clone()),
+            qos: self.qos.or(defaults.qos),
             content: self.content.or_else(|| defaults.content.clone()),
-            retain: self.retain.or_else(|| defaults.retain.clone()),
+            retain: self.retain.or(defaults.retain),
             root_ca_crt: self.root_ca_crt.or_else(|| defaults.root_ca_crt.clone()),
             certificate: self.certificate.or_else(|| defaults.certificate.clone()),
             private_key: self.private_key.or_else(|| defaults.private_key.clone()),
@@ -128,7 +128,7 @@ impl Params {
                 .use_certificate
                 .or_else(|| defaults.use_certificate.clone()),
             alpn: self.alpn.or_else(|| defaults.alpn.clone()),
-            timeout: self.timeout.or_else(|| defaults.timeout.clone()),
+            timeout: self.timeout.or(defaults.timeout),
         }
     }
 }
