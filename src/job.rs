@@ -124,9 +124,7 @@ impl Params {
             root_ca_crt: self.root_ca_crt.or_else(|| defaults.root_ca_crt.clone()),
             certificate: self.certificate.or_else(|| defaults.certificate.clone()),
             private_key: self.private_key.or_else(|| defaults.private_key.clone()),
-            use_certificate: self
-                .use_certificate
-                .or_else(|| defaults.use_certificate.clone()),
+            use_certificate: self.use_certificate.or(defaults.use_certificate),
             alpn: self.alpn.or_else(|| defaults.alpn.clone()),
             timeout: self.timeout.or(defaults.timeout),
         }
