@@ -28,6 +28,9 @@ use crate::outcome::Reply;
 use crate::pipeline::Pipeline;
 use crate::settle::{ReplyStatus, settle};
 
+/// How long the acks of finished jobs may take to leave at shutdown.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Everything a worker is configured with.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -180,7 +183,7 @@ impl Worker {
         } = session;
         self.set_ready(true);
         tracing::info!(queue = %self.options.queue, prefetch = self.options.prefetch, "consuming");
-        let settler = Settler::start(channel.clone());
+        let (settler, settler_task) = Settler::start(channel.clone());
         let ended = loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break Ok(()),
@@ -209,6 +212,8 @@ impl Worker {
             {
                 tracing::warn!(grace = ?self.options.grace_period, "jobs still running at the end of the grace period; RabbitMQ will redeliver them");
             }
+            // The jobs' acks are decided; send them before closing, or they would be redelivered.
+            settler_task.finish(settler, SETTLE_TIMEOUT).await;
             let _ = connection.close(200, "worker shutting down".into()).await;
         }
         ended

@@ -25,12 +25,27 @@ pub struct Settler {
     events: mpsc::UnboundedSender<Event>,
 }
 
+/// The settling task itself: [`SettlerTask::finish`] waits until every settlement decided so
+/// far has been sent, before the channel is closed.
+pub struct SettlerTask(tokio::task::JoinHandle<()>);
+
+impl SettlerTask {
+    /// Drops the last handle and waits (at most `limit`) for the task to send what it holds.
+    /// Every other handle must be gone already (the jobs are over).
+    pub async fn finish(self, last: Settler, limit: std::time::Duration) {
+        drop(last);
+        if tokio::time::timeout(limit, self.0).await.is_err() {
+            tracing::warn!("settlements still unsent at shutdown; RabbitMQ will redeliver them");
+        }
+    }
+}
+
 impl Settler {
-    /// Starts the task; it ends when every handle is dropped.
-    pub fn start(channel: Channel) -> Settler {
+    /// Starts the task; it ends once every handle is dropped and all it holds is sent.
+    pub fn start(channel: Channel) -> (Settler, SettlerTask) {
         let (events, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(channel, receiver));
-        Settler { events }
+        let task = tokio::spawn(run(channel, receiver));
+        (Settler { events }, SettlerTask(task))
     }
 
     /// A delivery was taken: call in delivery order, before its job starts.
