@@ -261,20 +261,61 @@ impl Topic {
 /// How bytes reach the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
+    /// MQTT over TCP (`tcp://`, `mqtt://`).
     Tcp,
+    /// MQTT over TLS (`ssl://`, `mqtts://`, `tls://`).
     Tls,
+    /// MQTT over a websocket (`ws://`).
+    Ws,
+    /// MQTT over a websocket over TLS (`wss://`).
+    Wss,
 }
 
-/// A broker address from a `scheme://host:port` URL.
+impl Transport {
+    /// Whether the connection is encrypted (and the TLS keys of a job apply).
+    pub fn is_tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+
+    /// Whether MQTT travels in websocket frames.
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
+    }
+
+    /// The contract's default ports: 1883 plain, 8883 TLS (websockets included).
+    pub fn default_port(self) -> u16 {
+        if self.is_tls() { 8883 } else { 1883 }
+    }
+
+    /// The canonical scheme, as it starts a URL.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "ssl",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+        }
+    }
+}
+
+/// The websocket path when a `ws://` or `wss://` URL names none (AWS IoT and most brokers).
+pub const DEFAULT_WEBSOCKET_PATH: &str = "/mqtt";
+
+/// A broker address from a `scheme://host:port` URL (`scheme://host:port/path` for websockets).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Broker {
     pub transport: Transport,
     pub host: String,
     pub port: u16,
+    /// The HTTP path (and query) of the websocket upgrade, starting with `/`; `None` for MQTT
+    /// over TCP or TLS.
+    pub path: Option<String>,
 }
 
 impl Broker {
-    /// Parses `tcp://`, `mqtt://`, `ssl://`, `mqtts://` URLs; the port defaults to 1883 or 8883.
+    /// Parses `tcp://`, `mqtt://`, `ssl://`, `mqtts://` URLs (the port defaults to 1883 or
+    /// 8883), and `ws://`, `wss://` URLs with an optional path (ports 1883 or 8883, path
+    /// [`DEFAULT_WEBSOCKET_PATH`] when absent).
     pub fn parse(url: &str) -> Result<Broker, JobError> {
         let bad = |why: &str| invalid(format!("key \"broker\": {:?} {why}", quote_limited(url)));
         let (scheme, rest) = url
@@ -283,34 +324,61 @@ impl Broker {
         let transport = match scheme.to_ascii_lowercase().as_str() {
             "tcp" | "mqtt" => Transport::Tcp,
             "ssl" | "mqtts" | "tls" => Transport::Tls,
-            "ws" | "wss" => {
-                return Err(bad(
-                    "uses websockets, which this version does not support yet; use tcp:// or ssl://",
-                ));
-            }
+            "ws" => Transport::Ws,
+            "wss" => Transport::Wss,
             _ => {
                 return Err(bad(
-                    "has an unknown scheme; use tcp://, mqtt://, ssl:// or mqtts://",
+                    "has an unknown scheme; use tcp://, mqtt://, ssl://, mqtts://, ws:// or wss://",
                 ));
             }
         };
-        let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.contains(['/', '@', '?', '#']) {
-            return Err(bad("must be scheme://host:port, without path or user"));
+        let (authority, path) = match rest.find('/') {
+            Some(slash) => (&rest[..slash], &rest[slash..]),
+            None => (rest, ""),
+        };
+        if authority.contains(['@', '?', '#']) {
+            return Err(bad(
+                "must be scheme://host:port, without user, query or fragment",
+            ));
         }
+        let path = if transport.is_websocket() {
+            if !path.bytes().all(is_websocket_path_byte) {
+                return Err(bad(
+                    "has a websocket path with characters a URL path cannot hold (spaces, #, quotes…)",
+                ));
+            }
+            Some(if path.is_empty() {
+                DEFAULT_WEBSOCKET_PATH.to_owned()
+            } else {
+                path.to_owned()
+            })
+        } else {
+            if !path.is_empty() && path != "/" {
+                return Err(bad(
+                    "must be scheme://host:port, without path (only ws:// and wss:// take one)",
+                ));
+            }
+            None
+        };
         let (host, port) = split_host_port(authority).ok_or_else(|| bad("has a bad port"))?;
         if host.is_empty() {
             return Err(bad("has no host"));
         }
-        let port = port.unwrap_or(match transport {
-            Transport::Tcp => 1883,
-            Transport::Tls => 8883,
-        });
         Ok(Broker {
             transport,
             host: host.to_owned(),
-            port,
+            port: port.unwrap_or(transport.default_port()),
+            path,
         })
+    }
+
+    /// `ws://host:port/path` or `wss://host:port/path` for a websocket broker (the port always
+    /// written, since ours are not the HTTP defaults); `None` for MQTT over TCP or TLS.
+    pub fn websocket_url(&self) -> Option<String> {
+        let path = self.path.as_deref()?;
+        self.transport
+            .is_websocket()
+            .then(|| format!("{}://{self}{path}", self.transport.scheme()))
     }
 
     /// AWS IoT Core endpoints, which never acknowledge QoS 2.
@@ -339,6 +407,12 @@ fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
             .filter(|p| *p != 0)
             .map(|p| (host, Some(p))),
     }
+}
+
+/// RFC 3986 path and query characters (unreserved, sub-delims, `:@/?%`): what an HTTP request
+/// line can carry as it is, so a path that passes here never fails later in the upgrade request.
+fn is_websocket_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
 }
 
 /// `host:port`: how logs, messages and metric labels name a broker.
@@ -431,7 +505,7 @@ fn tls_settings(
     alpn: Option<Alpn>,
 ) -> Result<Option<TlsSettings>, JobError> {
     let use_certificate = use_certificate.unwrap_or(false);
-    if broker.transport == Transport::Tcp {
+    if !broker.transport.is_tls() {
         // TLS keys on a plain-text broker would silently send everything in clear: refuse.
         let tls_key = [
             (use_certificate, "use-certificate"),
@@ -441,9 +515,13 @@ fn tls_settings(
         .into_iter()
         .find_map(|(set, key)| set.then_some(key));
         return match tls_key {
-            Some(key) => Err(invalid(format!(
-                "key {key:?} needs a TLS broker, but {broker} is plain tcp://; use ssl:// or mqtts://"
-            ))),
+            Some(key) => Err(invalid(if broker.transport.is_websocket() {
+                format!("key {key:?} needs a TLS broker, but {broker} is plain ws://; use wss://")
+            } else {
+                format!(
+                    "key {key:?} needs a TLS broker, but {broker} is plain tcp://; use ssl:// or mqtts://"
+                )
+            })),
             None => Ok(None),
         };
     }
@@ -554,10 +632,101 @@ mod tests {
             "tcp://h:x",
             "tcp://",
             "tcp://u:p@h",
-            "ws://h",
+            "tcp://h/mqtt",
+            "ws://u:p@h/mqtt",
+            "ws://h/a b",
+            "wss://h/mqtt#frag",
+            "wss://:8883/mqtt",
+            "wss://h:0",
         ] {
             assert!(Broker::parse(url).is_err(), "{url} should be rejected");
         }
+    }
+
+    #[test]
+    fn websocket_urls_default_to_the_contract_ports_and_the_mqtt_path() {
+        for (url, transport, port, path) in [
+            ("ws://h", Transport::Ws, 1883, "/mqtt"),
+            ("WS://h:8080", Transport::Ws, 8080, "/mqtt"),
+            ("wss://h", Transport::Wss, 8883, "/mqtt"),
+            (
+                "wss://h:443/mqtt?x-amz-customauthorizer-name=a",
+                Transport::Wss,
+                443,
+                "/mqtt?x-amz-customauthorizer-name=a",
+            ),
+            ("ws://h:9001/", Transport::Ws, 9001, "/"),
+            ("ws://[::1]/ws/mqtt", Transport::Ws, 1883, "/ws/mqtt"),
+        ] {
+            let broker = Broker::parse(url).expect(url);
+            assert_eq!(
+                (broker.transport, broker.port, broker.path.as_deref()),
+                (transport, port, Some(path)),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_websocket_broker_is_named_host_port_and_connected_to_by_its_full_url() {
+        let broker = Broker::parse("wss://h.example/mqtt").expect("valid");
+        assert_eq!(broker.to_string(), "h.example:8883");
+        assert_eq!(
+            broker.websocket_url().as_deref(),
+            Some("wss://h.example:8883/mqtt")
+        );
+        let v6 = Broker::parse("ws://[::1]:9001").expect("valid");
+        assert_eq!(v6.websocket_url().as_deref(), Some("ws://[::1]:9001/mqtt"));
+        assert_eq!(
+            Broker::parse("tcp://h").expect("valid").websocket_url(),
+            None
+        );
+    }
+
+    #[test]
+    fn websocket_paths_are_part_of_the_target_so_they_never_share_a_connection() {
+        let a = Broker::parse("ws://h:9001/mqtt").expect("valid");
+        let b = Broker::parse("ws://h:9001/other").expect("valid");
+        assert_ne!(a, b);
+        assert_eq!(a, Broker::parse("ws://h:9001").expect("valid"));
+    }
+
+    #[test]
+    fn wss_takes_the_tls_keys_and_ws_refuses_them() {
+        let mut body = with("broker", json!("wss://h"));
+        body["root-ca-crt"] = json!("/ca.pem");
+        body["alpn"] = json!("mqtt");
+        let tls = job(body).expect("valid").target.tls.expect("tls");
+        assert_eq!(
+            tls.root_ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(tls.alpn, vec!["mqtt"]);
+
+        let mut body = with("broker", json!("ws://h"));
+        body["root-ca-crt"] = json!("/ca.pem");
+        let message = message_of(job(body));
+        assert!(
+            message.contains("wss://") && message.contains("TLS"),
+            "{message}"
+        );
+        assert!(
+            job(with("broker", json!("ws://h")))
+                .expect("valid")
+                .target
+                .tls
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn wss_with_use_certificate_carries_the_client_certificate() {
+        let mut body = with("broker", json!("wss://h"));
+        body["use-certificate"] = json!(true);
+        body["certificate"] = json!("/c.pem");
+        body["private-key"] = json!("/k.pem");
+        let tls = job(body).expect("valid").target.tls.expect("tls");
+        assert!(tls.client_cert.is_some());
     }
 
     #[test]

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, NetworkOptions, Packet,
-    PublishOptions, TlsConfiguration, Transport,
+    PublishOptions, TlsConfiguration,
 };
 
 use super::MqttError;
 use super::tls;
-use crate::job::{Message, Qos, Target};
+use crate::job::{Message, Qos, Target, Transport};
 use crate::metrics::Metrics;
 
 /// Requests the event loop takes from its channel per iteration (rumqttc's default is one).
@@ -82,10 +82,7 @@ impl Connection {
         metrics: &Metrics,
     ) -> Result<Connection, MqttError> {
         let broker = target.broker.to_string();
-        let mut options = MqttOptions::new(
-            format!("{}{}", target.client_id, settings.client_id_suffix),
-            rumqttc::Broker::tcp(target.broker.host.clone(), target.broker.port),
-        );
+        let mut options = mqtt_options(target, settings, &broker)?;
         options
             .set_keep_alive(u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX))
             .set_clean_session(true)
@@ -101,13 +98,6 @@ impl Connection {
                 .map(|p| p.expose().to_owned())
                 .unwrap_or_default();
             options.set_credentials(username.clone(), password);
-        }
-        if let Some(tls_settings) = &target.tls {
-            let config = tls::client_config(tls_settings).map_err(|err| MqttError::Tls {
-                broker: broker.clone(),
-                reason: err.to_string(),
-            })?;
-            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
         }
         let (client, mut eventloop) =
             AsyncClient::builder(options)
@@ -126,7 +116,7 @@ impl Connection {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => break,
                 Ok(_) => {}
-                Err(err) => return Err(connect_error(&broker, &err)),
+                Err(err) => return Err(connect_error(&broker, target.broker.transport, &err)),
             }
         }
 
@@ -235,10 +225,66 @@ impl Connection {
     }
 }
 
+/// The client options for one target, with its transport: TCP, TLS, websocket or websocket
+/// over TLS (both TLS ones with our rustls configuration: roots, client certificate, ALPN).
+fn mqtt_options(
+    target: &Target,
+    settings: &ConnectionSettings,
+    broker: &str,
+) -> Result<MqttOptions, MqttError> {
+    let client_id = format!("{}{}", target.client_id, settings.client_id_suffix);
+    let tls_config = match &target.tls {
+        Some(tls_settings) => Some(TlsConfiguration::Rustls(
+            tls::client_config(tls_settings).map_err(|err| MqttError::Tls {
+                broker: broker.to_owned(),
+                reason: err.to_string(),
+            })?,
+        )),
+        None => None,
+    };
+    let bad_url = |err: rumqttc::OptionError| MqttError::Connect {
+        broker: broker.to_owned(),
+        reason: format!("bad websocket URL: {err}"),
+    };
+    let url = target.broker.websocket_url();
+    match (target.broker.transport, url, tls_config) {
+        (Transport::Ws, Some(url), None) => Ok(MqttOptions::new(
+            client_id,
+            rumqttc::Broker::websocket(url).map_err(bad_url)?,
+        )),
+        (Transport::Wss, Some(url), Some(tls_config)) => {
+            MqttOptions::websocket_with_tls_config(client_id, url, tls_config).map_err(bad_url)
+        }
+        (Transport::Tcp, None, None) => Ok(MqttOptions::new(
+            client_id,
+            rumqttc::Broker::tcp(target.broker.host.clone(), target.broker.port),
+        )),
+        (Transport::Tls, None, Some(tls_config)) => {
+            let mut options = MqttOptions::new(
+                client_id,
+                rumqttc::Broker::tcp(target.broker.host.clone(), target.broker.port),
+            );
+            options.set_transport(rumqttc::Transport::tls_with_config(tls_config));
+            Ok(options)
+        }
+        // A validated job never gets here: TLS settings exist exactly for TLS transports and a
+        // path exactly for websockets.
+        (transport, _, _) => Err(MqttError::Connect {
+            broker: broker.to_owned(),
+            reason: format!("inconsistent target for {}://", transport.scheme()),
+        }),
+    }
+}
+
 /// Maps a failure before CONNACK to the contract's codes.
-fn connect_error(broker: &str, err: &ConnectionError) -> MqttError {
+fn connect_error(broker: &str, transport: Transport, err: &ConnectionError) -> MqttError {
     let broker = broker.to_owned();
     let reason = describe(err);
+    let plain = if transport.is_websocket() {
+        "ws://"
+    } else {
+        "tcp://"
+    };
     match err {
         ConnectionError::ConnectionRefused(ConnectReturnCode::ServiceUnavailable) => {
             MqttError::Connect { broker, reason }
@@ -249,7 +295,7 @@ fn connect_error(broker: &str, err: &ConnectionError) -> MqttError {
             // No TLS error, just the socket closing: the usual cause is a plain-MQTT port.
             reason: format!(
                 "{reason}: the server closed the connection during the TLS handshake; \
-                 if this port speaks plain MQTT, use tcp:// (or the broker's TLS port)"
+                 if this port speaks plain MQTT, use {plain} (or the broker's TLS port)"
             ),
         },
         ConnectionError::Tls(_) => MqttError::Tls { broker, reason },
@@ -278,6 +324,14 @@ fn describe(err: &ConnectionError) -> String {
             ConnectReturnCode::Success => "refused".into(),
         },
         ConnectionError::NetworkTimeout => "no CONNACK within the connection timeout".into(),
+        ConnectionError::Websocket(_) | ConnectionError::ResponseValidation(_)
+            if rustls_error(err).is_none() =>
+        {
+            format!(
+                "{err} (the websocket upgrade failed: check that the port is the broker's \
+                 websocket listener and the URL's path, /mqtt unless written)"
+            )
+        }
         _ => match rustls_error(err) {
             Some(tls) => format!("TLS: {tls}"),
             None => err.to_string(),
