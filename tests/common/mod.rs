@@ -7,6 +7,8 @@
 //! - [`certs`]: a CA, a server certificate for `localhost`/`127.0.0.1`, client certificates in
 //!   the three PEM key formats (PKCS#1 RSA, PKCS#8, SEC1 EC), an unrelated second CA and a client
 //!   signed by it; generated with the `openssl` CLI ([`Certs::generate`], [`Certs::shared`]).
+//! - [`amqtt`]: an amqtt broker (Python) with TCP, `ws` and `wss` listeners, for MQTT over
+//!   websockets (Mosquitto here has none).
 //! - [`mosquitto`]: a Mosquitto broker process owned by the test, on its own port and config
 //!   ([`Mosquitto::plain`], [`Mosquitto::with_password`], [`Mosquitto::tls`],
 //!   [`Mosquitto::mutual_tls`]), which can be killed, restarted, frozen and thawed.
@@ -28,6 +30,7 @@
 #![allow(unused_imports)]
 
 pub mod amqp;
+pub mod amqtt;
 pub mod certs;
 pub mod dashboard;
 pub mod http;
