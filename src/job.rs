@@ -302,7 +302,7 @@ impl Transport {
 pub const DEFAULT_WEBSOCKET_PATH: &str = "/mqtt";
 
 /// A broker address from a `scheme://host:port` URL (`scheme://host:port/path` for websockets).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Broker {
     pub transport: Transport,
     pub host: String,
@@ -310,6 +310,22 @@ pub struct Broker {
     /// The HTTP path (and query) of the websocket upgrade, starting with `/`; `None` for MQTT
     /// over TCP or TLS.
     pub path: Option<String>,
+}
+
+/// Without the query of a websocket path: it may carry a token (AWS IoT custom authorizers).
+impl fmt::Debug for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self
+            .path
+            .as_deref()
+            .map(|path| path.split_once('?').map_or(path, |(path, _)| path));
+        f.debug_struct("Broker")
+            .field("transport", &self.transport)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("path", &path)
+            .finish()
+    }
 }
 
 impl Broker {
@@ -853,6 +869,16 @@ mod tests {
         assert_eq!(
             job(with("timeout", json!(250))).expect("valid").timeout,
             Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn a_websocket_query_never_appears_in_debug_output() {
+        let broker = Broker::parse("wss://h/mqtt?token=s3cr3t").expect("valid");
+        let debug = format!("{broker:?}");
+        assert!(
+            debug.contains("/mqtt") && !debug.contains("s3cr3t"),
+            "{debug}"
         );
     }
 
