@@ -9,10 +9,12 @@
 //! - [`worker`] settles the delivery ([`settle`]: ack, reject or requeue) and runs the whole loop.
 //!
 //! Around it: [`metrics`] (every metric name in one place), [`http`] (`/metrics`, `/healthz`,
-//! `/readyz`), [`submit`] (the client side of the queue) and [`backoff`].
+//! `/readyz`), [`submit`] (the client side of the queue), [`check`] (connector diagnosis) and
+//! [`backoff`].
 
 pub mod amqp;
 pub mod backoff;
+pub mod check;
 pub mod connectors;
 pub mod http;
 pub mod job;

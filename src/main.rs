@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mqtt_connector::amqp::{DEFAULT_QUEUE, DEFAULT_URL};
+use mqtt_connector::check;
 use mqtt_connector::connectors::ConnectorStore;
-use mqtt_connector::job::{Job, Limits};
+use mqtt_connector::job::Limits;
 use mqtt_connector::metrics::Metrics;
 use mqtt_connector::mqtt::connection::ConnectionSettings;
 use mqtt_connector::mqtt::pool::Pool;
-use mqtt_connector::mqtt::tls;
 use mqtt_connector::outcome::Reply;
 use mqtt_connector::pipeline::Pipeline;
 use mqtt_connector::submit::{self, SubmitError};
@@ -313,31 +313,7 @@ fn check(args: CheckArgs) -> ExitCode {
     };
     let mut problems = 0;
     for (name, params) in store.iter() {
-        let mut notes = Vec::new();
-        if let Some(broker) = &params.broker
-            && let Err(err) = mqtt_connector::job::Broker::parse(broker)
-        {
-            notes.push(err.to_string());
-        }
-        // Validate as a job would be, with placeholders for what jobs usually bring.
-        let mut sample = params.clone();
-        sample.topic = sample.topic.or_else(|| Some("check".into()));
-        sample.content = Some(String::new());
-        sample.client_id = sample.client_id.or_else(|| Some("check".into()));
-        if params.broker.is_some() {
-            match Job::validate(sample, Limits::default()) {
-                Ok(job) => {
-                    if let Some(settings) = &job.target.tls {
-                        notes.extend(
-                            tls::check_files(settings)
-                                .into_iter()
-                                .map(|err| err.to_string()),
-                        );
-                    }
-                }
-                Err(err) => notes.push(err.to_string()),
-            }
-        }
+        let notes = check::problems(params);
         if notes.is_empty() {
             println!("ok       {name}");
         } else {

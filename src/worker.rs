@@ -32,7 +32,7 @@ use crate::settle::{ReplyStatus, settle};
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a worker is configured with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerOptions {
     pub amqp_url: String,
     pub queue: String,
@@ -65,6 +65,23 @@ impl WorkerOptions {
             limits: Limits::default(),
             mqtt: ConnectionSettings::default(),
         }
+    }
+}
+
+/// The AMQP URL's password stays out of any debug output.
+impl std::fmt::Debug for WorkerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerOptions")
+            .field("amqp_url", &amqp::redact_url(&self.amqp_url))
+            .field("queue", &self.queue)
+            .field("connectors_dir", &self.connectors_dir)
+            .field("prefetch", &self.prefetch)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("grace_period", &self.grace_period)
+            .field("limits", &self.limits)
+            .field("mqtt", &self.mqtt)
+            .finish()
     }
 }
 
