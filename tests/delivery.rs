@@ -294,3 +294,53 @@ async fn burst_of_2000_jobs_none_lost_none_twice_over_one_connection() {
     bed.wait_queue_empty(T).await;
     bed.finish().await;
 }
+
+/// An MQTT connection unused for the worker's idle timeout is closed (the broker side of the
+/// proxy sees it go, the open-connections gauge falls to 0), and the next job opens a new one:
+/// one connection per round, reused within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let broker = Mosquitto::plain();
+    let proxy = TcpProxy::start(broker.port()).await;
+    let topic = unique_name("idle");
+    let mut sub = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
+    let amqp = Amqp::connect().await;
+    let queue = unique_name("jobs");
+    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let dir = connectors_dir();
+    let mut options =
+        mqtt_connector::worker::WorkerOptions::new(amqp::amqp_url(), queue.clone(), dir.path());
+    options.metrics_addr = Some("127.0.0.1:0".parse().expect("socket address"));
+    options.idle_timeout = Duration::from_secs(1);
+    let worker = common::worker::spawn_worker_with(options).await;
+    let broker_url = format!("tcp://127.0.0.1:{}", proxy.port());
+    let client_id = unique_name("idle-client");
+    for round in 1..=2 {
+        for i in 0..3 {
+            let content = format!("round {round} job {i}");
+            let body = with(
+                job(&broker_url, &topic, &content),
+                json!({"client-id": client_id}),
+            );
+            let id = unique_name("corr");
+            amqp.send_job(
+                &queue,
+                body.to_string().as_bytes(),
+                Some(&reply_queue),
+                Some(&id),
+            )
+            .await;
+            let reply = replies.expect_reply(T).await;
+            assert_eq!(reply.exit_code(), 0, "{}", reply.body);
+            assert_eq!(sub.expect(T).await.payload_str(), content);
+        }
+        let closed = proxy
+            .wait_for(|s| s.active == 0, Duration::from_secs(15))
+            .await;
+        assert_eq!(closed.total, round, "one connection per round");
+        let gauge = metric_sum(&worker.metrics().await, "mqtt_connector_mqtt_connections");
+        assert_eq!(gauge, 0.0, "no connection counted open once it is closed");
+    }
+    worker.stop().await;
+    amqp.delete_queue(&queue).await;
+}
