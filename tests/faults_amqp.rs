@@ -44,6 +44,18 @@ const QUIET: Duration = Duration::from_millis(500);
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
+/// What every test here starts from, named after `name`: its own Mosquitto, the topic
+/// (`NAME-…`) and MQTT client id (`NAME-client-…`) of its jobs, a RabbitMQ connection, and the
+/// name of its request queue (`jobs-NAME-…`).
+async fn setup(name: &str) -> (Mosquitto, String, String, Amqp, String) {
+    let broker = Mosquitto::plain();
+    let topic = unique_name(name);
+    let client_id = unique_name(&format!("{name}-client"));
+    let amqp = Amqp::connect().await;
+    let queue = unique_name(&format!("jobs-{name}"));
+    (broker, topic, client_id, amqp, queue)
+}
+
 /// A job to `broker` whose content and correlation id are both `id`; every job of a test shares
 /// `client_id`, so the worker reuses one MQTT connection.
 fn job_for(broker: &str, topic: &str, client_id: &str, id: &str, timeout_ms: u64) -> Vec<u8> {
@@ -145,20 +157,9 @@ async fn metric(addr: SocketAddr, name: &str) -> f64 {
 
 /// `(ready messages, consumers)` of an existing queue.
 async fn queue_counts(amqp: &Amqp, name: &str) -> (u32, u32) {
-    let ch = amqp.connection.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    amqp.queue_counts(name)
         .await
-        .unwrap_or_else(|e| panic!("passive declare {name}: {e}"));
-    let _ = ch.close(200, "bye".into()).await;
-    (q.message_count(), q.consumer_count())
+        .unwrap_or_else(|e| panic!("passive declare {name}: {e}"))
 }
 
 /// Polls until `(ready, consumers)` of `name` satisfies `pred`; panics after `within`.
@@ -196,45 +197,28 @@ async fn rabbitmqctl(args: &[&str]) -> String {
     .expect("rabbitmqctl task")
 }
 
+/// `rabbitmqctl LIST -q --no-table-headers KEY VALUE`: the `VALUE` (trimmed) of the first
+/// line whose `KEY` is `key`, if any.
+async fn rabbitmqctl_lookup(
+    list: &str,
+    (column, key): (&str, &str),
+    value: &str,
+) -> Option<String> {
+    let lines = rabbitmqctl(&[list, "-q", "--no-table-headers", column, value]).await;
+    lines.lines().find_map(|line| {
+        let (k, v) = line.split_once('\t')?;
+        (k == key).then(|| v.trim().to_string())
+    })
+}
+
 /// `(pid, name)` of the connection consuming `queue` (found via its channel), if one does.
 /// `rabbitmqctl close_connection` takes the pid.
 async fn consuming_connection(queue: &str) -> Option<(String, String)> {
-    let consumers = rabbitmqctl(&[
-        "list_consumers",
-        "-q",
-        "--no-table-headers",
-        "queue_name",
-        "channel_pid",
-    ])
-    .await;
-    let channel = consumers.lines().find_map(|line| {
-        let (q, channel) = line.split_once('\t')?;
-        (q == queue).then(|| channel.trim().to_string())
-    })?;
-    let channels = rabbitmqctl(&[
-        "list_channels",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "connection",
-    ])
-    .await;
-    let connection = channels.lines().find_map(|line| {
-        let (pid, conn) = line.split_once('\t')?;
-        (pid == channel).then(|| conn.trim().to_string())
-    })?;
-    let connections = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "name",
-    ])
-    .await;
-    connections.lines().find_map(|line| {
-        let (pid, name) = line.split_once('\t')?;
-        (pid == connection).then(|| (connection.clone(), name.trim().to_string()))
-    })
+    let channel =
+        rabbitmqctl_lookup("list_consumers", ("queue_name", queue), "channel_pid").await?;
+    let connection = rabbitmqctl_lookup("list_channels", ("pid", &channel), "connection").await?;
+    let name = rabbitmqctl_lookup("list_connections", ("pid", &connection), "name").await?;
+    Some((connection, name))
 }
 
 /// Declares `name` (durable) with `args`, on its own channel.
@@ -264,15 +248,11 @@ async fn declare_with_args(amqp: &Amqp, name: &str, args: FieldTable) {
 /// twice (reply confirmed, ack lost with the connection): at least once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_closed_by_rabbitmq_is_reopened_and_no_job_is_lost() {
-    let broker = Mosquitto::plain();
+    let (broker, topic, client_id, amqp, queue) = setup("cut").await;
     // The MQTT broker hangs for a moment at the cut, so that jobs are in flight when it happens.
     let mqtt_proxy = TcpProxy::start(broker.port()).await;
     let broker_url = format!("tcp://127.0.0.1:{}", mqtt_proxy.port());
-    let topic = unique_name("cut");
-    let client_id = unique_name("cut-client");
-    let amqp = Amqp::connect().await;
     let (reply_queue, mut replies) = amqp.reply_queue().await;
-    let queue = unique_name("jobs-cut");
     let dir = connectors_dir();
     let worker = spawn_worker(&queue, dir.path()).await;
     let addr = worker.metrics_addr();
@@ -402,12 +382,8 @@ async fn connection_closed_by_rabbitmq_is_reopened_and_no_job_is_lost() {
 /// consumes again and answers every job exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_refusing_connections_keeps_jobs_queued_until_it_accepts() {
-    let broker = Mosquitto::plain();
-    let topic = unique_name("refuse");
-    let client_id = unique_name("refuse-client");
-    let amqp = Amqp::connect().await;
+    let (broker, topic, client_id, amqp, queue) = setup("refuse").await;
     let (reply_queue, mut replies) = amqp.reply_queue().await;
-    let queue = unique_name("jobs-refuse");
     let proxy = TcpProxy::start(5672).await;
     let dir = connectors_dir();
     let url = amqp_url().replace(":5672", &format!(":{}", proxy.port()));
@@ -541,15 +517,11 @@ async fn sigterm_with_200_jobs_in_flight_finishes_them_and_exits_0() {
     const IN_FLIGHT: usize = 200;
     const QUEUED: usize = 50;
     const GRACE_S: u64 = 20;
-    let broker = Mosquitto::plain();
+    let (broker, topic, client_id, amqp, queue) = setup("term").await;
     let proxy = TcpProxy::start(broker.port()).await;
     let broker_url = format!("tcp://127.0.0.1:{}", proxy.port());
-    let topic = unique_name("term");
-    let client_id = unique_name("term-client");
     let mut sub = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
-    let amqp = Amqp::connect().await;
     let (reply_queue, mut replies) = amqp.reply_queue().await;
-    let queue = unique_name("jobs-term");
     amqp.declare_job_queue(&queue).await;
     let dir = connectors_dir();
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -688,18 +660,14 @@ async fn sigterm_with_200_jobs_in_flight_finishes_them_and_exits_0() {
 /// exist). The next job is answered normally on the same channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reply_to_a_deleted_queue_does_not_loop() {
-    let broker = Mosquitto::plain();
-    let topic = unique_name("gone");
-    let client_id = unique_name("gone-client");
+    let (broker, topic, client_id, amqp, queue) = setup("gone").await;
     let mut sub = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
-    let amqp = Amqp::connect().await;
     let (reply_queue, mut replies) = amqp.reply_queue().await;
     let gone = unique_name("gone-reply");
     amqp.declare_job_queue(&gone).await;
     amqp.delete_queue(&gone).await;
     assert_eq!(amqp.queue_message_count(&gone).await, None, "deleted");
 
-    let queue = unique_name("jobs-gone");
     let dir = connectors_dir();
     let worker = spawn_worker(&queue, dir.path()).await;
     let addr = worker.metrics_addr();
@@ -770,13 +738,9 @@ async fn full_reply_queue(amqp: &Amqp) -> String {
 /// reply queue has room the reply arrives, and the job is acked and not run again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nacked_reply_requeues_the_job_until_rabbitmq_accepts_the_reply() {
-    let broker = Mosquitto::plain();
-    let topic = unique_name("nack");
-    let client_id = unique_name("nack-client");
+    let (broker, topic, client_id, amqp, queue) = setup("nack").await;
     let mut sub = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
-    let amqp = Amqp::connect().await;
     let full = full_reply_queue(&amqp).await;
-    let queue = unique_name("jobs-nack");
     amqp.declare_job_queue(&queue).await;
     let dir = connectors_dir();
     let worker = spawn_worker(&queue, dir.path()).await;
@@ -847,13 +811,9 @@ async fn nacked_reply_requeues_the_job_until_rabbitmq_accepts_the_reply() {
 /// fast as RabbitMQ can redeliver it. Measured between the first and third MQTT publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nacked_reply_is_retried_with_a_delay_not_in_a_hot_loop() {
-    let broker = Mosquitto::plain();
-    let topic = unique_name("nack-rate");
-    let client_id = unique_name("nack-rate-client");
+    let (broker, topic, client_id, amqp, queue) = setup("nack-rate").await;
     let mut sub = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
-    let amqp = Amqp::connect().await;
     let full = full_reply_queue(&amqp).await;
-    let queue = unique_name("jobs-nack-rate");
     amqp.declare_job_queue(&queue).await;
     let dir = connectors_dir();
     let worker = spawn_worker(&queue, dir.path()).await;
@@ -885,13 +845,9 @@ async fn nacked_reply_is_retried_with_a_delay_not_in_a_hot_loop() {
 /// RabbitMQ redelivers it (`redelivered`) to the worker, which answers it exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn job_left_unacked_by_a_crashed_consumer_is_answered_once() {
-    let broker = Mosquitto::plain();
-    let topic = unique_name("redeliver");
-    let client_id = unique_name("redeliver-client");
+    let (broker, topic, client_id, amqp, queue) = setup("redeliver").await;
     let mut sub = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
-    let amqp = Amqp::connect().await;
     let (reply_queue, mut replies) = amqp.reply_queue().await;
-    let queue = unique_name("jobs-redeliver");
     amqp.declare_job_queue(&queue).await;
     let body = job_for(&broker.url(), &topic, &client_id, "crashed", 5000);
     amqp.send_job(&queue, &body, Some(&reply_queue), Some("crashed"))
@@ -954,14 +910,10 @@ async fn job_left_unacked_by_a_crashed_consumer_is_answered_once() {
 /// and dead-lettered; a valid job is answered and acked, not dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invalid_job_is_answered_and_dead_lettered_valid_job_is_not() {
-    let broker = Mosquitto::plain();
-    let topic = unique_name("dlx");
-    let client_id = unique_name("dlx-client");
-    let amqp = Amqp::connect().await;
+    let (broker, topic, client_id, amqp, queue) = setup("dlx").await;
     let (reply_queue, mut replies) = amqp.reply_queue().await;
     let dlq = unique_name("dlq");
     amqp.declare_job_queue(&dlq).await;
-    let queue = unique_name("jobs-dlx");
     let mut args = FieldTable::default();
     args.insert(
         "x-dead-letter-exchange".into(),

@@ -245,9 +245,15 @@ impl Amqp {
         let _ = ch.close(200, "bye".into()).await;
     }
 
-    /// The number of ready messages in `name`, or `None` if it does not exist (passive declare
-    /// on a separate channel, since a failed passive declare closes the channel).
+    /// The number of ready messages in `name`, or `None` if it does not exist.
     pub async fn queue_message_count(&self, name: &str) -> Option<u32> {
+        self.queue_counts(name).await.ok().map(|(ready, _)| ready)
+    }
+
+    /// `(ready messages, consumers)` of `name`, or the error of the passive declare if it does
+    /// not exist (passive declare on a separate channel, since a failed passive declare closes
+    /// the channel).
+    pub async fn queue_counts(&self, name: &str) -> Result<(u32, u32), lapin::Error> {
         let ch = self
             .connection
             .create_channel()
@@ -264,7 +270,7 @@ impl Amqp {
             )
             .await;
         let _ = ch.close(200, "bye".into()).await;
-        res.ok().map(|q| q.message_count())
+        res.map(|q| (q.message_count(), q.consumer_count()))
     }
 
     /// Takes one message from `name` (basic.get, auto-ack) if there is one, e.g. to inspect a
