@@ -66,6 +66,18 @@ fn local_connectors() -> tempfile::TempDir {
     dir
 }
 
+/// A connectors folder with a valid connector `good` and a connector `bad_name` holding `bad`.
+fn good_and_bad_connectors(bad_name: &str, bad: serde_json::Value) -> tempfile::TempDir {
+    let dir = connectors_dir();
+    write_connector(
+        dir.path(),
+        "good",
+        json!({"broker": "tcp://127.0.0.1:1883", "client-id": "c"}),
+    );
+    write_connector(dir.path(), bad_name, bad);
+    dir
+}
+
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -319,14 +331,7 @@ async fn worker_process_health_submit_and_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_refuses_a_connector_with_an_unknown_key() {
-    let dir = connectors_dir();
-    write_connector(
-        dir.path(),
-        "good",
-        json!({"broker": "tcp://127.0.0.1:1883", "client-id": "c"}),
-    );
-    write_connector(
-        dir.path(),
+    let dir = good_and_bad_connectors(
         "typo",
         json!({"broker": "tcp://127.0.0.1:1883", "client_id": "c"}),
     );
@@ -347,14 +352,7 @@ async fn worker_refuses_a_connector_with_an_unknown_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_the_bad_file_and_key() {
-    let dir = connectors_dir();
-    write_connector(
-        dir.path(),
-        "good",
-        json!({"broker": "tcp://127.0.0.1:1883", "client-id": "c"}),
-    );
-    write_connector(
-        dir.path(),
+    let dir = good_and_bad_connectors(
         "bad",
         json!({"broker": "tcp://127.0.0.1:1883", "colour": "red"}),
     );
