@@ -16,7 +16,9 @@ mod mqtt_support;
 use common::worker::{connectors_dir, spawn_worker_with};
 use common::*;
 use mqtt_connector::worker::WorkerOptions;
-use mqtt_support::{ChildWorker, Replies, UNLIMITED_QUEUES, reconfigure, send_burst};
+use mqtt_support::{
+    ChildWorker, Replies, UNLIMITED_QUEUES, job_and_reply_queues, reconfigure, send_burst,
+};
 use rumqttc::QoS;
 use serde_json::json;
 use std::collections::HashMap;
@@ -84,10 +86,7 @@ async fn broker_killed_mid_burst(qos: u8, jobs: usize) {
     let mut sub = Subscriber::start_with(options, &topic, QoS::AtLeastOnce).await;
     wait_db_saved(&broker, subscribed).await;
 
-    let amqp = Amqp::connect().await;
-    let queue = unique_name("jobs");
-    amqp.declare_job_queue(&queue).await;
-    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let run = unique_name("run");
     let client_id = unique_name("burst-client");
     let bodies: Vec<(String, Vec<u8>)> = (0..jobs)
@@ -207,10 +206,7 @@ async fn silent_servers_end_within_the_timeout() {
     let silent = SilentServer::start().await;
     let no_ack = ConnackThenSilent::start().await;
     let closing = ConnackThenClose::start().await;
-    let amqp = Amqp::connect().await;
-    let queue = unique_name("jobs");
-    amqp.declare_job_queue(&queue).await;
-    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let connectors = connectors_dir();
     let worker = spawn_worker_with(worker_options(&queue, connectors.path())).await;
     let timeout_ms = 1500u64;
@@ -266,10 +262,7 @@ async fn silent_servers_leak_no_fds_or_memory() {
     let silent = SilentServer::start().await;
     let no_ack = ConnackThenSilent::start().await;
     let closing = ConnackThenClose::start().await;
-    let amqp = Amqp::connect().await;
-    let queue = unique_name("jobs");
-    amqp.declare_job_queue(&queue).await;
-    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let connectors = connectors_dir();
     let worker = ChildWorker::start(
         &queue,
@@ -380,10 +373,7 @@ async fn silent_servers_leak_no_fds_or_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connections_are_7_even_while_the_pool_backs_off() {
     let closing = ConnackThenClose::start().await;
-    let amqp = Amqp::connect().await;
-    let queue = unique_name("jobs");
-    amqp.declare_job_queue(&queue).await;
-    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let connectors = connectors_dir();
     let worker = spawn_worker_with(worker_options(&queue, connectors.path())).await;
     let client_id = unique_name("closing");
@@ -439,10 +429,7 @@ async fn secrets_never_in_output_or_replies() {
         QoS::AtLeastOnce,
     )
     .await;
-    let amqp = Amqp::connect().await;
-    let queue = unique_name("jobs");
-    amqp.declare_job_queue(&queue).await;
-    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let connectors = connectors_dir();
     let worker = ChildWorker::start(&queue, connectors.path(), &[("RUST_LOG", "debug")]).await;
 
@@ -539,10 +526,7 @@ async fn run_jobs(
     jobs: &[(&str, serde_json::Value)],
     within: Duration,
 ) -> Replies {
-    let amqp = Amqp::connect().await;
-    let queue = unique_name("jobs");
-    amqp.declare_job_queue(&queue).await;
-    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let connectors = connectors_dir();
     let mut options = worker_options(&queue, connectors.path());
     adjust(&mut options);

@@ -15,7 +15,7 @@ mod mqtt_support;
 use common::worker::{RunningWorker, connectors_dir, metric_sum, spawn_worker_with};
 use common::*;
 use mqtt_connector::worker::WorkerOptions;
-use mqtt_support::{Replies, UNLIMITED_QUEUES, reconfigure, send_burst};
+use mqtt_support::{Replies, UNLIMITED_QUEUES, job_and_reply_queues, reconfigure, send_burst};
 use rumqttc::QoS;
 use serde_json::json;
 use std::collections::HashMap;
@@ -42,10 +42,7 @@ async fn fleet(workers: usize, suffix: bool, jobs: usize) -> FleetRun {
         json!({"broker": format!("tcp://127.0.0.1:{}", proxy.port()),
                "client-id": unique_name("shared"), "topic": topic, "qos": 1, "timeout": 20000}),
     );
-    let amqp = Amqp::connect().await;
-    let queue = unique_name("jobs");
-    amqp.declare_job_queue(&queue).await;
-    let (reply_queue, mut replies) = amqp.reply_queue().await;
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let mut running: Vec<RunningWorker> = Vec::new();
     for w in 0..workers {
         let mut options = WorkerOptions::new(amqp_url(), queue.clone(), connectors.path());

@@ -31,6 +31,16 @@ pub fn reconfigure(broker: &mut Mosquitto, lines: &str) {
 /// broker (20 in flight and 1,000 queued by default, beyond which Mosquitto drops messages).
 pub const UNLIMITED_QUEUES: &str = "max_inflight_messages 0\nmax_queued_messages 0\n";
 
+/// A RabbitMQ connection, a fresh request queue (`jobs-…`) declared durable, and a reply queue
+/// being consumed: `(amqp, queue, reply_queue, replies)`.
+pub async fn job_and_reply_queues() -> (Amqp, String, String, ReplyStream) {
+    let amqp = Amqp::connect().await;
+    let queue = crate::common::unique_name("jobs");
+    amqp.declare_job_queue(&queue).await;
+    let (reply_queue, replies) = amqp.reply_queue().await;
+    (amqp, queue, reply_queue, replies)
+}
+
 /// Publishes every `(correlation_id, body)` to `queue` with `reply_to`, all at once, then awaits
 /// every publisher confirm (30 s at most). Panics on a nack or a return.
 pub async fn send_burst(amqp: &Amqp, queue: &str, reply_to: &str, jobs: &[(String, Vec<u8>)]) {
