@@ -229,6 +229,16 @@ impl From<Qos> for rumqttc::QoS {
     }
 }
 
+impl From<rumqttc::QoS> for Qos {
+    fn from(qos: rumqttc::QoS) -> Self {
+        match qos {
+            rumqttc::QoS::AtMostOnce => Qos::AtMostOnce,
+            rumqttc::QoS::AtLeastOnce => Qos::AtLeastOnce,
+            rumqttc::QoS::ExactlyOnce => Qos::ExactlyOnce,
+        }
+    }
+}
+
 /// A topic a message can be published on: not empty, no wildcard, no NUL, at most 65,535 bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topic(String);

@@ -166,11 +166,7 @@ impl Connection {
         self.last_used_ms.store(self.age_ms(), Ordering::Relaxed);
         match result {
             Ok(done) => Ok(Ack {
-                qos: match done.qos() {
-                    rumqttc::QoS::AtMostOnce => Qos::AtMostOnce,
-                    rumqttc::QoS::AtLeastOnce => Qos::AtLeastOnce,
-                    rumqttc::QoS::ExactlyOnce => Qos::ExactlyOnce,
-                },
+                qos: done.qos().into(),
             }),
             Err(_) => Err(self.lost()),
         }

@@ -185,14 +185,6 @@ impl Pool {
         }
     }
 
-    /// Open connections (for tests and diagnostics).
-    pub fn open_connections(&self) -> usize {
-        self.lock()
-            .values()
-            .filter(|slot| matches!(&slot.state, State::Open(c) if !c.is_ended()))
-            .count()
-    }
-
     /// Starts connecting in a task of its own, so the attempt runs to its end (and settles the
     /// slot) even when every job waiting for it has timed out.
     fn open(&self, target: &Target) -> (u64, Opening) {
