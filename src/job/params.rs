@@ -1,0 +1,183 @@
+//! What a job says: its keys exactly as the contract names them, decoded from a body that is
+//! exactly one JSON object, and the merge of a job's keys over its connector's.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{JobError, invalid, quote_limited};
+use crate::secret::Secret;
+
+/// Job keys exactly as the contract names them; every key optional so the same shape serves
+/// a job body, a connector file and their merge.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Params {
+    pub action: Option<String>,
+    pub connector: Option<String>,
+    pub broker: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub client_id: Option<String>,
+    pub topic: Option<String>,
+    pub qos: Option<u8>,
+    pub content: Option<String>,
+    pub retain: Option<bool>,
+    pub root_ca_crt: Option<PathBuf>,
+    pub certificate: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
+    pub use_certificate: Option<bool>,
+    pub alpn: Option<Alpn>,
+    pub timeout: Option<u64>,
+}
+
+/// `alpn` may be one protocol name or a list of them.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Alpn {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Alpn {
+    pub(crate) fn into_vec(self) -> Vec<String> {
+        match self {
+            Alpn::One(name) => vec![name],
+            Alpn::Many(names) => names,
+        }
+    }
+}
+
+impl Params {
+    /// Parses a job body. Every failure is an [`JobError::Invalid`] naming the key at fault.
+    pub fn decode(body: &[u8]) -> Result<Params, JobError> {
+        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(invalid(match std::str::from_utf8(body) {
+                Err(_) => "the body is not UTF-8 JSON: send one JSON object".to_owned(),
+                Ok(_) if first.is_none() => "the body is empty: send one JSON object".to_owned(),
+                Ok(_) => "the body is not a JSON object: send one JSON object".to_owned(),
+            }));
+        }
+        Self::from_json(&mut serde_json::Deserializer::from_slice(body))
+    }
+
+    /// Deserializes from any JSON source, naming the offending key in the error.
+    pub fn from_json<'de, D>(de: D) -> Result<Params, JobError>
+    where
+        D: serde::Deserializer<'de, Error = serde_json::Error>,
+    {
+        serde_path_to_error::deserialize(de).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner().to_string();
+            // "?" is serde_path_to_error's path when the error is not at a key (e.g. the body
+            // ends early): naming `key "?"` would only confuse.
+            if path == "." || path == "?" || path.is_empty() {
+                invalid(quote_limited(&inner))
+            } else if path == "password" {
+                // serde quotes the offending value; a password must not reach a reply or a log.
+                invalid("key \"password\" must be a string")
+            } else {
+                invalid(quote_limited(&format!("key {path:?}: {inner}")))
+            }
+        })
+    }
+
+    /// This job's keys over the connector's: a key set in the job wins.
+    pub fn over(self, defaults: &Params) -> Params {
+        // Clone only the defaults the job does not set: most jobs set a few keys.
+        Params {
+            action: self.action.or_else(|| defaults.action.clone()),
+            connector: self.connector.or_else(|| defaults.connector.clone()),
+            broker: self.broker.or_else(|| defaults.broker.clone()),
+            username: self.username.or_else(|| defaults.username.clone()),
+            password: self.password.or_else(|| defaults.password.clone()),
+            client_id: self.client_id.or_else(|| defaults.client_id.clone()),
+            topic: self.topic.or_else(|| defaults.topic.clone()),
+            qos: self.qos.or(defaults.qos),
+            content: self.content.or_else(|| defaults.content.clone()),
+            retain: self.retain.or(defaults.retain),
+            root_ca_crt: self.root_ca_crt.or_else(|| defaults.root_ca_crt.clone()),
+            certificate: self.certificate.or_else(|| defaults.certificate.clone()),
+            private_key: self.private_key.or_else(|| defaults.private_key.clone()),
+            use_certificate: self.use_certificate.or(defaults.use_certificate),
+            alpn: self.alpn.or_else(|| defaults.alpn.clone()),
+            timeout: self.timeout.or(defaults.timeout),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::testing::{message_of, params};
+    use serde_json::json;
+
+    #[test]
+    fn truncated_body_does_not_name_a_key() {
+        let err = Params::decode(br#"{"content": "x""#).expect_err("truncated");
+        let message = err.to_string();
+        assert!(!message.contains("key \"?\""), "{message}");
+        assert!(message.contains("EOF"), "{message}");
+    }
+
+    #[test]
+    fn unknown_key_is_named_in_the_error() {
+        let body = json!({"topic": "a/b", "colour": "red"}).to_string();
+        assert!(message_of(Params::decode(body.as_bytes())).contains("colour"));
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let message = message_of(Params::decode(br#"{"qos": "two"}"#));
+        assert!(message.contains("qos"), "{message}");
+    }
+
+    #[test]
+    fn bodies_that_are_not_one_object_are_invalid() {
+        for body in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"",
+            b"\xff\xfe",
+            b"{\"topic\": ",
+        ] {
+            assert!(Params::decode(body).is_err(), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
+        let body = format!(
+            "{{\"alpn\": {}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert!(Params::decode(body.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn huge_unknown_keys_are_quoted_briefly() {
+        let key = "k".repeat(1_000_000);
+        let message = message_of(Params::decode(format!("{{\"{key}\": 1}}").as_bytes()));
+        assert!(message.len() < 1_000, "{} bytes", message.len());
+    }
+
+    #[test]
+    fn job_keys_override_connector_keys() {
+        let connector = params(json!({"broker": "tcp://c", "qos": 1, "topic": "from/connector"}));
+        let merged = params(json!({"topic": "from/job"})).over(&connector);
+        assert_eq!(merged.topic.as_deref(), Some("from/job"));
+        assert_eq!(merged.qos, Some(1));
+        assert_eq!(merged.broker.as_deref(), Some("tcp://c"));
+    }
+
+    #[test]
+    fn a_password_of_the_wrong_type_is_not_quoted() {
+        let message = message_of(Params::decode(br#"{"password": 987654321}"#));
+        assert!(
+            message.contains("password") && !message.contains("987654321"),
+            "{message}"
+        );
+    }
+}
