@@ -62,7 +62,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct ConnectorMetrics {
     pub name: Arc<str>,
-    jobs: [Counter; 8],
+    jobs: [Counter; 9],
     duration: Histogram,
     retries: Counter,
 }

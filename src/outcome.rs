@@ -16,10 +16,12 @@ pub enum ExitCode {
     Tls = 5,
     Timeout = 6,
     PublishFailed = 7,
+    /// The broker refused the message: an MQTT 5 PUBACK/PUBREC reason code of 0x80 or more.
+    MessageRefused = 8,
 }
 
 impl ExitCode {
-    pub const ALL: [ExitCode; 8] = [
+    pub const ALL: [ExitCode; 9] = [
         ExitCode::Published,
         ExitCode::InvalidJob,
         ExitCode::UnknownConnector,
@@ -28,6 +30,7 @@ impl ExitCode {
         ExitCode::Tls,
         ExitCode::Timeout,
         ExitCode::PublishFailed,
+        ExitCode::MessageRefused,
     ];
 
     pub fn code(self) -> u8 {
@@ -42,12 +45,13 @@ impl ExitCode {
                 | ExitCode::UnknownConnector
                 | ExitCode::NotAuthorized
                 | ExitCode::Tls
+                | ExitCode::MessageRefused
         )
     }
 
-    /// The code as a metric label value ("0".."7"), without allocating.
+    /// The code as a metric label value ("0".."8"), without allocating.
     pub fn label(self) -> &'static str {
-        ["0", "1", "2", "3", "4", "5", "6", "7"][self as usize]
+        ["0", "1", "2", "3", "4", "5", "6", "7", "8"][self as usize]
     }
 }
 
@@ -112,13 +116,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_codes_one_two_four_and_five_are_permanent() {
+    fn only_codes_one_two_four_five_and_eight_are_permanent() {
         let permanent: Vec<u8> = ExitCode::ALL
             .iter()
             .filter(|c| c.is_permanent())
             .map(|c| c.code())
             .collect();
-        assert_eq!(permanent, vec![1, 2, 4, 5]);
+        assert_eq!(permanent, vec![1, 2, 4, 5, 8]);
     }
 
     #[test]

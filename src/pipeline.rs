@@ -195,6 +195,9 @@ fn published(job: &Job, ack: Ack, attempts: u32) -> Outcome {
     if asked == Qos::AtMostOnce {
         message.push_str("; QoS 0 has no acknowledgement: written to the connection");
     }
+    if ack.no_subscribers {
+        message.push_str("; the broker says no matching subscribers (0x10): nobody received it");
+    }
     Outcome::new(ExitCode::Published, message, attempts)
 }
 

@@ -63,6 +63,7 @@ mod tests {
             ExitCode::UnknownConnector,
             ExitCode::NotAuthorized,
             ExitCode::Tls,
+            ExitCode::MessageRefused,
         ] {
             assert_eq!(
                 settle(code, ReplyStatus::Confirmed),

@@ -30,7 +30,12 @@ pub fn job_body(connector: Option<&str>, sets: &[String]) -> Result<Vec<u8>, Str
 
 fn typed_value(key: &str, value: &str) -> serde_json::Value {
     let parsed = match key {
-        "qos" | "timeout" => value.parse::<u64>().ok().map(serde_json::Value::from),
+        "qos" | "timeout" | "message-expiry" => {
+            value.parse::<u64>().ok().map(serde_json::Value::from)
+        }
+        "mqtt-version" => value.parse::<u64>().ok().map(serde_json::Value::from),
+        // An object or a list of [name, value] pairs, written as JSON.
+        "user-properties" => serde_json::from_str(value).ok(),
         "retain" | "use-certificate" => value.parse::<bool>().ok().map(serde_json::Value::from),
         "alpn" if value.contains(',') => {
             Some(value.split(',').map(str::trim).collect::<Vec<_>>().into())

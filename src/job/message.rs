@@ -1,4 +1,5 @@
-//! What a job publishes: a topic that can be published on, a QoS level, payload and retain.
+//! What a job publishes: a topic that can be published on, a QoS level, payload and retain,
+//! and the MQTT 5 publish properties.
 
 use bytes::Bytes;
 
@@ -11,6 +12,67 @@ pub struct Message {
     pub payload: Bytes,
     pub qos: Qos,
     pub retain: bool,
+    /// MQTT 5 publish properties; all empty for a 3.1.1 job (validation guarantees it).
+    pub properties: Properties,
+}
+
+/// The MQTT 5 publish properties a job may set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties {
+    /// Seconds the broker keeps the message for subscribers that have not received it.
+    pub message_expiry: Option<u32>,
+    pub content_type: Option<String>,
+    /// Name-value pairs in the job's order; a name may repeat.
+    pub user_properties: Vec<(String, String)>,
+    pub response_topic: Option<Topic>,
+    pub correlation_data: Option<Bytes>,
+    pub payload_format: Option<PayloadFormat>,
+}
+
+impl Properties {
+    /// The job key of the first property that is set, for the "needs MQTT 5" error.
+    pub fn first_key_set(&self) -> Option<&'static str> {
+        [
+            (self.message_expiry.is_some(), "message-expiry"),
+            (self.content_type.is_some(), "content-type"),
+            (!self.user_properties.is_empty(), "user-properties"),
+            (self.response_topic.is_some(), "response-topic"),
+            (self.correlation_data.is_some(), "correlation-data"),
+            (self.payload_format.is_some(), "payload-format"),
+        ]
+        .into_iter()
+        .find_map(|(set, key)| set.then_some(key))
+    }
+}
+
+/// The payload format indicator: what the payload is, as the subscriber is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadFormat {
+    /// Unspecified bytes (indicator 0).
+    Bytes,
+    /// UTF-8 text (indicator 1); the payload is checked to be valid UTF-8.
+    Utf8,
+}
+
+impl PayloadFormat {
+    pub fn parse(value: &str) -> Result<PayloadFormat, JobError> {
+        match value {
+            "bytes" => Ok(PayloadFormat::Bytes),
+            "utf-8" => Ok(PayloadFormat::Utf8),
+            other => Err(invalid(format!(
+                "key \"payload-format\": {:?} is not \"utf-8\" or \"bytes\"",
+                quote_limited(other)
+            ))),
+        }
+    }
+
+    /// The indicator byte MQTT 5 sends.
+    pub fn indicator(self) -> u8 {
+        match self {
+            PayloadFormat::Bytes => 0,
+            PayloadFormat::Utf8 => 1,
+        }
+    }
 }
 
 /// An MQTT QoS level; only 0, 1 and 2 exist.
@@ -62,20 +124,27 @@ pub struct Topic(String);
 
 impl Topic {
     pub fn parse(topic: String) -> Result<Topic, JobError> {
+        Self::parse_key("topic", topic)
+    }
+
+    /// Parses the topic a job gives under `key` (`topic`, `response-topic`).
+    pub fn parse_key(key: &str, topic: String) -> Result<Topic, JobError> {
         if topic.is_empty() {
-            return Err(invalid("key \"topic\" is empty"));
+            return Err(invalid(format!("key {key:?} is empty")));
         }
         if topic.contains(['+', '#']) {
             return Err(invalid(format!(
-                "key \"topic\": {:?} holds a wildcard (+ or #); publish on a concrete topic",
+                "key {key:?}: {:?} holds a wildcard (+ or #); name a concrete topic",
                 quote_limited(&topic)
             )));
         }
         if topic.contains('\0') {
-            return Err(invalid("key \"topic\" holds a NUL character"));
+            return Err(invalid(format!("key {key:?} holds a NUL character")));
         }
         if topic.len() > usize::from(u16::MAX) {
-            return Err(invalid("key \"topic\" is longer than MQTT's 65,535 bytes"));
+            return Err(invalid(format!(
+                "key {key:?} is longer than MQTT's 65,535 bytes"
+            )));
         }
         Ok(Topic(topic))
     }

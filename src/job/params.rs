@@ -29,6 +29,64 @@ pub struct Params {
     pub use_certificate: Option<bool>,
     pub alpn: Option<Alpn>,
     pub timeout: Option<u64>,
+    pub mqtt_version: Option<VersionValue>,
+    pub content_encoding: Option<String>,
+    pub message_expiry: Option<u32>,
+    pub content_type: Option<String>,
+    pub user_properties: Option<UserProperties>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<String>,
+    pub payload_format: Option<String>,
+}
+
+/// `mqtt-version` as written: `"3.1.1"`, `"5"` or the number 5 (checked in validation).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum VersionValue {
+    Number(u64),
+    Text(String),
+}
+
+/// `user-properties` as name-value pairs in the order written: from an object of strings or a
+/// list of `[name, value]` pairs (where a name may repeat).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserProperties(pub Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for UserProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Pairs;
+        impl<'de> serde::de::Visitor<'de> for Pairs {
+            type Value = UserProperties;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of string values or a list of [name, value] string pairs")
+            }
+
+            // An object keeps its keys in the order written (serde_json's map would sort them).
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(pair) = map.next_entry::<String, String>()? {
+                    pairs.push(pair);
+                }
+                Ok(UserProperties(pairs))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(pair) = seq.next_element::<(String, String)>()? {
+                    pairs.push(pair);
+                }
+                Ok(UserProperties(pairs))
+            }
+        }
+        de.deserialize_any(Pairs)
+    }
 }
 
 /// `alpn` may be one protocol name or a list of them.
@@ -103,6 +161,24 @@ impl Params {
             use_certificate: self.use_certificate.or(defaults.use_certificate),
             alpn: self.alpn.or_else(|| defaults.alpn.clone()),
             timeout: self.timeout.or(defaults.timeout),
+            mqtt_version: self.mqtt_version.or_else(|| defaults.mqtt_version.clone()),
+            content_encoding: self
+                .content_encoding
+                .or_else(|| defaults.content_encoding.clone()),
+            message_expiry: self.message_expiry.or(defaults.message_expiry),
+            content_type: self.content_type.or_else(|| defaults.content_type.clone()),
+            user_properties: self
+                .user_properties
+                .or_else(|| defaults.user_properties.clone()),
+            response_topic: self
+                .response_topic
+                .or_else(|| defaults.response_topic.clone()),
+            correlation_data: self
+                .correlation_data
+                .or_else(|| defaults.correlation_data.clone()),
+            payload_format: self
+                .payload_format
+                .or_else(|| defaults.payload_format.clone()),
         }
     }
 }
@@ -170,6 +246,41 @@ mod tests {
         assert_eq!(merged.topic.as_deref(), Some("from/job"));
         assert_eq!(merged.qos, Some(1));
         assert_eq!(merged.broker.as_deref(), Some("tcp://c"));
+    }
+
+    #[test]
+    fn user_properties_keep_their_order_as_an_object_or_a_list_of_pairs() {
+        // A literal body: json!() would sort the object's keys before the decoder sees them.
+        let object =
+            Params::decode(br#"{"user-properties": {"z": "1", "a": "2"}}"#).expect("valid");
+        let expected = vec![
+            ("z".to_owned(), "1".to_owned()),
+            ("a".to_owned(), "2".to_owned()),
+        ];
+        assert_eq!(object.user_properties, Some(UserProperties(expected)));
+        let list = params(json!({"user-properties": [["k", "1"], ["k", "2"], ["a", "3"]]}));
+        let names: Vec<_> = list
+            .user_properties
+            .expect("set")
+            .0
+            .into_iter()
+            .map(|(n, v)| n + &v)
+            .collect();
+        assert_eq!(names, ["k1", "k2", "a3"]);
+    }
+
+    #[test]
+    fn user_properties_of_the_wrong_shape_name_the_key() {
+        for bad in [
+            json!("x"),
+            json!({"a": 1}),
+            json!([["a"]]),
+            json!([["a", "b", "c"]]),
+        ] {
+            let body = json!({"user-properties": bad}).to_string();
+            let message = message_of(Params::decode(body.as_bytes()));
+            assert!(message.contains("user-properties"), "{message}");
+        }
     }
 
     #[test]

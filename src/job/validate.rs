@@ -1,15 +1,17 @@
 //! Merged parameters to a [`Job`]: every required key present, every value one the MQTT side
-//! can use as it is (a QoS that exists, a topic without wildcards, TLS keys only on TLS).
+//! can use as it is (a QoS that exists, a topic without wildcards, TLS keys only on TLS,
+//! MQTT 5 properties only with MQTT 5, a payload decoded from its content-encoding).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 
 use super::broker::Broker;
-use super::message::{Message, Qos, Topic};
-use super::params::{Alpn, Params};
-use super::{JobError, invalid};
+use super::message::{Message, PayloadFormat, Properties, Qos, Topic};
+use super::params::{Alpn, Params, VersionValue};
+use super::{JobError, invalid, quote_limited};
 use crate::secret::Secret;
 
 /// The job's timeout when neither the job nor its connector sets one.
@@ -49,6 +51,45 @@ pub struct Target {
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub tls: Option<TlsSettings>,
+    /// The protocol spoken: a 3.1.1 and a 5 connection to the same broker are two connections.
+    pub version: MqttVersion,
+}
+
+/// The MQTT protocol version of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MqttVersion {
+    #[default]
+    V3_1_1,
+    V5,
+}
+
+impl MqttVersion {
+    fn parse(value: Option<VersionValue>) -> Result<MqttVersion, JobError> {
+        match value {
+            None => Ok(MqttVersion::V3_1_1),
+            Some(VersionValue::Number(5)) => Ok(MqttVersion::V5),
+            Some(VersionValue::Text(text)) if text == "5" || text == "5.0" => Ok(MqttVersion::V5),
+            Some(VersionValue::Text(text)) if text == "3.1.1" => Ok(MqttVersion::V3_1_1),
+            Some(other) => {
+                let written = match other {
+                    VersionValue::Number(n) => n.to_string(),
+                    VersionValue::Text(text) => format!("{:?}", quote_limited(&text)),
+                };
+                Err(invalid(format!(
+                    "key \"mqtt-version\": {written} is not \"3.1.1\" or \"5\""
+                )))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for MqttVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MqttVersion::V3_1_1 => "3.1.1",
+            MqttVersion::V5 => "5",
+        })
+    }
 }
 
 /// The TLS side of a target: whom to trust, which certificate to show, which ALPN to offer.
@@ -83,12 +124,38 @@ impl Job {
         }
         let topic = Topic::parse(params.topic.ok_or_else(|| missing("topic"))?)?;
         let content = params.content.ok_or_else(|| missing("content"))?;
-        if content.len() > limits.max_content_bytes {
+        let payload = payload(content, params.content_encoding.as_deref(), limits)?;
+        let version = MqttVersion::parse(params.mqtt_version)?;
+        let properties = Properties {
+            message_expiry: params.message_expiry,
+            content_type: params.content_type,
+            user_properties: params.user_properties.map(|p| p.0).unwrap_or_default(),
+            response_topic: params
+                .response_topic
+                .map(|topic| Topic::parse_key("response-topic", topic))
+                .transpose()?,
+            correlation_data: params.correlation_data.map(Bytes::from),
+            payload_format: params
+                .payload_format
+                .as_deref()
+                .map(PayloadFormat::parse)
+                .transpose()?,
+        };
+        if version == MqttVersion::V3_1_1
+            && let Some(key) = properties.first_key_set()
+        {
             return Err(invalid(format!(
-                "key \"content\" is {} bytes, over this worker's limit of {} bytes",
-                content.len(),
-                limits.max_content_bytes
+                "key {key:?} is an MQTT 5 publish property: it needs \"mqtt-version\": \"5\" \
+                 (this job speaks MQTT 3.1.1)"
             )));
+        }
+        if properties.payload_format == Some(PayloadFormat::Utf8)
+            && std::str::from_utf8(&payload).is_err()
+        {
+            return Err(invalid(
+                "key \"payload-format\" is \"utf-8\" but the payload is not valid UTF-8 \
+                 (use \"bytes\" for binary content)",
+            ));
         }
         let qos = Qos::parse(params.qos.unwrap_or(2))?;
         if qos == Qos::ExactlyOnce && broker.is_aws_iot() {
@@ -125,16 +192,50 @@ impl Job {
                 username: params.username,
                 password: params.password,
                 tls,
+                version,
             },
             message: Message {
                 topic,
-                payload: Bytes::from(content),
+                payload,
                 qos,
                 retain: params.retain.unwrap_or(false),
+                properties,
             },
             timeout,
         })
     }
+}
+
+/// The bytes to publish: `content` as UTF-8, or decoded from base64; the limit applies to what
+/// is published.
+fn payload(content: String, encoding: Option<&str>, limits: Limits) -> Result<Bytes, JobError> {
+    let payload = match encoding.unwrap_or("utf-8") {
+        "utf-8" => Bytes::from(content),
+        "base64" => {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(content.trim())
+                .map_err(|err| {
+                    invalid(format!(
+                        "key \"content\" is not valid base64 (\"content-encoding\" is \"base64\"): {err}"
+                    ))
+                })?;
+            Bytes::from(decoded)
+        }
+        other => {
+            return Err(invalid(format!(
+                "key \"content-encoding\": {:?} is not \"utf-8\" or \"base64\"",
+                quote_limited(other)
+            )));
+        }
+    };
+    if payload.len() > limits.max_content_bytes {
+        return Err(invalid(format!(
+            "key \"content\" is {} bytes (as published), over this worker's limit of {} bytes",
+            payload.len(),
+            limits.max_content_bytes
+        )));
+    }
+    Ok(payload)
 }
 
 fn tls_settings(
@@ -341,6 +442,118 @@ mod tests {
             job(with("timeout", json!(250))).expect("valid").timeout,
             Duration::from_millis(250)
         );
+    }
+
+    fn v5(extra: serde_json::Value) -> serde_json::Value {
+        let mut body = with("mqtt-version", json!("5"));
+        for (key, value) in extra.as_object().expect("object") {
+            body[key] = value.clone();
+        }
+        body
+    }
+
+    #[test]
+    fn mqtt_version_is_3_1_1_by_default_and_5_as_a_string_or_a_number() {
+        assert_eq!(
+            job(minimal()).expect("valid").target.version,
+            MqttVersion::V3_1_1
+        );
+        for value in [json!("5"), json!(5)] {
+            let job = job(with("mqtt-version", value)).expect("valid");
+            assert_eq!(job.target.version, MqttVersion::V5);
+        }
+        assert_eq!(
+            job(with("mqtt-version", json!("3.1.1")))
+                .expect("valid")
+                .target
+                .version,
+            MqttVersion::V3_1_1
+        );
+        for bad in [json!(4), json!("3"), json!("v5")] {
+            assert!(message_of(job(with("mqtt-version", bad))).contains("mqtt-version"));
+        }
+    }
+
+    #[test]
+    fn every_mqtt_5_property_with_3_1_1_names_the_key_and_the_version_it_needs() {
+        for (key, value) in [
+            ("message-expiry", json!(10)),
+            ("content-type", json!("text/plain")),
+            ("user-properties", json!({"a": "b"})),
+            ("response-topic", json!("replies/1")),
+            ("correlation-data", json!("42")),
+            ("payload-format", json!("bytes")),
+        ] {
+            let message = message_of(job(with(key, value)));
+            assert!(message.contains(key), "{message}");
+            assert!(
+                message.contains("mqtt-version") && message.contains('5'),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn mqtt_5_properties_reach_the_message() {
+        let job = job(v5(json!({
+            "message-expiry": 60, "content-type": "application/json",
+            "user-properties": [["k", "1"], ["k", "2"]], "response-topic": "r/1",
+            "correlation-data": "id-7", "payload-format": "utf-8"
+        })))
+        .expect("valid");
+        let p = &job.message.properties;
+        assert_eq!(p.message_expiry, Some(60));
+        assert_eq!(p.content_type.as_deref(), Some("application/json"));
+        assert_eq!(p.user_properties.len(), 2);
+        assert_eq!(p.response_topic.as_ref().map(Topic::as_str), Some("r/1"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&b"id-7"[..]));
+        assert_eq!(p.payload_format, Some(PayloadFormat::Utf8));
+    }
+
+    #[test]
+    fn a_response_topic_with_a_wildcard_is_invalid() {
+        let message = message_of(job(v5(json!({"response-topic": "r/#"}))));
+        assert!(message.contains("response-topic"), "{message}");
+    }
+
+    #[test]
+    fn payload_format_utf_8_needs_a_utf_8_payload() {
+        let body =
+            v5(json!({"payload-format": "utf-8", "content-encoding": "base64", "content": "/w=="}));
+        assert!(message_of(job(body)).contains("UTF-8"));
+        let body =
+            v5(json!({"payload-format": "bytes", "content-encoding": "base64", "content": "/w=="}));
+        assert!(job(body).is_ok());
+        assert!(message_of(job(v5(json!({"payload-format": "text"})))).contains("payload-format"));
+    }
+
+    #[test]
+    fn base64_content_is_decoded_and_invalid_base64_is_refused() {
+        let body = with("content-encoding", json!("base64"));
+        let mut body = body;
+        body["content"] = json!("AAEC/w==");
+        assert_eq!(
+            &job(body.clone()).expect("valid").message.payload[..],
+            &[0, 1, 2, 255]
+        );
+        body["content"] = json!("not base64!");
+        let message = message_of(job(body));
+        assert!(message.contains("base64"), "{message}");
+        assert!(
+            message_of(job(with("content-encoding", json!("gzip")))).contains("content-encoding")
+        );
+    }
+
+    #[test]
+    fn the_content_limit_applies_to_the_decoded_bytes() {
+        let limits = Limits {
+            max_content_bytes: 3,
+        };
+        let mut body = with("content-encoding", json!("base64"));
+        body["content"] = json!("AAEC"); // 4 characters, 3 bytes
+        assert!(Job::validate(params(body.clone()), limits).is_ok());
+        body["content"] = json!("AAECAw=="); // 4 bytes
+        assert!(message_of(Job::validate(params(body), limits)).contains("limit"));
     }
 
     #[test]

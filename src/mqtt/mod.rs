@@ -1,9 +1,10 @@
 //! The MQTT side: TLS material ([`tls`]), one connection that owns its event loop and reports
-//! each publish's acknowledgement ([`connection`]), and the pool that reuses connections
-//! across jobs ([`pool`]).
+//! each publish's acknowledgement, over MQTT 3.1.1 or 5 ([`connection`]), the pool that reuses
+//! connections across jobs ([`pool`]), and what MQTT 5 reason codes mean for a job ([`reason`]).
 
 pub mod connection;
 pub mod pool;
+pub mod reason;
 pub mod tls;
 
 use crate::outcome::ExitCode;
@@ -28,6 +29,24 @@ pub enum MqttError {
         "the connection to {broker} ended before the broker acknowledged the publish: {reason}"
     )]
     PublishLost { broker: String, reason: String },
+    /// MQTT 5: the broker answered the publish with a PUBACK/PUBREC reason code of 0x80 or more.
+    #[error("{broker} refused the message: {}", reason::describe(*.code))]
+    MessageRefused { broker: String, code: u8 },
+    /// MQTT 5: the message is larger than the broker's Maximum Packet Size; nothing was sent.
+    #[error(
+        "the message is a {size}-byte MQTT packet, over the {max}-byte Maximum Packet Size {broker} \
+         accepts; nothing was sent"
+    )]
+    TooLarge {
+        broker: String,
+        size: usize,
+        max: u32,
+    },
+    /// Asked for MQTT 5, the broker answered as a 3.1.1-only broker does.
+    #[error(
+        "{broker} does not speak MQTT 5 ({reason}); use \"mqtt-version\": \"3.1.1\" for this broker"
+    )]
+    NoMqtt5 { broker: String, reason: String },
 }
 
 impl MqttError {
@@ -38,11 +57,58 @@ impl MqttError {
             MqttError::Tls { .. } => ExitCode::Tls,
             MqttError::NoAnswer { .. } => ExitCode::Timeout,
             MqttError::PublishLost { .. } => ExitCode::PublishFailed,
+            MqttError::MessageRefused { .. } => ExitCode::MessageRefused,
+            MqttError::TooLarge { .. } => ExitCode::InvalidJob,
+            MqttError::NoMqtt5 { .. } => ExitCode::NotAuthorized,
         }
     }
 
     /// Transient failures are retried within the job's timeout; permanent ones end the job.
     pub fn is_permanent(&self) -> bool {
-        self.exit_code().is_permanent()
+        match self {
+            // Quota exceeded (0x97) may clear: retried, and 8 if the timeout runs out first.
+            MqttError::MessageRefused { code, .. } => {
+                reason::ack(*code) != reason::AckVerdict::RefusedForNow
+            }
+            _ => self.exit_code().is_permanent(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: u8) -> MqttError {
+        MqttError::MessageRefused {
+            broker: "tcp://b:1883".into(),
+            code,
+        }
+    }
+
+    #[test]
+    fn a_refused_message_is_exit_code_8_naming_the_reason() {
+        let err = refused(0x87);
+        assert_eq!(err.exit_code(), ExitCode::MessageRefused);
+        assert!(err.is_permanent());
+        assert!(err.to_string().contains("not authorized (0x87)"), "{err}");
+    }
+
+    #[test]
+    fn quota_exceeded_is_exit_code_8_but_retried() {
+        let err = refused(0x97);
+        assert_eq!(err.exit_code(), ExitCode::MessageRefused);
+        assert!(!err.is_permanent());
+    }
+
+    #[test]
+    fn a_message_over_the_maximum_packet_size_is_an_invalid_job() {
+        let err = MqttError::TooLarge {
+            broker: "tcp://b:1883".into(),
+            size: 2000,
+            max: 1024,
+        };
+        assert_eq!(err.exit_code(), ExitCode::InvalidJob);
+        assert!(err.is_permanent());
     }
 }

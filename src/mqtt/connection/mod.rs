@@ -1,0 +1,324 @@
+//! One MQTT connection, MQTT 3.1.1 ([`v4`]) or 5 ([`v5`]) behind one interface: opened once
+//! (CONNECT until CONNACK), then one task owns its event loop while any number of publishes
+//! are in flight. Each publish gets its own completion: the broker's PUBACK or PUBCOMP for that
+//! very packet (with its MQTT 5 reason code), or the reason the connection ended.
+//! A connection is never silently re-established: once it ends, it is closed for good and the
+//! pool opens a new one, so no publish is replayed behind a job's back.
+
+mod v4;
+mod v5;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+
+use super::MqttError;
+use super::tls;
+use crate::job::{Message, MqttVersion, Qos, Target};
+use crate::metrics::Metrics;
+
+/// Requests the event loop takes from its channel per iteration (rumqttc's default is one).
+const REQUEST_BATCH: usize = 64;
+
+/// How connections are opened; the same for every target.
+#[derive(Debug, Clone)]
+pub struct ConnectionSettings {
+    pub keep_alive: Duration,
+    /// Publishes in flight on one connection before new ones wait (AWS IoT allows 100). With
+    /// MQTT 5 the broker's Receive Maximum lowers it.
+    pub inflight: u16,
+    /// Largest MQTT packet we send or accept.
+    pub max_packet_bytes: usize,
+    /// Appended to every client-id, so workers sharing a connector do not share a client-id
+    /// (MQTT lets only one connection hold one). Empty: client-ids are used as written.
+    pub client_id_suffix: String,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(30),
+            inflight: 1000,
+            max_packet_bytes: crate::job::DEFAULT_MAX_CONTENT_BYTES + 64 * 1024,
+            client_id_suffix: String::new(),
+        }
+    }
+}
+
+/// The broker's acknowledgement of one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The QoS at which the broker acknowledged (lower than asked when the broker has no QoS 2).
+    pub qos: Qos,
+    /// MQTT 5: the broker said no client subscribes to the topic (PUBACK 0x10).
+    pub no_subscribers: bool,
+}
+
+/// How a publish ended, as a version's client reports it.
+enum Acked {
+    Ack(Ack),
+    /// MQTT 5: a PUBACK/PUBREC/PUBCOMP reason code of 0x80 or more.
+    Refused(u8),
+    /// The connection ended first.
+    Lost,
+}
+
+/// The client of one protocol version.
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc5::AsyncClient),
+}
+
+/// What a version's `open` hands back once CONNACK accepted the connection.
+struct Opened {
+    client: Client,
+    /// MQTT 5: the broker's Maximum Packet Size from CONNACK (none: MQTT's own limit).
+    max_packet: Option<u32>,
+    /// Polls the event loop until the connection ends; run in its own task.
+    run: BoxFuture<'static, End>,
+}
+
+/// A live connection. Cheap to share; [`Connection::publish`] may be called concurrently.
+pub struct Connection {
+    client: Client,
+    broker: String,
+    max_packet: Option<u32>,
+    /// Set once, when the event loop has ended: why.
+    ended: Arc<OnceLock<End>>,
+    /// Publishes currently using this connection (the pool never closes a busy one).
+    pub(crate) in_use: AtomicUsize,
+    /// When the last publish finished, in milliseconds since `opened`.
+    last_used_ms: AtomicU64,
+    opened: Instant,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Closed on purpose (idle, shutdown).
+    Closed,
+    /// Lost: the broker or the network ended it (with an MQTT 5 DISCONNECT's reason, if any).
+    Lost(String),
+}
+
+impl Connection {
+    /// Connects and waits for CONNACK, then hands the event loop to its own task.
+    pub async fn open(
+        target: &Target,
+        settings: &ConnectionSettings,
+        metrics: &Metrics,
+    ) -> Result<Connection, MqttError> {
+        let broker = target.broker.to_string();
+        let tls = match &target.tls {
+            Some(tls_settings) => {
+                Some(
+                    tls::client_config(tls_settings).map_err(|err| MqttError::Tls {
+                        broker: broker.clone(),
+                        reason: err.to_string(),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let ended = Arc::new(OnceLock::new());
+        let opened = match target.version {
+            MqttVersion::V3_1_1 => {
+                v4::open(target, settings, &broker, tls, Arc::clone(&ended)).await?
+            }
+            MqttVersion::V5 => v5::open(target, settings, &broker, tls, Arc::clone(&ended)).await?,
+        };
+
+        let task_ended = Arc::clone(&ended);
+        let gauge = metrics.mqtt_connections(&broker);
+        gauge.inc();
+        let run = opened.run;
+        tokio::spawn(async move {
+            let end = run.await;
+            let _ = task_ended.set(end);
+            gauge.dec();
+        });
+
+        Ok(Connection {
+            client: opened.client,
+            broker,
+            max_packet: opened.max_packet,
+            ended,
+            in_use: AtomicUsize::new(0),
+            last_used_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        })
+    }
+
+    /// Publishes and waits for the broker's acknowledgement of this publish: PUBACK for QoS 1,
+    /// PUBCOMP for QoS 2 (or PUBACK from a broker without QoS 2), written to the socket for QoS 0.
+    /// MQTT 5: a refusing reason code is [`MqttError::MessageRefused`], and a message over the
+    /// broker's Maximum Packet Size is [`MqttError::TooLarge`] before anything is sent.
+    pub async fn publish(&self, message: &Message) -> Result<Ack, MqttError> {
+        let acked = match &self.client {
+            Client::V4(client) => v4::publish(client, message).await,
+            Client::V5(client) => {
+                if let Some(max) = self.max_packet {
+                    let size = v5::packet_size(message);
+                    if size > usize::try_from(max).unwrap_or(usize::MAX) {
+                        return Err(MqttError::TooLarge {
+                            broker: self.broker.clone(),
+                            size,
+                            max,
+                        });
+                    }
+                }
+                v5::publish(client, message).await
+            }
+        };
+        self.last_used_ms.store(self.age_ms(), Ordering::Relaxed);
+        match acked {
+            Acked::Ack(ack) => Ok(ack),
+            Acked::Refused(code) => Err(MqttError::MessageRefused {
+                broker: self.broker.clone(),
+                code,
+            }),
+            Acked::Lost => Err(self.lost()),
+        }
+    }
+
+    /// The connection has ended (lost or closed); it will not carry another publish.
+    pub fn is_ended(&self) -> bool {
+        self.ended.get().is_some()
+    }
+
+    /// Why it ended, if it has.
+    pub fn end(&self) -> Option<&End> {
+        self.ended.get()
+    }
+
+    /// How long since this connection was opened.
+    pub fn age(&self) -> Duration {
+        self.opened.elapsed()
+    }
+
+    /// How long no publish has used this connection; zero while one is in flight.
+    pub fn idle_for(&self) -> Duration {
+        if self.in_use.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(
+            self.age_ms()
+                .saturating_sub(self.last_used_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Sends DISCONNECT and lets the event loop end; publishes in flight are failed.
+    pub fn close(&self) {
+        let _ = self.ended.set(End::Closed);
+        match &self.client {
+            Client::V4(client) => {
+                let _ = client.try_disconnect_now();
+            }
+            Client::V5(client) => {
+                let _ = client.try_disconnect_now();
+            }
+        }
+    }
+
+    fn age_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn lost(&self) -> MqttError {
+        let reason = match self.ended.get() {
+            Some(End::Lost(reason)) => reason.clone(),
+            Some(End::Closed) => "the worker closed the connection".into(),
+            None => "the event loop stopped".into(),
+        };
+        MqttError::PublishLost {
+            broker: self.broker.clone(),
+            reason,
+        }
+    }
+}
+
+/// The client options of one target for either crate (their option APIs are the same, their
+/// types are not): TCP, TLS, websocket or websocket over TLS, both TLS ones with our rustls
+/// configuration (roots, client certificate, ALPN).
+macro_rules! transport_options {
+    ($lib:ident, $target:expr, $settings:expr, $broker:expr, $tls:expr) => {{
+        use crate::job::Transport;
+        let target: &crate::job::Target = $target;
+        let broker: &str = $broker;
+        let client_id = format!("{}{}", target.client_id, $settings.client_id_suffix);
+        let tls_config = $tls.map($lib::TlsConfiguration::Rustls);
+        let bad_url = |err: $lib::OptionError| MqttError::Connect {
+            broker: broker.to_owned(),
+            reason: format!("bad websocket URL: {err}"),
+        };
+        let url = target.broker.websocket_url();
+        match (target.broker.transport, url, tls_config) {
+            (Transport::Ws, Some(url), None) => Ok($lib::MqttOptions::new(
+                client_id,
+                $lib::Broker::websocket(url).map_err(bad_url)?,
+            )),
+            (Transport::Wss, Some(url), Some(tls_config)) => {
+                $lib::MqttOptions::websocket_with_tls_config(client_id, url, tls_config)
+                    .map_err(bad_url)
+            }
+            (Transport::Tcp, None, None) => Ok($lib::MqttOptions::new(
+                client_id,
+                $lib::Broker::tcp(target.broker.host.clone(), target.broker.port),
+            )),
+            (Transport::Tls, None, Some(tls_config)) => {
+                let mut options = $lib::MqttOptions::new(
+                    client_id,
+                    $lib::Broker::tcp(target.broker.host.clone(), target.broker.port),
+                );
+                options.set_transport($lib::Transport::tls_with_config(tls_config));
+                Ok(options)
+            }
+            // A validated job never gets here: TLS settings exist exactly for TLS transports
+            // and a path exactly for websockets.
+            (transport, _, _) => Err(MqttError::Connect {
+                broker: broker.to_owned(),
+                reason: format!("inconsistent target for {}://", transport.scheme()),
+            }),
+        }
+    }};
+}
+use transport_options;
+
+/// Advice for a TLS handshake the server closed without a TLS error: the usual cause is a
+/// plain-MQTT port.
+fn closed_during_handshake(reason: &str, websocket: bool) -> String {
+    let plain = if websocket { "ws://" } else { "tcp://" };
+    format!(
+        "{reason}: the server closed the connection during the TLS handshake; \
+         if this port speaks plain MQTT, use {plain} (or the broker's TLS port)"
+    )
+}
+
+/// Advice for a failed websocket upgrade.
+fn websocket_advice(err: &dyn std::fmt::Display) -> String {
+    format!(
+        "{err} (the websocket upgrade failed: check that the port is the broker's \
+         websocket listener and the URL's path, /mqtt unless written)"
+    )
+}
+
+/// The rustls error somewhere in the chain (a rejected client certificate under TLS 1.3 arrives
+/// after the handshake, as an alert wrapped in an I/O error).
+fn rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(tls) = rustls_error(inner)
+        {
+            return Some(tls);
+        }
+        current = e.source();
+    }
+    None
+}

@@ -1,0 +1,152 @@
+//! MQTT 3.1.1 through `rumqttc-v4-next`: CONNECT until CONNACK, the event loop, and a tracked
+//! publish (3.1.1 acknowledgements carry no reason code).
+
+use std::sync::{Arc, OnceLock};
+
+use futures_util::FutureExt;
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Packet, PublishOptions,
+};
+
+use super::{
+    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, closed_during_handshake,
+    rustls_error, transport_options, websocket_advice,
+};
+use crate::job::{Message, Target, Transport};
+use crate::mqtt::MqttError;
+
+pub(super) async fn open(
+    target: &Target,
+    settings: &ConnectionSettings,
+    broker: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    ended: Arc<OnceLock<End>>,
+) -> Result<Opened, MqttError> {
+    let mut options: rumqttc::MqttOptions =
+        transport_options!(rumqttc, target, settings, broker, tls)?;
+    options
+        .set_keep_alive(u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX))
+        .set_clean_session(true)
+        .set_inflight(settings.inflight.max(1));
+    options.set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes);
+    options.set_request_channel_capacity(usize::from(settings.inflight.max(1)) * 2);
+    // Publishes queued together leave in one write instead of one write(2) each.
+    options.set_max_request_batch(REQUEST_BATCH);
+    if let Some(username) = &target.username {
+        let password = target
+            .password
+            .as_ref()
+            .map(|p| p.expose().to_owned())
+            .unwrap_or_default();
+        options.set_credentials(username.clone(), password);
+    }
+    let (client, mut eventloop) =
+        AsyncClient::builder(options)
+            .try_build()
+            .map_err(|err| MqttError::Connect {
+                broker: broker.to_owned(),
+                reason: format!("bad client options: {err}"),
+            })?;
+    let mut network = NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    // The job's own timeout bounds every connect; this is only a backstop.
+    network.set_connection_timeout(60);
+    eventloop.set_network_options(network);
+
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+            Ok(_) => {}
+            Err(err) => return Err(connect_error(broker, target.broker.transport, &err)),
+        }
+    }
+
+    let run = async move {
+        // The only place this event loop is polled: poll() is never raced against anything.
+        loop {
+            match eventloop.poll().await {
+                Ok(_) => {}
+                Err(ConnectionError::RequestsDone) => break End::Closed,
+                Err(err) if ended.get().is_some() => {
+                    tracing::debug!(error = %err, "MQTT connection closed");
+                    break End::Closed;
+                }
+                Err(err) => break End::Lost(describe(&err)),
+            }
+        }
+        // Returning drops the event loop, which fails every publish still awaiting its ack.
+    };
+    Ok(Opened {
+        client: Client::V4(client),
+        max_packet: None,
+        run: run.boxed(),
+    })
+}
+
+pub(super) async fn publish(client: &AsyncClient, message: &Message) -> Acked {
+    let options = PublishOptions::new(message.qos.into()).retain(message.retain);
+    let Ok(notice) = client
+        .publish_tracked(message.topic.as_str(), message.payload.clone(), options)
+        .await
+    else {
+        return Acked::Lost;
+    };
+    match notice.wait_async().await {
+        Ok(done) => Acked::Ack(Ack {
+            qos: done.qos().into(),
+            no_subscribers: false,
+        }),
+        Err(_) => Acked::Lost,
+    }
+}
+
+/// Maps a failure before CONNACK to the contract's codes.
+fn connect_error(broker: &str, transport: Transport, err: &ConnectionError) -> MqttError {
+    let broker = broker.to_owned();
+    let reason = describe(err);
+    match err {
+        ConnectionError::ConnectionRefused(ConnectReturnCode::ServiceUnavailable) => {
+            MqttError::Connect { broker, reason }
+        }
+        ConnectionError::ConnectionRefused(_) => MqttError::Refused { broker, reason },
+        ConnectionError::Tls(_) if rustls_error(err).is_none() => MqttError::Tls {
+            broker,
+            reason: closed_during_handshake(&reason, transport.is_websocket()),
+        },
+        ConnectionError::Tls(_) => MqttError::Tls { broker, reason },
+        ConnectionError::NetworkTimeout => MqttError::NoAnswer { broker, reason },
+        _ if rustls_error(err).is_some() => MqttError::Tls { broker, reason },
+        _ => MqttError::Connect { broker, reason },
+    }
+}
+
+/// Words for a connection error; never contains credentials (rumqttc errors do not carry them).
+fn describe(err: &ConnectionError) -> String {
+    match err {
+        ConnectionError::ConnectionRefused(code) => match code {
+            ConnectReturnCode::BadUserNamePassword => {
+                "bad username or password (CONNACK code 4)".into()
+            }
+            ConnectReturnCode::NotAuthorized => {
+                "not authorized: check username, password or client certificate (CONNACK code 5)"
+                    .into()
+            }
+            ConnectReturnCode::BadClientId => "client-id rejected (CONNACK code 2)".into(),
+            ConnectReturnCode::RefusedProtocolVersion => {
+                "MQTT 3.1.1 not accepted (CONNACK code 1)".into()
+            }
+            ConnectReturnCode::ServiceUnavailable => "server unavailable (CONNACK code 3)".into(),
+            ConnectReturnCode::Success => "refused".into(),
+        },
+        ConnectionError::NetworkTimeout => "no CONNACK within the connection timeout".into(),
+        ConnectionError::Websocket(_) | ConnectionError::ResponseValidation(_)
+            if rustls_error(err).is_none() =>
+        {
+            websocket_advice(err)
+        }
+        _ => match rustls_error(err) {
+            Some(tls) => format!("TLS: {tls}"),
+            None => err.to_string(),
+        },
+    }
+}
