@@ -34,10 +34,10 @@ pub(super) async fn open(
         .set_outgoing_inflight_upper_limit(settings.inflight.max(1))
         .set_request_channel_capacity(usize::from(settings.inflight.max(1)) * 2)
         .set_max_request_batch(REQUEST_BATCH);
-    // What we accept; what we send is bounded by the broker's Maximum Packet Size (CONNACK).
-    options.set_max_packet_size(Some(
-        u32::try_from(settings.max_packet_bytes).unwrap_or(u32::MAX),
-    ));
+    // CONNECT carries no properties: a 3.1.1-only broker then parses it far enough to answer
+    // "unacceptable protocol version" (amqtt waits for ever on a CONNECT with properties).
+    // We never subscribe, so nothing large comes in; what we send is bounded by the broker's
+    // Maximum Packet Size (CONNACK).
     if let Some(username) = &target.username {
         let password = target
             .password
@@ -195,18 +195,22 @@ fn connack_code(code: ConnectReturnCode) -> u8 {
     }
 }
 
-/// Whether the broker answered an MQTT 5 CONNECT the way a 3.1.1-only broker does: a 3.1.1
-/// CONNACK refusing the protocol version (code 1, which is no MQTT 5 reason code), or MQTT 5's
-/// 0x84 unsupported protocol version.
+/// Whether the broker answered an MQTT 5 CONNECT the way a 3.1.1-only broker does: MQTT 5's
+/// CONNACK 0x84 unsupported protocol version, a 3.1.1 CONNACK refusing the protocol version
+/// (code 1, no MQTT 5 reason code), or closing the connection without a CONNACK. amqtt 0.12
+/// sends the 3.1.1 CONNACK and closes at once: two bytes too short for an MQTT 5 CONNACK, so
+/// the client sees the close.
 fn speaks_no_mqtt5(err: &ConnectionError) -> bool {
     match err {
         ConnectionError::ConnectionRefused(
             ConnectReturnCode::UnsupportedProtocolVersion
             | ConnectReturnCode::RefusedProtocolVersion,
+        )
+        | ConnectionError::MqttState(
+            StateError::ConnectionAborted
+            | StateError::Deserialization(rumqttc5::Error::InvalidConnectReturnCode(1)),
         ) => true,
-        ConnectionError::MqttState(StateError::Deserialization(
-            rumqttc5::Error::InvalidConnectReturnCode(1),
-        )) => true,
+        ConnectionError::Io(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
         _ => false,
     }
 }
@@ -257,6 +261,9 @@ fn describe(err: &ConnectionError) -> String {
         ConnectionError::MqttState(StateError::Deserialization(
             rumqttc5::Error::InvalidConnectReturnCode(1),
         )) => "it answered CONNACK code 1, MQTT 3.1.1's \"unacceptable protocol version\"".into(),
+        ConnectionError::MqttState(StateError::ConnectionAborted) => {
+            "it closed the connection on an MQTT 5 CONNECT without an MQTT 5 CONNACK".into()
+        }
         ConnectionError::Timeout(_) => "no CONNACK within the connection timeout".into(),
         ConnectionError::Websocket(_) | ConnectionError::ResponseValidation(_)
             if rustls_error(err).is_none() =>
