@@ -1,7 +1,9 @@
 //! Fake MQTT brokers, **only** for failures a real broker cannot be made to produce:
 //! a peer that accepts TCP but never sends CONNACK ([`SilentServer`]), a broker that accepts the
-//! connection and then never acknowledges a publish ([`ConnackThenSilent`]), and one that
-//! accepts and immediately closes ([`ConnackThenClose`]). Everything else (refused credentials,
+//! connection and then never acknowledges a publish ([`ConnackThenSilent`]), one that
+//! accepts and immediately closes ([`ConnackThenClose`]), and an MQTT 5 broker that answers a
+//! publish with a DISCONNECT naming its reason ([`DisconnectOnPublish5`]: real brokers send one
+//! on an operator's kick or a session takeover, but not on cue while a publish is in flight). Everything else (refused credentials,
 //! TLS failures, lost connections, restarts) is tested against a real [`Mosquitto`]
 //! (see also [`Mosquitto::freeze`] and [`TcpProxy`]).
 //!
@@ -22,6 +24,25 @@ use tokio_util::sync::CancellationToken;
 /// CONNACK, session-present 0, return code 0 (accepted).
 pub const CONNACK_ACCEPTED: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
 
+/// MQTT 5 CONNACK: session-present 0, reason code 0x00 (success), no properties.
+pub const CONNACK_ACCEPTED_V5: [u8; 5] = [0x20, 0x03, 0x00, 0x00, 0x00];
+
+/// The reason string of the DISCONNECT [`DisconnectOnPublish5`] sends.
+pub const DISCONNECT_REASON_STRING: &str = "kicked by the test";
+
+/// MQTT 5 DISCONNECT with reason code 0x98 (administrative action) and a reason string.
+fn disconnect_v5() -> Vec<u8> {
+    let text = DISCONNECT_REASON_STRING.as_bytes();
+    let properties_len = 1 + 2 + text.len();
+    let mut packet = vec![0xE0, u8::try_from(2 + properties_len).expect("short")];
+    packet.push(0x98);
+    packet.push(u8::try_from(properties_len).expect("short"));
+    packet.push(0x1F); // reason string
+    packet.extend_from_slice(&u16::try_from(text.len()).expect("short").to_be_bytes());
+    packet.extend_from_slice(text);
+    packet
+}
+
 /// What a mock broker saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MockStats {
@@ -40,6 +61,7 @@ enum Behaviour {
     Silent,
     ConnackThenSilent,
     ConnackThenClose,
+    DisconnectOnPublish5,
 }
 
 struct Mock {
@@ -114,6 +136,18 @@ async fn serve(mut stream: TcpStream, behaviour: Behaviour, stats: &watch::Sende
             3 => s.publishes += 1,
             _ => s.other_packets += 1,
         });
+        if behaviour == Behaviour::DisconnectOnPublish5 {
+            let answer = match packet_type {
+                1 => CONNACK_ACCEPTED_V5.to_vec(),
+                3 => disconnect_v5(),
+                _ => continue,
+            };
+            if stream.write_all(&answer).await.is_err() || packet_type == 3 {
+                let _ = stream.shutdown().await;
+                return;
+            }
+            continue;
+        }
         if packet_type == 1 {
             if stream.write_all(&CONNACK_ACCEPTED).await.is_err() {
                 return;
@@ -209,4 +243,13 @@ mock_broker!(
     /// reliably.
     ConnackThenClose,
     Behaviour::ConnackThenClose
+);
+
+mock_broker!(
+    /// MQTT 5: answers CONNECT with an accepting MQTT 5 CONNACK and every PUBLISH with a
+    /// DISCONNECT, reason 0x98 (administrative action) and the reason string
+    /// [`DISCONNECT_REASON_STRING`], then closes. Mock: real brokers send such a DISCONNECT
+    /// when an operator kicks a client, but not on cue while a publish awaits its PUBACK.
+    DisconnectOnPublish5,
+    Behaviour::DisconnectOnPublish5
 );

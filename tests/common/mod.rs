@@ -10,10 +10,12 @@
 //! - [`amqtt`]: an amqtt broker (Python) with TCP, `ws` and `wss` listeners, for MQTT over
 //!   websockets (Mosquitto here has none).
 //! - [`mosquitto`]: a Mosquitto broker process owned by the test, on its own port and config
-//!   ([`Mosquitto::plain`], [`Mosquitto::with_password`], [`Mosquitto::tls`],
-//!   [`Mosquitto::mutual_tls`]), which can be killed, restarted, frozen and thawed.
+//!   ([`Mosquitto::plain`], [`Mosquitto::with_password`], [`Mosquitto::with_acl`],
+//!   [`Mosquitto::tls`], [`Mosquitto::mutual_tls`]), which can be killed, restarted, frozen and
+//!   thawed.
 //! - [`mqtt`]: an MQTT [`Subscriber`] that collects what the worker published, and a
 //!   [`Publisher`] that connects (or reports why it could not) and publishes with tracked acks.
+//! - [`mqtt5`]: an MQTT 5 [`Subscriber5`] that records each publish with its MQTT 5 properties.
 //! - [`amqp`]: the RabbitMQ side: [`Amqp`] (send jobs, declare/delete/count queues) and
 //!   [`ReplyStream`] (await the worker's [`Reply`]s).
 //! - [`proxy`]: a [`TcpProxy`] between the worker and a broker that can cut, stall and refuse
@@ -22,7 +24,7 @@
 //!   queried through its HTTP API; [`dashboard`]: the PromQL of the Grafana dashboard and of the
 //!   alert rules.
 //! - [`mock`]: fake brokers for the failures a real broker cannot produce ([`SilentServer`],
-//!   [`ConnackThenSilent`], [`ConnackThenClose`]).
+//!   [`ConnackThenSilent`], [`ConnackThenClose`], [`DisconnectOnPublish5`]).
 //!
 //! Every wait in the harness has a deadline; helpers panic with a message that says what was
 //! awaited (and, for Mosquitto, the tail of its log) rather than hang.
@@ -37,15 +39,17 @@ pub mod http;
 pub mod mock;
 pub mod mosquitto;
 pub mod mqtt;
+pub mod mqtt5;
 pub mod prometheus;
 pub mod proxy;
 pub mod worker;
 
 pub use amqp::{Amqp, Message, Reply, ReplyStream, amqp_url};
 pub use certs::{Certs, ClientCert};
-pub use mock::{ConnackThenClose, ConnackThenSilent, SilentServer};
+pub use mock::{ConnackThenClose, ConnackThenSilent, DisconnectOnPublish5, SilentServer};
 pub use mosquitto::Mosquitto;
 pub use mqtt::{Publisher, Received, Subscriber, mqtt_options, tls_options};
+pub use mqtt5::{Received5, Subscriber5};
 pub use proxy::TcpProxy;
 
 use std::net::TcpListener;

@@ -46,6 +46,15 @@ impl Mosquitto {
         Self::start(Kind::Plain, "allow_anonymous true\n".to_string(), |_| {})
     }
 
+    /// Like [`plain`](Self::plain) with more config lines (e.g. `"max_packet_size 1000\n"`).
+    pub fn plain_with(lines: &str) -> Mosquitto {
+        Self::start(
+            Kind::Plain,
+            format!("allow_anonymous true\n{lines}"),
+            |_| {},
+        )
+    }
+
     /// Plain TCP, `allow_anonymous false`, one user with this password (password file made with
     /// `mosquitto_passwd -b -c`, or written directly as a `$6$` SHA-512 entry when the tool is
     /// missing). A wrong password gets CONNACK code 5 (not authorized).
@@ -65,6 +74,21 @@ impl Mosquitto {
             Kind::Password,
             "allow_anonymous false\npassword_file {DIR}/passwd\n".to_string(),
             move |dir| write_password_file(&dir.join("passwd"), &user, &pass, use_tool),
+        )
+    }
+
+    /// Like [`with_password`](Self::with_password), plus an ACL file holding `acl` (Mosquitto's
+    /// `acl_file` syntax, e.g. `"user alice\ntopic readwrite allowed/#\n"`): the user may use
+    /// only the topics it grants. MQTT 5 clients get reason code 0x87 for a denied publish.
+    pub fn with_acl(user: &str, pass: &str, acl: &str) -> Mosquitto {
+        let (user, pass, acl) = (user.to_string(), pass.to_string(), acl.to_string());
+        Self::start(
+            Kind::Password,
+            "allow_anonymous false\npassword_file {DIR}/passwd\nacl_file {DIR}/acl\n".to_string(),
+            move |dir| {
+                write_password_file(&dir.join("passwd"), &user, &pass, which("mosquitto_passwd"));
+                std::fs::write(dir.join("acl"), &acl).expect("write acl file");
+            },
         )
     }
 

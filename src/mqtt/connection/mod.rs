@@ -76,8 +76,8 @@ struct Opened {
     client: Client,
     /// MQTT 5: the broker's Maximum Packet Size from CONNACK (none: MQTT's own limit).
     max_packet: Option<u32>,
-    /// Polls the event loop until the connection ends; run in its own task.
-    run: BoxFuture<'static, End>,
+    /// Polls the event loop until the connection ends and records why; run in its own task.
+    run: BoxFuture<'static, ()>,
 }
 
 /// A live connection. Cheap to share; [`Connection::publish`] may be called concurrently.
@@ -130,13 +130,11 @@ impl Connection {
             MqttVersion::V5 => v5::open(target, settings, &broker, tls, Arc::clone(&ended)).await?,
         };
 
-        let task_ended = Arc::clone(&ended);
         let gauge = metrics.mqtt_connections(&broker);
         gauge.inc();
         let run = opened.run;
         tokio::spawn(async move {
-            let end = run.await;
-            let _ = task_ended.set(end);
+            run.await;
             gauge.dec();
         });
 

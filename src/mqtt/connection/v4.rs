@@ -63,7 +63,7 @@ pub(super) async fn open(
 
     let run = async move {
         // The only place this event loop is polled: poll() is never raced against anything.
-        loop {
+        let end = loop {
             match eventloop.poll().await {
                 Ok(_) => {}
                 Err(ConnectionError::RequestsDone) => break End::Closed,
@@ -73,8 +73,11 @@ pub(super) async fn open(
                 }
                 Err(err) => break End::Lost(describe(&err)),
             }
-        }
-        // Returning drops the event loop, which fails every publish still awaiting its ack.
+        };
+        // Why it ended is recorded first: dropping the event loop then fails every publish
+        // still awaiting its acknowledgement, and each reads the reason.
+        let _ = ended.set(end);
+        drop(eventloop);
     };
     Ok(Opened {
         client: Client::V4(client),
