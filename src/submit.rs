@@ -34,8 +34,14 @@ fn typed_value(key: &str, value: &str) -> serde_json::Value {
             value.parse::<u64>().ok().map(serde_json::Value::from)
         }
         "mqtt-version" => value.parse::<u64>().ok().map(serde_json::Value::from),
-        // An object or a list of [name, value] pairs, written as JSON.
-        "user-properties" => serde_json::from_str(value).ok(),
+        // An object or a list of [name, value] pairs, written as JSON; sent as pairs, because
+        // the job's JSON object would not keep an object's order.
+        "user-properties" => serde_json::from_str::<crate::job::UserProperties>(value)
+            .ok()
+            .map(|pairs| {
+                let list: Vec<[String; 2]> = pairs.0.into_iter().map(|(n, v)| [n, v]).collect();
+                serde_json::Value::from(list)
+            }),
         "retain" | "use-certificate" => value.parse::<bool>().ok().map(serde_json::Value::from),
         "alpn" if value.contains(',') => {
             Some(value.split(',').map(str::trim).collect::<Vec<_>>().into())

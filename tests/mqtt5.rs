@@ -330,3 +330,104 @@ async fn a_server_disconnect_reason_reaches_the_message_of_the_job_it_ended() {
     );
     bed.finish().await;
 }
+
+/// Runs `mqtt-connector send ARGS` to completion (off the async threads) and returns its exit
+/// status and the result JSON it printed.
+async fn send(args: Vec<String>) -> (i32, serde_json::Value) {
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-connector"))
+            .arg("send")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run mqtt-connector send");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let json = serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "not a result ({e}): {stdout:?}; stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.code().unwrap_or(-1), json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_set_types_every_new_key() {
+    let broker = Mosquitto::plain();
+    let topic = unique_name("cli5");
+    let mut sub = Subscriber5::start(broker.port(), &topic, QoS::AtLeastOnce).await;
+    let connectors = common::worker::connectors_dir();
+    let base = |user_properties: &str| -> Vec<String> {
+        [
+            "--connectors",
+            connectors.path().to_str().expect("utf-8"),
+            "--set",
+            &format!("broker={}", broker.url()),
+            "--set",
+            &format!("client-id={}", unique_name("cli")),
+            "--set",
+            &format!("topic={topic}"),
+            "--set",
+            "qos=1",
+            "--set",
+            "mqtt-version=5",
+            "--set",
+            "message-expiry=90",
+            "--set",
+            "content-type=text/plain",
+            "--set",
+            &format!("user-properties={user_properties}"),
+            "--set",
+            "response-topic=replies/cli",
+            "--set",
+            "correlation-data=corr-1",
+            "--set",
+            "payload-format=utf-8",
+            "--set",
+            "content-encoding=base64",
+            "--set",
+            "content=aMOpbGxv", // "héllo"
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+
+    let (status, result) = send(base(r#"[["k","1"],["k","2"]]"#)).await;
+    assert_eq!(status, 0, "{result}");
+    let got = sub.expect(T).await;
+    assert_eq!(got.payload, "héllo".as_bytes());
+    let p = got.properties.expect("properties");
+    assert!(
+        p.message_expiry_interval
+            .is_some_and(|s| s <= 90 && s >= 89)
+    );
+    assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(p.user_properties, pairs(&[("k", "1"), ("k", "2")]));
+    assert_eq!(p.response_topic.as_deref(), Some("replies/cli"));
+    assert_eq!(p.correlation_data.as_deref(), Some(&b"corr-1"[..]));
+    assert_eq!(p.payload_format_indicator, Some(1));
+
+    let (status, result) = send(base(r#"{"z":"1","a":"2"}"#)).await;
+    assert_eq!(status, 0, "{result}");
+    let p = sub.expect(T).await.properties.expect("properties");
+    assert_eq!(p.user_properties, pairs(&[("z", "1"), ("a", "2")]));
+
+    // The same keys over 3.1.1: exit-code 1 naming the first property and the version it needs.
+    let mut args = base("{}");
+    let version = args
+        .iter()
+        .position(|a| a == "mqtt-version=5")
+        .expect("version arg");
+    args[version] = "mqtt-version=3.1.1".into();
+    let (status, result) = send(args).await;
+    assert_eq!(status, 1, "{result}");
+    let message = result["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("message-expiry") && message.contains("mqtt-version"),
+        "{result}"
+    );
+}
