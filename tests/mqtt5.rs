@@ -431,3 +431,47 @@ async fn send_set_types_every_new_key() {
         "{result}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_over_5_and_one_reused_connection_per_version() {
+    let certs = Certs::shared();
+    let broker = Mosquitto::mutual_tls(certs);
+    let client = &certs.client_pkcs8;
+    let tls = json!({
+        "root-ca-crt": certs.ca_crt,
+        "use-certificate": true,
+        "certificate": client.crt,
+        "private-key": client.key,
+    });
+    let mut bed = TestBed::new().await;
+    let (id5, id311) = (unique_name("five"), unique_name("three"));
+    for i in 0..3 {
+        for (version, id) in [("5", &id5), ("3.1.1", &id311)] {
+            let reply = bed
+                .run(
+                    with(
+                        job(&broker.url(), "tls/t", &format!("{version}-{i}")),
+                        with(
+                            tls.clone(),
+                            json!({"mqtt-version": version, "client-id": id}),
+                        ),
+                    ),
+                    T,
+                )
+                .await;
+            assert_eq!(reply.exit_code(), 0, "{version}: {}", reply.body);
+        }
+    }
+    // Mosquitto writes a client's protocol in its log: p5 for MQTT 5, p2 for 3.1.1. Six jobs,
+    // one connection per version, each reused.
+    let log = broker.log();
+    let connected = |version: &str, id: &str| {
+        log.lines()
+            .filter(|l| l.contains("New client connected") && l.contains(id))
+            .filter(|l| l.contains(&format!("({version},")))
+            .count()
+    };
+    assert_eq!(connected("p5", &id5), 1, "{log}");
+    assert_eq!(connected("p2", &id311), 1, "{log}");
+    bed.finish().await;
+}
