@@ -403,7 +403,7 @@ async fn send_set_types_every_new_key() {
     let p = got.properties.expect("properties");
     assert!(
         p.message_expiry_interval
-            .is_some_and(|s| s <= 90 && s >= 89)
+            .is_some_and(|s| (89..=90).contains(&s))
     );
     assert_eq!(p.content_type.as_deref(), Some("text/plain"));
     assert_eq!(p.user_properties, pairs(&[("k", "1"), ("k", "2")]));

@@ -30,6 +30,11 @@ pub struct Properties {
 }
 
 impl Properties {
+    /// No property is set (always so for an MQTT 3.1.1 job).
+    pub fn is_empty(&self) -> bool {
+        self.first_key_set().is_none()
+    }
+
     /// The job key of the first property that is set, for the "needs MQTT 5" error.
     pub fn first_key_set(&self) -> Option<&'static str> {
         [

@@ -103,7 +103,7 @@ pub(super) async fn open(
 /// The MQTT 5 properties of a message; `None` when it sets none.
 fn properties(message: &Message) -> Option<PublishProperties> {
     let p = &message.properties;
-    if p.first_key_set().is_none() {
+    if p.is_empty() {
         return None;
     }
     Some(PublishProperties {
