@@ -475,3 +475,24 @@ async fn mutual_tls_over_5_and_one_reused_connection_per_version() {
     assert_eq!(connected("p2", &id311), 1, "{log}");
     bed.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_publish_to_a_broker_without_retain_is_exit_code_8() {
+    let broker = Mosquitto::plain_with("retain_available false\n");
+    let mut bed = TestBed::new().await;
+    let reply = bed
+        .run(
+            with(job5(&broker.url(), "t", "x"), json!({"retain": true})),
+            T,
+        )
+        .await;
+    assert_eq!(reply.exit_code(), 8, "{}", reply.body);
+    assert!(
+        reply.message().contains("retain not supported (0x9A)"),
+        "{}",
+        reply.body
+    );
+    let reply = bed.run(job5(&broker.url(), "t", "x"), T).await;
+    assert_eq!(reply.exit_code(), 0, "{}", reply.body);
+    bed.finish().await;
+}
