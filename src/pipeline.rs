@@ -1,6 +1,6 @@
-//! One job from body to outcome: decode, merge with its connector, validate, then publish
-//! through the pool with retries and backoff, all inside the job's timeout. Used by the worker
-//! for every delivery and by `send` directly.
+//! One job from body to outcome: decode, hold it to the trust boundary, merge with its
+//! connector, validate, then publish through the pool with retries and backoff, all inside the
+//! job's timeout. Used by the worker for every delivery and by `send` directly.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,13 +10,14 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::timeout_at;
 
 use crate::backoff::Backoff;
-use crate::connectors::ConnectorStore;
+use crate::connectors::{Connector, ConnectorStore};
 use crate::job::{Job, JobError, Limits, Params, Qos};
 use crate::metrics::{ConnectorMetrics, Metrics};
 use crate::mqtt::MqttError;
 use crate::mqtt::connection::Ack;
 use crate::mqtt::pool::Pool;
 use crate::outcome::{ExitCode, Outcome};
+use crate::policy::{self, JobFiles, Policy};
 
 /// Metric handles of every connector label, built once.
 struct Labels {
@@ -42,6 +43,7 @@ pub struct Pipeline {
     publish_latency: Arc<[Histogram; 3]>,
     pool: Pool,
     limits: Limits,
+    policy: Arc<Policy>,
 }
 
 /// A job's outcome and the connector label it is counted under.
@@ -59,6 +61,7 @@ impl Pipeline {
         pool: Pool,
         metrics: Metrics,
         limits: Limits,
+        policy: Policy,
     ) -> Self {
         let labels = Labels {
             connectors: connectors
@@ -74,6 +77,7 @@ impl Pipeline {
             publish_latency: Arc::new(metrics.publish_latency()),
             pool,
             limits,
+            policy: Arc::new(policy),
         }
     }
 
@@ -84,7 +88,7 @@ impl Pipeline {
     /// Runs one job body to its final outcome and records it in the metrics.
     pub async fn run(&self, body: &[u8]) -> Finished {
         let started = Instant::now();
-        let (outcome, label) = match self.prepare(body) {
+        let (outcome, label) = match self.prepare(body).await {
             Ok((job, label)) => (self.publish(&job, label).await, label),
             Err((err, label)) => (Outcome::from(err), label),
         };
@@ -95,24 +99,25 @@ impl Pipeline {
         }
     }
 
-    /// Decode, merge, validate; also which connector label the job counts under.
-    fn prepare(&self, body: &[u8]) -> Prepared<'_> {
+    /// Decode, hold to the trust boundary, merge, validate; also which connector label the
+    /// job counts under.
+    async fn prepare(&self, body: &[u8]) -> Prepared<'_> {
         let none = &self.labels.none;
         let params = Params::decode(body).map_err(|err| (err, none))?;
         if let Some(action) = params.action.as_deref().filter(|action| *action != "send") {
             let message = format!("unknown action {action:?}: the only action is \"send\"");
             return Err((JobError::Invalid(message), none));
         }
-        let (params, label) = match params.connector.as_deref() {
-            None => (params, none),
-            Some(name) => match self.connectors.get(name) {
-                Some(defaults) => {
+        let (connector, label) = match params.connector.as_deref() {
+            None => (None, none),
+            Some(name) => match self.connectors.get_named(name) {
+                Some((name, connector)) => {
                     let label = self
                         .labels
                         .connectors
                         .get(name)
                         .unwrap_or(&self.labels.unknown);
-                    (params.over(defaults), label)
+                    (Some((name, connector)), label)
                 }
                 None => {
                     let err = JobError::UnknownConnector(name.to_owned());
@@ -120,9 +125,50 @@ impl Pipeline {
                 }
             },
         };
-        Job::validate(params, self.limits)
-            .map(|job| (job, label))
-            .map_err(|err| (err, label))
+        let job = self
+            .admit(params, connector)
+            .await
+            .map_err(|err| (err, label))?;
+        Ok((job, label))
+    }
+
+    /// The trust boundary around merge and validation: keys the connector lets a job set,
+    /// files the job may name, secrets that stay with their broker, brokers the worker may reach.
+    async fn admit(
+        &self,
+        params: Params,
+        connector: Option<(&str, &Connector)>,
+    ) -> Result<Job, JobError> {
+        if let Some((name, connector)) = connector {
+            policy::job_may_set(&params, name, connector)?;
+        }
+        let params = self.resolve_files(params).await?;
+        let merged = match connector {
+            Some((name, connector)) => {
+                policy::secrets_stay_with_broker(&params, name, connector)?;
+                params.over(&connector.defaults)
+            }
+            None => params,
+        };
+        let job = Job::validate(merged, self.limits)?;
+        self.policy.allowed_brokers.check(&job.target.broker)?;
+        Ok(job)
+    }
+
+    /// The job's own file paths, resolved on a blocking thread (symlinks are followed on disk);
+    /// most jobs name none and skip this.
+    async fn resolve_files(&self, params: Params) -> Result<Params, JobError> {
+        if !JobFiles::applies_to(&params) || matches!(self.policy.job_files, JobFiles::Any) {
+            return Ok(params);
+        }
+        let policy = Arc::clone(&self.policy);
+        tokio::task::spawn_blocking(move || policy.job_files.resolve(params))
+            .await
+            .unwrap_or_else(|_| {
+                Err(JobError::Invalid(
+                    "the job's file paths could not be checked".into(),
+                ))
+            })
     }
 
     /// Publishes until the broker acknowledges, a permanent failure, or the job's timeout.

@@ -13,8 +13,9 @@ use rumqttc::{
     PublishOptions, TlsConfiguration,
 };
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use super::MqttError;
-use super::tls;
 use crate::job::{Message, Qos, Target, Transport};
 use crate::metrics::Metrics;
 
@@ -75,14 +76,18 @@ pub enum End {
 }
 
 impl Connection {
-    /// Connects and waits for CONNACK, then hands the event loop to its own task.
+    /// Connects and waits for CONNACK, then hands the event loop to its own task. `tls` is the
+    /// configuration for a TLS target; `place` is held until the socket is closed (the pool's
+    /// bound on open connections).
     pub async fn open(
         target: &Target,
+        tls: Option<Arc<rustls::ClientConfig>>,
         settings: &ConnectionSettings,
         metrics: &Metrics,
+        place: OwnedSemaphorePermit,
     ) -> Result<Connection, MqttError> {
         let broker = target.broker.to_string();
-        let mut options = mqtt_options(target, settings, &broker)?;
+        let mut options = mqtt_options(target, tls, settings, &broker)?;
         options
             .set_keep_alive(u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX))
             .set_clean_session(true)
@@ -102,9 +107,9 @@ impl Connection {
         let (client, mut eventloop) =
             AsyncClient::builder(options)
                 .try_build()
-                .map_err(|err| MqttError::Connect {
+                .map_err(|err| MqttError::BadOptions {
                     broker: broker.clone(),
-                    reason: format!("bad client options: {err}"),
+                    reason: err.to_string(),
                 })?;
         let mut network = NetworkOptions::new();
         network.set_tcp_nodelay(true);
@@ -139,8 +144,10 @@ impl Connection {
             };
             let _ = task_ended.set(end);
             gauge.dec();
-            // Dropping the event loop fails every publish still waiting for its acknowledgement.
+            // Dropping the event loop fails every publish still waiting for its acknowledgement
+            // and closes the socket; only then is its place in the pool free.
             drop(eventloop);
+            drop(place);
         });
 
         Ok(Connection {
@@ -225,20 +232,13 @@ impl Connection {
 /// over TLS (both TLS ones with our rustls configuration: roots, client certificate, ALPN).
 fn mqtt_options(
     target: &Target,
+    tls: Option<Arc<rustls::ClientConfig>>,
     settings: &ConnectionSettings,
     broker: &str,
 ) -> Result<MqttOptions, MqttError> {
     let client_id = format!("{}{}", target.client_id, settings.client_id_suffix);
-    let tls_config = match &target.tls {
-        Some(tls_settings) => Some(TlsConfiguration::Rustls(
-            tls::client_config(tls_settings).map_err(|err| MqttError::Tls {
-                broker: broker.to_owned(),
-                reason: err.to_string(),
-            })?,
-        )),
-        None => None,
-    };
-    let bad_url = |err: rumqttc::OptionError| MqttError::Connect {
+    let tls_config = tls.map(TlsConfiguration::Rustls);
+    let bad_url = |err: rumqttc::OptionError| MqttError::BadOptions {
         broker: broker.to_owned(),
         reason: format!("bad websocket URL: {err}"),
     };

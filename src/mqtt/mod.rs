@@ -28,6 +28,12 @@ pub enum MqttError {
         "the connection to {broker} ended before the broker acknowledged the publish: {reason}"
     )]
     PublishLost { broker: String, reason: String },
+    /// The job's values cannot make a connection (e.g. a client-id the client refuses).
+    #[error("cannot connect to {broker} with these values: {reason}")]
+    BadOptions { broker: String, reason: String },
+    /// A bug on our side (a task that panicked): not the broker's doing, not retried.
+    #[error("internal error while talking to {broker}: {reason}")]
+    Internal { broker: String, reason: String },
 }
 
 impl MqttError {
@@ -37,12 +43,13 @@ impl MqttError {
             MqttError::Refused { .. } => ExitCode::NotAuthorized,
             MqttError::Tls { .. } => ExitCode::Tls,
             MqttError::NoAnswer { .. } => ExitCode::Timeout,
-            MqttError::PublishLost { .. } => ExitCode::PublishFailed,
+            MqttError::PublishLost { .. } | MqttError::Internal { .. } => ExitCode::PublishFailed,
+            MqttError::BadOptions { .. } => ExitCode::InvalidJob,
         }
     }
 
     /// Transient failures are retried within the job's timeout; permanent ones end the job.
     pub fn is_permanent(&self) -> bool {
-        self.exit_code().is_permanent()
+        matches!(self, MqttError::Internal { .. }) || self.exit_code().is_permanent()
     }
 }
