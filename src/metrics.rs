@@ -63,6 +63,7 @@ struct Inner {
     job_duration: Family<ConnectorLabels, Histogram, fn() -> Histogram>,
     publish_duration: Family<QosLabels, Histogram, fn() -> Histogram>,
     retries: Family<ConnectorLabels, Counter>,
+    deferred: Family<ConnectorLabels, Counter>,
     jobs_in_flight: Gauge,
     mqtt_connections: Family<BrokerLabels, Gauge>,
     mqtt_reconnects: Family<BrokerLabels, Counter>,
@@ -76,6 +77,7 @@ pub struct ConnectorMetrics {
     jobs: [Counter; 8],
     duration: Histogram,
     retries: Counter,
+    deferred: Counter,
 }
 
 impl ConnectorMetrics {
@@ -87,6 +89,11 @@ impl ConnectorMetrics {
 
     pub fn retry(&self) {
         self.retries.inc();
+    }
+
+    /// A job handed back to the queue for the worker that holds its client-id.
+    pub fn deferred(&self) {
+        self.deferred.inc();
     }
 }
 
@@ -128,6 +135,12 @@ impl Metrics {
             "retries",
             "Publish attempts retried after a transient failure",
             retries.clone(),
+        );
+        let deferred = Family::default();
+        registry.register(
+            "jobs_deferred",
+            "Jobs handed back to the queue because another worker holds their MQTT client-id",
+            deferred.clone(),
         );
         let jobs_in_flight = Gauge::default();
         registry.register(
@@ -189,6 +202,7 @@ impl Metrics {
                 job_duration,
                 publish_duration,
                 retries,
+                deferred,
                 jobs_in_flight,
                 mqtt_connections,
                 mqtt_reconnects,
@@ -216,6 +230,7 @@ impl Metrics {
             jobs,
             duration: inner.job_duration.get_or_create_owned(&labels),
             retries: inner.retries.get_or_create_owned(&labels),
+            deferred: inner.deferred.get_or_create_owned(&labels),
         }
     }
 

@@ -27,7 +27,7 @@ use crate::mqtt::pool::Pool;
 use crate::outcome::Reply;
 use crate::pipeline::Pipeline;
 use crate::policy::Policy;
-use crate::settle::{ReplyStatus, settle};
+use crate::settle::{ReplyStatus, Settlement, settle};
 
 /// How long the acks of finished jobs may take to leave at shutdown.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -154,7 +154,8 @@ impl Worker {
             metrics.clone(),
             options.limits,
             options.policy.clone(),
-        );
+        )
+        .deferring();
         tracing::info!(
             connectors = connectors.len(),
             queue = %options.queue,
@@ -286,6 +287,18 @@ async fn handle(
     let finished = pipeline.run(&delivery.data).await;
     let properties = &delivery.properties;
     let correlation_id = properties.correlation_id().as_ref().map(|id| id.as_str());
+    if let Some(delay) = finished.requeue_after {
+        // Not final: back to the queue, unanswered, for the worker holding the client-id.
+        tracing::debug!(
+            correlation_id = correlation_id.unwrap_or(""),
+            requeue_in = ?delay,
+            "{}", finished.outcome.message
+        );
+        tokio::time::sleep(delay).await;
+        settler.settle(delivery.delivery_tag, Settlement::Requeue);
+        metrics.jobs_in_flight().dec();
+        return;
+    }
     let reply_status = match properties.reply_to() {
         Some(reply_to) => {
             let body = Reply::new(&finished.outcome, started.elapsed()).to_json();

@@ -4,7 +4,7 @@
 //! A connection is never silently re-established: once it ends, it is closed for good and the
 //! pool opens a new one, so no publish is replayed behind a job's back.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,9 @@ pub struct Connection {
     pub(crate) in_use: AtomicUsize,
     /// When the last publish finished, in milliseconds since `opened`.
     last_used_ms: AtomicU64,
+    /// Whether the broker acknowledged any publish on this connection: one lost after that was
+    /// working, not refused (a sibling's takeover, not a broker that drops every connection).
+    acked: AtomicBool,
     opened: Instant,
 }
 
@@ -156,6 +159,7 @@ impl Connection {
             ended,
             in_use: AtomicUsize::new(0),
             last_used_ms: AtomicU64::new(0),
+            acked: AtomicBool::new(false),
             opened: Instant::now(),
         })
     }
@@ -170,11 +174,16 @@ impl Connection {
             .await
             .map_err(|_| self.lost())?;
         let result = notice.wait_async().await;
-        self.last_used_ms.store(self.age_ms(), Ordering::Relaxed);
+        // At least 1: 0 means "never used".
+        self.last_used_ms
+            .store(self.age_ms().max(1), Ordering::Relaxed);
         match result {
-            Ok(done) => Ok(Ack {
-                qos: done.qos().into(),
-            }),
+            Ok(done) => {
+                self.acked.store(true, Ordering::Relaxed);
+                Ok(Ack {
+                    qos: done.qos().into(),
+                })
+            }
             Err(_) => Err(self.lost()),
         }
     }
@@ -187,6 +196,11 @@ impl Connection {
     /// Why it ended, if it has.
     pub fn end(&self) -> Option<&End> {
         self.ended.get()
+    }
+
+    /// Whether the broker acknowledged a publish on this connection.
+    pub fn has_worked(&self) -> bool {
+        self.acked.load(Ordering::Relaxed)
     }
 
     /// How long since this connection was opened.
@@ -215,7 +229,13 @@ impl Connection {
         u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn lost(&self) -> MqttError {
+    /// Whether any publish has finished on this connection (acknowledged or not).
+    pub fn has_been_used(&self) -> bool {
+        self.last_used_ms.load(Ordering::Relaxed) > 0
+    }
+
+    /// The error of a publish that this connection can no longer carry.
+    pub fn lost(&self) -> MqttError {
         let reason = match self.ended.get() {
             Some(End::Lost(reason)) => reason.clone(),
             Some(End::Closed) => "the worker closed the connection".into(),

@@ -28,6 +28,17 @@ pub enum MqttError {
         "the connection to {broker} ended before the broker acknowledged the publish: {reason}"
     )]
     PublishLost { broker: String, reason: String },
+    /// Another client (usually a sibling worker with the same options) holds this client-id:
+    /// this worker stopped competing for it for a while.
+    #[error(
+        "client-id {client_id} on {broker} is held by another connection (it took ours over \
+         more than once); this worker stops competing for it for {rest_ms} ms"
+    )]
+    HeldElsewhere {
+        broker: String,
+        client_id: String,
+        rest_ms: u128,
+    },
     /// The job's values cannot make a connection (e.g. a client-id the client refuses).
     #[error("cannot connect to {broker} with these values: {reason}")]
     BadOptions { broker: String, reason: String },
@@ -43,7 +54,9 @@ impl MqttError {
             MqttError::Refused { .. } => ExitCode::NotAuthorized,
             MqttError::Tls { .. } => ExitCode::Tls,
             MqttError::NoAnswer { .. } => ExitCode::Timeout,
-            MqttError::PublishLost { .. } | MqttError::Internal { .. } => ExitCode::PublishFailed,
+            MqttError::PublishLost { .. }
+            | MqttError::HeldElsewhere { .. }
+            | MqttError::Internal { .. } => ExitCode::PublishFailed,
             MqttError::BadOptions { .. } => ExitCode::InvalidJob,
         }
     }

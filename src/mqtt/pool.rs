@@ -34,11 +34,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection lost sooner than this after opening counts as a quick loss: the next one to the
 /// same target waits first (two workers sharing a client-id take the connection from each other).
 const QUICK_LOSS: Duration = Duration::from_secs(10);
+/// How long a worker first stops competing for a client-id that another connection took over
+/// from a working one; doubled each time it happens again, up to [`MAX_YIELD`].
+const FIRST_YIELD: Duration = Duration::from_secs(10);
+const MAX_YIELD: Duration = Duration::from_secs(120);
 
 struct Slot {
     state: State,
     /// Connections to this target lost quickly, in a row.
     quick_losses: u32,
+    /// Times in a row this worker yielded the client-id to another connection.
+    yields: u32,
 }
 
 enum State {
@@ -178,6 +184,7 @@ impl Pool {
                         Slot {
                             state,
                             quick_losses: 0,
+                            yields: 0,
                         },
                     );
                     Step::Wait(future)
@@ -187,9 +194,16 @@ impl Pool {
         match step {
             Step::Ready(lease) => Ok(lease),
             Step::Fail(error) => Err(error),
-            Step::Wait(opening) => opening
-                .await
-                .map(|connection| lease(&connection, &self.inner)),
+            Step::Wait(opening) => {
+                let connection = opening.await?;
+                let leased = lease(&connection, &self.inner);
+                if connection.is_ended() {
+                    // Closed between its CONNACK and this lease (made room for another, or
+                    // lost): the job retries on a new one.
+                    return Err(connection.lost());
+                }
+                Ok(leased)
+            }
         }
     }
 
@@ -216,28 +230,16 @@ impl Pool {
                         .metrics
                         .mqtt_reconnect(&target.broker.to_string());
                 }
-                slot.quick_losses = match loss {
-                    Some(_) if connection.age() < QUICK_LOSS => slot.quick_losses + 1,
-                    _ => 0,
-                };
-                let delay = reconnect_delay(slot.quick_losses);
-                if let Some(reason) = loss.filter(|_| !delay.is_zero()) {
-                    let error = MqttError::PublishLost {
-                        broker: target.broker.to_string(),
-                        reason: format!(
-                            "{reason} (lost {} times in a row soon after connecting; \
-                             next connect in {} ms)",
-                            slot.quick_losses,
-                            delay.as_millis()
-                        ),
-                    };
-                    slot.state = State::Resting {
-                        until: Instant::now() + delay,
-                        error: error.clone(),
-                    };
-                    return Step::Fail(error);
+                let quick_loss = loss.filter(|_| connection.age() < QUICK_LOSS);
+                let worked = connection.has_worked();
+                let (state, error) = after_loss(slot, target, quick_loss, worked);
+                match (state, error) {
+                    (Some(state), Some(error)) => {
+                        slot.state = state;
+                        Step::Fail(error)
+                    }
+                    _ => Step::Wait(self.reopen(slot, target)),
                 }
-                Step::Wait(self.reopen(slot, target))
             }
         }
     }
@@ -357,8 +359,12 @@ fn close_least_recently_used(inner: &Inner) {
     let idle = slots
         .values()
         .filter_map(|slot| match &slot.state {
+            // A connection that has never carried a publish is about to be leased by the job
+            // that opened it: not idle.
             State::Open(connection)
-                if !connection.is_ended() && connection.in_use.load(Ordering::Acquire) == 0 =>
+                if !connection.is_ended()
+                    && connection.in_use.load(Ordering::Acquire) == 0
+                    && connection.has_been_used() =>
             {
                 Some(connection)
             }
@@ -369,6 +375,64 @@ fn close_least_recently_used(inner: &Inner) {
         connection.close();
         inner.metrics.mqtt_connection_evicted();
     }
+}
+
+/// What follows the end of a connection: reconnect at once (`None`), or rest, answering leases
+/// with the error meanwhile. A working connection taken over quickly means another connection
+/// (a sibling worker with the same options) holds the client-id: this worker yields it for a
+/// while, so the broker does not see the two take it from each other in a loop. A connection
+/// lost quickly before it ever worked is retried with a short backoff instead.
+fn after_loss(
+    slot: &mut Slot,
+    target: &Target,
+    quick_loss: Option<String>,
+    worked: bool,
+) -> (Option<State>, Option<MqttError>) {
+    let Some(reason) = quick_loss else {
+        slot.quick_losses = 0;
+        slot.yields = 0;
+        return (None, None);
+    };
+    slot.quick_losses += 1;
+    let (delay, error) = if worked {
+        slot.yields += 1;
+        let delay = yield_delay(slot.yields);
+        let error = MqttError::HeldElsewhere {
+            broker: target.broker.to_string(),
+            client_id: target.client_id.clone(),
+            rest_ms: delay.as_millis(),
+        };
+        (delay, error)
+    } else {
+        let delay = reconnect_delay(slot.quick_losses);
+        if delay.is_zero() {
+            return (None, None);
+        }
+        let error = MqttError::PublishLost {
+            broker: target.broker.to_string(),
+            reason: format!(
+                "{reason} (lost {} times in a row soon after connecting; next connect in {} ms)",
+                slot.quick_losses,
+                delay.as_millis()
+            ),
+        };
+        (delay, error)
+    };
+    let state = State::Resting {
+        until: Instant::now() + delay,
+        error: error.clone(),
+    };
+    (Some(state), Some(error))
+}
+
+/// How long to yield a client-id held elsewhere, the `yields`-th time in a row.
+fn yield_delay(yields: u32) -> Duration {
+    let mut backoff = Backoff::new(FIRST_YIELD, MAX_YIELD);
+    (1..yields).for_each(|_| {
+        backoff.next_delay();
+    });
+    // Never below the first step's half: a yield shorter than a burst only adds takeovers.
+    backoff.next_delay().max(FIRST_YIELD / 2)
 }
 
 /// How long to rest before reconnecting: not after the first quick loss; then 200 ms doubling
