@@ -118,6 +118,16 @@ if len(all_stages) < 2:
 build_stages, runtime = all_stages[:-1], all_stages[-1]
 roots = {}
 
+# Files from the build context are checked before anything runs: a COPY of a missing path
+# fails in seconds, not after the build.
+for name, _, steps in all_stages:
+    for number, word, rest in steps:
+        if word == "COPY":
+            source_stage, sources, _ = copy_sources(number, rest)
+            for source in sources:
+                if source_stage is None and not os.path.exists(os.path.join(repo, source)):
+                    fail(f"line {number}: COPY {source}: no such file or folder in the build context")
+
 shutil.rmtree(scratch, ignore_errors=True)
 os.makedirs(target, exist_ok=True)
 
