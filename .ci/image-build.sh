@@ -19,12 +19,18 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 dockerfile=${1:-$repo/Dockerfile}
 export IMAGE_BUILD_TARGET=${IMAGE_BUILD_TARGET:-${XDG_CACHE_HOME:-$HOME/.cache}/mqtt-connector/image-build-target}
-export IMAGE_BUILD_SCRATCH=${IMAGE_BUILD_SCRATCH:-$repo/target/image-build/scratch}
+# Outside the checkout, as /app is in the image: inside it, cargo would look up the repository's
+# own Cargo.toml as a possible workspace root.
+if [ -z "${IMAGE_BUILD_SCRATCH:-}" ]; then
+    IMAGE_BUILD_SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/mqtt-connector-image-build.XXXXXX")
+    trap 'rm -rf "$IMAGE_BUILD_SCRATCH"' EXIT
+fi
+export IMAGE_BUILD_SCRATCH
 # The Dockerfile's own target folder is `target/` in its WORKDIR: an inherited CARGO_TARGET_DIR
 # would send the build elsewhere and the runtime stage's COPY would find nothing.
 unset CARGO_TARGET_DIR CARGO_BUILD_TARGET_DIR
 
-exec python3 - "$repo" "$dockerfile" <<'PY'
+python3 - "$repo" "$dockerfile" <<'PY'
 import os, shlex, shutil, subprocess, sys, time
 
 repo, dockerfile = sys.argv[1], sys.argv[2]

@@ -20,7 +20,8 @@ export K8S_VERSION=${K8S_VERSION:-1.33.0}
 KUBERNETES_VALIDATE_VERSION=1.37.0
 
 started=$(date +%s%N)
-if ! python3 -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null; then
+if ! python3 -c "import importlib.metadata as m, jsonschema, yaml
+assert m.version('kubernetes-validate') == '$KUBERNETES_VALIDATE_VERSION'" 2>/dev/null; then
     echo "k8s-validate: installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
     python3 -m pip install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
@@ -38,8 +39,8 @@ else
     echo "k8s-validate: kubectl not installed, the kustomize rendering is not checked"
 fi
 
-exec python3 - "$dir" "$rendered" <<'PY'
-import json, os, re, shlex, sys, time
+python3 - "$dir" "$rendered" <<'PY'
+import json, os, re, sys, time
 
 import jsonschema
 import kubernetes_validate
