@@ -17,7 +17,9 @@ WORKDIR /app
 # ---- planner: a recipe of the dependencies, from the manifests and the targets they name ---
 # Every file that names a target must be here (Cargo.toml names the `throughput` bench; the
 # library and binary live in src/): cargo-chef turns them into a skeleton for the next stage.
-# examples/ holds no Rust target (Python and Node.js clients only), so it is not copied.
+# examples/ is not copied: Cargo.toml names no example target, and cargo discovers examples
+# only where their files are. Name one in Cargo.toml and this stage must COPY it too (CI fails
+# until it does).
 FROM chef AS planner
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
