@@ -61,10 +61,15 @@ fn configmap_connectors_load_from_a_kubelet_volume() {
     assert_eq!(store.len(), files.len());
     let devices = store.get("devices").expect("connector devices");
     assert_eq!(
-        devices.broker.as_deref(),
+        devices.defaults.broker.as_deref(),
         Some("tcp://mosquitto.mqtt.svc.cluster.local:1883")
     );
+    assert!(
+        devices.job_may_set.is_some(),
+        "the hardened connector names the keys jobs may set"
+    );
     let password = devices
+        .defaults
         .password
         .as_ref()
         .expect("the connector has a password");
