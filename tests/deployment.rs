@@ -672,12 +672,14 @@ fn compose_publishes_the_expected_ports() {
 #[test]
 fn compose_workers_are_hardened() {
     let compose = yaml(COMPOSE);
-    let connectors = mqtt_connector::connectors::ConnectorStore::load(std::path::Path::new(
-        "config/connectors",
-    ))
-    .expect("config/connectors loads");
+    let connectors =
+        mqtt_connector::connectors::ConnectorStore::load(std::path::Path::new("config/connectors"))
+            .expect("config/connectors loads");
     let demo = connectors.get("compose").expect("the compose connector");
-    assert!(demo.job_may_set.is_some(), "compose.json has no job-may-set");
+    assert!(
+        demo.job_may_set.is_some(),
+        "compose.json has no job-may-set"
+    );
     for name in ["worker1", "worker2"] {
         let env = environment(service(&compose, name));
         assert!(
