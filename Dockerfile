@@ -3,27 +3,40 @@
 #   docker build -t mqtt-connector .
 #   docker run --rm mqtt-connector            # runs `mqtt-connector worker`
 #   docker run --rm mqtt-connector check      # any other subcommand
+#
+# The build stages (chef, planner, builder) are also run by `.ci/image-build.sh`, which reads
+# their WORKDIR, COPY and RUN lines from this file and runs them in a scratch copy of the files
+# they COPY: keep every build command in a RUN line of those stages, with relative paths only
+# (the script maps WORKDIR and `COPY --from` paths, nothing else).
 
-# ---- builder ---------------------------------------------------------------------------------
-FROM rust:1-bookworm AS builder
-WORKDIR /build
+# ---- chef: the Rust toolchain and cargo-chef, pinned ----------------------------------------
+FROM rust:1-bookworm AS chef
+RUN cargo install --locked cargo-chef --version 0.1.78
+WORKDIR /app
 
-# Dependency-caching layer: build the dependencies against a stub main.rs (and the stub bench
-# target Cargo.toml names), so that a change in
-# src/ alone does not rebuild them.
+# ---- planner: a recipe of the dependencies, from the manifests and the targets they name ---
+# Every file that names a target must be here (Cargo.toml names the `throughput` bench; the
+# library and binary live in src/): cargo-chef turns them into a skeleton for the next stage.
+# examples/ is not copied: Cargo.toml names no example target, and cargo discovers examples
+# only where their files are. Name one in Cargo.toml and this stage must COPY it too (CI fails
+# until it does).
+FROM chef AS planner
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src benches \
-    && echo 'fn main() {}' > src/main.rs \
-    && echo 'fn main() {}' > benches/throughput.rs \
-    && cargo build --release --locked \
-    && rm -rf src
-
-# The real sources. COPY keeps the files' own mtimes, which may be older than the stub's build:
-# touch them so that cargo rebuilds the crate itself.
 COPY src ./src
-RUN find src -type f -name '*.rs' -exec touch {} + \
-    && cargo build --release --locked \
-    && install -m 0755 target/release/mqtt-connector /usr/local/bin/mqtt-connector
+COPY benches ./benches
+RUN cargo chef prepare --recipe-path recipe.json
+
+# ---- builder: dependencies first (a layer cached until Cargo.toml/Cargo.lock change), then us
+FROM chef AS builder
+COPY --from=planner /app/recipe.json recipe.json
+RUN cargo chef cook --release --locked --recipe-path recipe.json
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+# `--version` proves the real binary was built, not the skeleton's empty main (which prints
+# nothing): cargo-chef removes its dummy artifacts, and this line fails if it ever did not.
+RUN cargo build --release --locked --bin mqtt-connector \
+    && target/release/mqtt-connector --version | grep -q '^mqtt-connector '
 
 # ---- runtime ---------------------------------------------------------------------------------
 FROM debian:bookworm-slim
@@ -35,13 +48,14 @@ RUN apt-get update \
     && useradd --system --uid 10001 --gid mqtt-connector --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin mqtt-connector
 
-COPY --from=builder /usr/local/bin/mqtt-connector /usr/local/bin/mqtt-connector
+COPY --from=builder /app/target/release/mqtt-connector /usr/local/bin/mqtt-connector
 COPY config/connectors /etc/mqtt-connector/connectors
 
 ENV MQTT_CONNECTOR_CONNECTORS=/etc/mqtt-connector/connectors \
     MQTT_CONNECTOR_METRICS_ADDR=0.0.0.0:9090
 
-USER mqtt-connector:mqtt-connector
+# Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
 EXPOSE 9090
 ENTRYPOINT ["mqtt-connector"]
 CMD ["worker"]

@@ -1,11 +1,41 @@
 //! The connector store: named job defaults, one JSON file per connector in a folder,
-//! with `${ENV_NAME}` values taken from the worker's environment. Loaded whole or not at all.
+//! with `${ENV_NAME}` values taken from the worker's environment, and the keys a job naming
+//! the connector may set (`job-may-set`). Loaded whole or not at all.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::job::Params;
+use crate::job::{Broker, Params};
+
+/// The connector key that lists the only job keys a job naming the connector may set.
+pub const JOB_MAY_SET: &str = "job-may-set";
+
+/// One connector: the defaults a job starts from, and what a job may change of them.
+#[derive(Debug, Clone, Default)]
+pub struct Connector {
+    pub defaults: Params,
+    /// The connector's broker, parsed; `None` without one or when it does not parse (a job
+    /// using it fails validation, and `check` reports it).
+    pub broker: Option<Broker>,
+    /// The only job keys a job naming this connector may set; `None`: every key.
+    pub job_may_set: Option<Vec<String>>,
+}
+
+impl Connector {
+    /// A connector with these defaults and no restriction.
+    pub fn new(defaults: Params) -> Self {
+        let broker = defaults
+            .broker
+            .as_deref()
+            .and_then(|url| Broker::parse(url).ok());
+        Self {
+            defaults,
+            broker,
+            job_may_set: None,
+        }
+    }
+}
 
 /// Why the connectors folder could not be loaded. The worker refuses to start on any of these.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +57,7 @@ pub enum ConnectorError {
 /// All connectors of a folder, by name (the file name without `.json`).
 #[derive(Debug, Clone, Default)]
 pub struct ConnectorStore {
-    connectors: HashMap<String, Arc<Params>>,
+    connectors: HashMap<String, Arc<Connector>>,
 }
 
 impl ConnectorStore {
@@ -66,26 +96,33 @@ impl ConnectorStore {
                 file: file.clone(),
                 source,
             })?;
-            let params = parse(&text, &env).map_err(|message| ConnectorError::Invalid {
+            let connector = parse(&text, &env).map_err(|message| ConnectorError::Invalid {
                 file: file.clone(),
                 message,
             })?;
-            connectors.insert(name, Arc::new(params));
+            connectors.insert(name, Arc::new(connector));
         }
         Ok(Self { connectors })
     }
 
     /// The connector of that name. Names are only ever looked up, never used as paths.
-    pub fn get(&self, name: &str) -> Option<&Params> {
+    pub fn get(&self, name: &str) -> Option<&Connector> {
         self.connectors.get(name).map(Arc::as_ref)
     }
 
+    /// The connector of that name, with the name as the store holds it.
+    pub fn get_named(&self, name: &str) -> Option<(&str, &Connector)> {
+        self.connectors
+            .get_key_value(name)
+            .map(|(name, connector)| (name.as_str(), connector.as_ref()))
+    }
+
     /// Every connector, sorted by name.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Params)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Connector)> {
         let mut all: Vec<_> = self
             .connectors
             .iter()
-            .map(|(name, params)| (name.as_str(), params.as_ref()))
+            .map(|(name, connector)| (name.as_str(), connector.as_ref()))
             .collect();
         all.sort_by_key(|(name, _)| *name);
         all.into_iter()
@@ -100,8 +137,8 @@ impl ConnectorStore {
     }
 }
 
-/// One connector file's text to parameters. The error names the key at fault.
-pub fn parse(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Params, String> {
+/// One connector file's text to a connector. The error names the key at fault.
+pub fn parse(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Connector, String> {
     let mut value: serde_json::Value =
         serde_json::from_str(text).map_err(|err| format!("not valid JSON: {err}"))?;
     let object = value.as_object_mut().ok_or("must hold one JSON object")?;
@@ -110,14 +147,32 @@ pub fn parse(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Params
             return Err(format!("key {key:?} belongs in a job, not in a connector"));
         }
     }
+    let job_may_set = object.remove(JOB_MAY_SET).map(job_may_set).transpose()?;
     for (key, value) in object.iter_mut() {
         expand_env(key, value, env)?;
     }
-    Params::from_json(value).map_err(|err| {
+    let defaults = Params::from_json(value).map_err(|err| {
         err.to_string()
             .trim_start_matches("invalid job: ")
             .to_owned()
+    })?;
+    Ok(Connector {
+        job_may_set,
+        ..Connector::new(defaults)
     })
+}
+
+/// `job-may-set`: a list of job keys (`connector` and `action` are always allowed: they are how
+/// a job names its connector).
+fn job_may_set(keys: serde_json::Value) -> Result<Vec<String>, String> {
+    let keys: Vec<String> = serde_json::from_value(keys)
+        .map_err(|_| format!("key {JOB_MAY_SET:?} must be a list of job keys"))?;
+    match keys.iter().find(|key| !Params::is_key(key)) {
+        Some(unknown) => Err(format!(
+            "key {JOB_MAY_SET:?} names {unknown:?}, which is not a job key"
+        )),
+        None => Ok(keys),
+    }
 }
 
 /// Replaces every `${NAME}` inside string values (also inside lists) with the variable's value.
@@ -180,10 +235,17 @@ mod tests {
             "root-ca-crt": "/certs/root-CA.crt", "certificate": "/certs/device.pem.crt",
             "private-key": "/certs/device.pem.key", "use-certificate": true }"#;
         assert_eq!(
-            parse(flint, &env).expect("flint").client_id.as_deref(),
+            parse(flint, &env)
+                .expect("flint")
+                .defaults
+                .client_id
+                .as_deref(),
             Some("flint_mqtt")
         );
-        assert_eq!(parse(aws, &env).expect("aws").use_certificate, Some(true));
+        assert_eq!(
+            parse(aws, &env).expect("aws").defaults.use_certificate,
+            Some(true)
+        );
     }
 
     #[test]
@@ -192,7 +254,8 @@ mod tests {
             r#"{"broker": "tcp://${HOST}:1883", "password": "${PW}"}"#,
             &env,
         )
-        .expect("valid");
+        .expect("valid")
+        .defaults;
         assert_eq!(params.broker.as_deref(), Some("tcp://mqtt.example:1883"));
         assert_eq!(
             params.password.map(|p| p.expose().to_owned()),
@@ -210,6 +273,27 @@ mod tests {
     fn an_unknown_key_is_named() {
         let err = parse(r#"{"brokr": "tcp://h"}"#, &env).expect_err("unknown");
         assert!(err.contains("brokr"), "{err}");
+    }
+
+    #[test]
+    fn job_may_set_lists_job_keys_and_names_an_unknown_one() {
+        let connector = parse(
+            r#"{"broker": "tcp://h", "job-may-set": ["topic", "content"]}"#,
+            &env,
+        )
+        .expect("valid");
+        assert_eq!(
+            connector.job_may_set,
+            Some(vec!["topic".to_owned(), "content".to_owned()])
+        );
+        assert!(connector.broker.is_some());
+        let err = parse(r#"{"job-may-set": ["topic", "colour"]}"#, &env).expect_err("unknown");
+        assert!(
+            err.contains("colour") && err.contains("job-may-set"),
+            "{err}"
+        );
+        let err = parse(r#"{"job-may-set": "topic"}"#, &env).expect_err("not a list");
+        assert!(err.contains("list"), "{err}");
     }
 
     #[test]

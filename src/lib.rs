@@ -2,7 +2,8 @@
 //!
 //! The flow of one job, top to bottom:
 //! - [`amqp::consumer`] receives a delivery from the request queue,
-//! - [`job`] decodes it, [`connectors`] supplies the named defaults, [`job`] merges and validates,
+//! - [`job`] decodes it, [`connectors`] supplies the named defaults, [`policy`] holds it to the
+//!   trust boundary (keys, files, secrets, brokers), [`job`] merges and validates,
 //! - [`pipeline`] publishes it through [`mqtt::pool`] (retries, backoff, the job's timeout) and
 //!   waits for the broker's acknowledgement ([`mqtt::connection`]),
 //! - [`amqp::replier`] publishes `{exit-code, message}` and waits for RabbitMQ's confirm,
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod outcome;
 pub mod pipeline;
+pub mod policy;
 pub mod secret;
 pub mod settle;
 pub mod submit;

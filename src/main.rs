@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use mqtt_connector::mqtt::connection::ConnectionSettings;
 use mqtt_connector::mqtt::pool::Pool;
 use mqtt_connector::outcome::Reply;
 use mqtt_connector::pipeline::Pipeline;
+use mqtt_connector::policy::{AllowedBrokers, JobFiles, Policy, PolicyError};
 use mqtt_connector::submit::{self, SubmitError};
 use mqtt_connector::worker::{Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
@@ -110,6 +111,28 @@ struct WorkerArgs {
     /// Publishes in flight on one MQTT connection.
     #[arg(long, env = "MQTT_CONNECTOR_MQTT_INFLIGHT", default_value_t = 1000)]
     mqtt_inflight: u16,
+    #[command(flatten)]
+    allow_broker: AllowBrokerArg,
+    /// Folder whose files (certificates, keys) job bodies may name; without it, jobs name none.
+    #[arg(long, env = "MQTT_CONNECTOR_JOB_FILES")]
+    job_files: Option<PathBuf>,
+    /// MQTT connections this worker holds open at most; at the bound the least recently used
+    /// idle one is closed.
+    #[arg(long, env = "MQTT_CONNECTOR_MAX_CONNECTIONS", default_value_t = 1000)]
+    max_connections: usize,
+}
+
+#[derive(Args)]
+struct AllowBrokerArg {
+    /// A broker jobs may reach: host or host:port, * within a host label or for the port
+    /// (repeatable; the environment variable is comma-separated). None given: any broker.
+    #[arg(
+        long = "allow-broker",
+        value_name = "PATTERN",
+        env = "MQTT_CONNECTOR_ALLOW_BROKER",
+        value_delimiter = ','
+    )]
+    patterns: Vec<String>,
 }
 
 #[derive(Args)]
@@ -138,6 +161,8 @@ struct SubmitArgs {
 struct CheckArgs {
     #[command(flatten)]
     connectors: ConnectorsArg,
+    #[command(flatten)]
+    allow_broker: AllowBrokerArg,
 }
 
 fn main() -> ExitCode {
@@ -194,6 +219,11 @@ async fn worker(args: WorkerArgs) -> ExitCode {
     options.limits = Limits {
         max_content_bytes: args.max_content_bytes,
     };
+    options.policy = match policy(&args.allow_broker, args.job_files.as_deref()) {
+        Ok(policy) => policy,
+        Err(err) => return fail(&err.to_string()),
+    };
+    options.max_connections = args.max_connections.max(1);
     options.mqtt = ConnectionSettings {
         inflight: args.mqtt_inflight.max(1),
         max_packet_bytes: args.max_content_bytes.saturating_add(64 * 1024),
@@ -218,6 +248,17 @@ async fn worker(args: WorkerArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The trust boundary from the command line.
+fn policy(allow_broker: &AllowBrokerArg, job_files: Option<&Path>) -> Result<Policy, PolicyError> {
+    Ok(Policy {
+        allowed_brokers: AllowedBrokers::parse(&allow_broker.patterns)?,
+        job_files: match job_files {
+            Some(dir) => JobFiles::inside(dir)?,
+            None => JobFiles::Forbidden,
+        },
+    })
 }
 
 fn client_id_suffix(option: &str) -> String {
@@ -261,9 +302,16 @@ async fn send(args: SendArgs) -> ExitCode {
     let pool = Pool::new(
         ConnectionSettings::default(),
         Duration::from_secs(60),
+        1,
         metrics.clone(),
     );
-    let pipeline = Pipeline::new(Arc::new(store), pool.clone(), metrics, Limits::default());
+    let pipeline = Pipeline::new(
+        Arc::new(store),
+        pool.clone(),
+        metrics,
+        Limits::default(),
+        Policy::for_send(),
+    );
     let started = std::time::Instant::now();
     let finished = pipeline.run(&body).await;
     pool.close_all();
@@ -311,9 +359,13 @@ fn check(args: CheckArgs) -> ExitCode {
         Ok(store) => store,
         Err(err) => return fail(&err.to_string()),
     };
+    let allowed = match AllowedBrokers::parse(&args.allow_broker.patterns) {
+        Ok(allowed) => allowed,
+        Err(err) => return fail(&err.to_string()),
+    };
     let mut problems = 0;
-    for (name, params) in store.iter() {
-        let notes = check::problems(params);
+    for (name, connector) in store.iter() {
+        let notes = check::problems(connector, &allowed);
         if notes.is_empty() {
             println!("ok       {name}");
         } else {

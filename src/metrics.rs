@@ -1,9 +1,11 @@
 //! Every metric of the worker, its name and its labels, in one place: the Grafana dashboard and
 //! the alert rules match what is written here. Names are prefixed `mqtt_connector_`; label
-//! values are bounded (connector names, exit-codes, QoS, broker host:port), never a topic,
+//! values are bounded whatever jobs write: connector names, exit-codes, QoS, and the host:port
+//! of brokers that connectors name ([`JOB_BROKER`] for every other broker), never a topic,
 //! client-id or correlation id.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -46,12 +48,22 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+/// The `broker` label of every broker no connector names: a job may write any host, and a label
+/// value per host would let a job stream grow every scrape without bound.
+pub const JOB_BROKER: &str = "job";
+
 struct Inner {
     registry: Registry,
+    /// Brokers named by connectors (host:port): the only broker label values besides [`JOB_BROKER`].
+    named_brokers: RwLock<HashSet<String>>,
+    mqtt_connection_evictions: Counter,
+    mqtt_connection_waits: Counter,
+    mqtt_connections_max: Gauge,
     jobs: Family<JobLabels, Counter>,
     job_duration: Family<ConnectorLabels, Histogram, fn() -> Histogram>,
     publish_duration: Family<QosLabels, Histogram, fn() -> Histogram>,
     retries: Family<ConnectorLabels, Counter>,
+    deferred: Family<ConnectorLabels, Counter>,
     jobs_in_flight: Gauge,
     mqtt_connections: Family<BrokerLabels, Gauge>,
     mqtt_reconnects: Family<BrokerLabels, Counter>,
@@ -65,6 +77,7 @@ pub struct ConnectorMetrics {
     jobs: [Counter; 9],
     duration: Histogram,
     retries: Counter,
+    deferred: Counter,
 }
 
 impl ConnectorMetrics {
@@ -76,6 +89,11 @@ impl ConnectorMetrics {
 
     pub fn retry(&self) {
         self.retries.inc();
+    }
+
+    /// A job handed back to the queue for the worker that holds its client-id.
+    pub fn deferred(&self) {
+        self.deferred.inc();
     }
 }
 
@@ -118,6 +136,12 @@ impl Metrics {
             "Publish attempts retried after a transient failure",
             retries.clone(),
         );
+        let deferred = Family::default();
+        registry.register(
+            "jobs_deferred",
+            "Jobs handed back to the queue because another worker holds their MQTT client-id",
+            deferred.clone(),
+        );
         let jobs_in_flight = Gauge::default();
         registry.register(
             "jobs_in_flight",
@@ -136,6 +160,24 @@ impl Metrics {
             "MQTT connections opened again after one to the same target was lost",
             mqtt_reconnects.clone(),
         );
+        let mqtt_connections_max = Gauge::default();
+        registry.register(
+            "mqtt_connections_max",
+            "The most MQTT connections this worker holds open (--max-connections)",
+            mqtt_connections_max.clone(),
+        );
+        let mqtt_connection_evictions = Counter::default();
+        registry.register(
+            "mqtt_connection_evictions",
+            "Idle MQTT connections closed early to make room under --max-connections",
+            mqtt_connection_evictions.clone(),
+        );
+        let mqtt_connection_waits = Counter::default();
+        registry.register(
+            "mqtt_connection_waits",
+            "Connects that waited for room under --max-connections (every connection was busy)",
+            mqtt_connection_waits.clone(),
+        );
         let amqp_consumer_up = Gauge::default();
         registry.register(
             "amqp_consumer_up",
@@ -152,10 +194,15 @@ impl Metrics {
         Self {
             inner: Arc::new(Inner {
                 registry,
+                named_brokers: RwLock::default(),
+                mqtt_connection_evictions,
+                mqtt_connection_waits,
+                mqtt_connections_max,
                 jobs,
                 job_duration,
                 publish_duration,
                 retries,
+                deferred,
                 jobs_in_flight,
                 mqtt_connections,
                 mqtt_reconnects,
@@ -183,6 +230,7 @@ impl Metrics {
             jobs,
             duration: inner.job_duration.get_or_create_owned(&labels),
             retries: inner.retries.get_or_create_owned(&labels),
+            deferred: inner.deferred.get_or_create_owned(&labels),
         }
     }
 
@@ -200,22 +248,62 @@ impl Metrics {
         &self.inner.jobs_in_flight
     }
 
+    /// The brokers (host:port) that connectors name: they get a `broker` label value of their
+    /// own; every other broker counts under [`JOB_BROKER`].
+    pub fn name_brokers(&self, brokers: impl IntoIterator<Item = String>) {
+        let mut named = self
+            .inner
+            .named_brokers
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        named.extend(brokers);
+    }
+
+    /// The `broker` label value of a broker: itself if a connector names it, else [`JOB_BROKER`].
+    fn broker_label(&self, broker: &str) -> BrokerLabels {
+        let named = self
+            .inner
+            .named_brokers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        BrokerLabels {
+            broker: if named.contains(broker) {
+                broker.to_owned()
+            } else {
+                JOB_BROKER.to_owned()
+            },
+        }
+    }
+
     /// The open-connections gauge of one broker.
     pub fn mqtt_connections(&self, broker: &str) -> Gauge {
         self.inner
             .mqtt_connections
-            .get_or_create_owned(&BrokerLabels {
-                broker: broker.to_owned(),
-            })
+            .get_or_create_owned(&self.broker_label(broker))
     }
 
     pub fn mqtt_reconnect(&self, broker: &str) {
         self.inner
             .mqtt_reconnects
-            .get_or_create(&BrokerLabels {
-                broker: broker.to_owned(),
-            })
+            .get_or_create(&self.broker_label(broker))
             .inc();
+    }
+
+    /// The pool's bound on open connections.
+    pub fn set_mqtt_connections_max(&self, max: usize) {
+        self.inner
+            .mqtt_connections_max
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
+    /// An idle connection closed to make room under the bound.
+    pub fn mqtt_connection_evicted(&self) {
+        self.inner.mqtt_connection_evictions.inc();
+    }
+
+    /// A connect that found no room under the bound and waited.
+    pub fn mqtt_connection_waited(&self) {
+        self.inner.mqtt_connection_waits.inc();
     }
 
     pub fn set_consumer_up(&self, up: bool) {
@@ -292,6 +380,30 @@ mod tests {
         );
         assert!(
             text.contains("mqtt_connector_build_info{version="),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn broker_labels_stay_bounded_whatever_brokers_jobs_name() {
+        let metrics = Metrics::new();
+        metrics.name_brokers(["mqtt.prod:1883".to_owned()]);
+        metrics.mqtt_connections("mqtt.prod:1883").inc();
+        for i in 0..1_000 {
+            let broker = format!("host-{i}.example:1883");
+            metrics.mqtt_connections(&broker).inc();
+            metrics.mqtt_reconnect(&broker);
+        }
+        let text = metrics.encode();
+        let series = |name: &str| {
+            text.lines()
+                .filter(|line| line.starts_with(name) && line.contains("broker="))
+                .count()
+        };
+        assert_eq!(series("mqtt_connector_mqtt_connections{"), 2, "{text}");
+        assert_eq!(series("mqtt_connector_mqtt_reconnects_total{"), 1, "{text}");
+        assert!(
+            text.contains(r#"mqtt_connector_mqtt_connections{broker="job"} 1000"#),
             "{text}"
         );
     }

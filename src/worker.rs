@@ -26,7 +26,8 @@ use crate::mqtt::connection::ConnectionSettings;
 use crate::mqtt::pool::Pool;
 use crate::outcome::Reply;
 use crate::pipeline::Pipeline;
-use crate::settle::{ReplyStatus, settle};
+use crate::policy::Policy;
+use crate::settle::{ReplyStatus, Settlement, settle};
 
 /// How long the acks of finished jobs may take to leave at shutdown.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,6 +47,10 @@ pub struct WorkerOptions {
     pub grace_period: Duration,
     pub limits: Limits,
     pub mqtt: ConnectionSettings,
+    /// What jobs may make this worker do: brokers, files.
+    pub policy: Policy,
+    /// MQTT connections held open at most.
+    pub max_connections: usize,
 }
 
 impl WorkerOptions {
@@ -64,6 +69,8 @@ impl WorkerOptions {
             grace_period: Duration::from_secs(30),
             limits: Limits::default(),
             mqtt: ConnectionSettings::default(),
+            policy: Policy::default(),
+            max_connections: crate::mqtt::pool::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -81,6 +88,8 @@ impl std::fmt::Debug for WorkerOptions {
             .field("grace_period", &self.grace_period)
             .field("limits", &self.limits)
             .field("mqtt", &self.mqtt)
+            .field("policy", &self.policy)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -128,8 +137,25 @@ impl Worker {
             ),
             None => None,
         };
-        let pool = Pool::new(options.mqtt.clone(), options.idle_timeout, metrics.clone());
-        let pipeline = Pipeline::new(connectors.clone(), pool, metrics.clone(), options.limits);
+        metrics.name_brokers(
+            connectors
+                .iter()
+                .filter_map(|(_, connector)| connector.broker.as_ref().map(ToString::to_string)),
+        );
+        let pool = Pool::new(
+            options.mqtt.clone(),
+            options.idle_timeout,
+            options.max_connections,
+            metrics.clone(),
+        );
+        let pipeline = Pipeline::new(
+            connectors.clone(),
+            pool,
+            metrics.clone(),
+            options.limits,
+            options.policy.clone(),
+        )
+        .deferring();
         tracing::info!(
             connectors = connectors.len(),
             queue = %options.queue,
@@ -261,6 +287,18 @@ async fn handle(
     let finished = pipeline.run(&delivery.data).await;
     let properties = &delivery.properties;
     let correlation_id = properties.correlation_id().as_ref().map(|id| id.as_str());
+    if let Some(delay) = finished.requeue_after {
+        // Not final: back to the queue, unanswered, for the worker holding the client-id.
+        tracing::debug!(
+            correlation_id = correlation_id.unwrap_or(""),
+            requeue_in = ?delay,
+            "{}", finished.outcome.message
+        );
+        tokio::time::sleep(delay).await;
+        settler.settle(delivery.delivery_tag, Settlement::Requeue);
+        metrics.jobs_in_flight().dec();
+        return;
+    }
     let reply_status = match properties.reply_to() {
         Some(reply_to) => {
             let body = Reply::new(&finished.outcome, started.elapsed()).to_json();

@@ -435,3 +435,49 @@ async fn worker_without_rabbitmq_is_healthy_not_ready_and_keeps_trying() {
     worker.signal("TERM");
     assert_eq!(worker.wait(T).await, Some(0), "log:\n{}", worker.log());
 }
+
+#[tokio::test]
+async fn check_reports_connectors_outside_the_allowed_brokers() {
+    let dir = connectors_dir();
+    write_connector(
+        dir.path(),
+        "inside",
+        json!({"broker": "ssl://abc-ats.iot.eu-west-1.amazonaws.com:8883", "qos": 1}),
+    );
+    write_connector(
+        dir.path(),
+        "outside",
+        json!({"broker": "tcp://mqtt.example.com:1883"}),
+    );
+    let folder = dir.path().to_str().expect("utf-8");
+    let args = [
+        "check",
+        "--connectors",
+        folder,
+        "--allow-broker",
+        "*.iot.eu-west-1.amazonaws.com:8883",
+    ];
+    let output = run(&args, &[]).await;
+    let out = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{out}");
+    assert!(out.contains("ok       inside"), "{out}");
+    assert!(
+        out.contains("problem  outside") && out.contains("--allow-broker"),
+        "{out}"
+    );
+    // The environment form, comma-separated, allows both.
+    let env = [(
+        "MQTT_CONNECTOR_ALLOW_BROKER",
+        "*.iot.eu-west-1.amazonaws.com:8883,mqtt.example.com",
+    )];
+    let output = run(&["check", "--connectors", folder], &env).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    // A bad pattern stops it with a message naming the pattern.
+    let output = run(
+        &["check", "--connectors", folder, "--allow-broker", "tcp://h"],
+        &[],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("tcp://h"), "{}", stderr(&output));
+}

@@ -516,7 +516,8 @@ fn compose_builds_the_workers_from_the_dockerfile() {
 fn dockerfile_is_multi_stage_and_runs_the_worker_as_non_root() {
     let d = read("Dockerfile");
     let has = |s: &str| assert!(d.contains(s), "Dockerfile lacks {s:?}");
-    has("FROM rust:1-bookworm AS builder");
+    has("FROM rust:1-bookworm AS chef");
+    has("cargo chef cook --release --locked");
     has("cargo build --release --locked");
     has("FROM debian:bookworm-slim");
     has("ca-certificates");
@@ -666,6 +667,37 @@ fn compose_publishes_the_expected_ports() {
     }
 }
 
+/// The compose workers run the README's hardened example: an allow-list their connector's broker
+/// matches, no job files, a connector that locks its keys.
+#[test]
+fn compose_workers_are_hardened() {
+    let compose = yaml(COMPOSE);
+    let connectors =
+        mqtt_connector::connectors::ConnectorStore::load(std::path::Path::new("config/connectors"))
+            .expect("config/connectors loads");
+    let demo = connectors.get("compose").expect("the compose connector");
+    assert!(
+        demo.job_may_set.is_some(),
+        "compose.json has no job-may-set"
+    );
+    for name in ["worker1", "worker2"] {
+        let env = environment(service(&compose, name));
+        assert!(
+            !env.contains_key("MQTT_CONNECTOR_JOB_FILES"),
+            "{name} lets jobs name files"
+        );
+        let patterns = env
+            .get("MQTT_CONNECTOR_ALLOW_BROKER")
+            .unwrap_or_else(|| panic!("{name}: no MQTT_CONNECTOR_ALLOW_BROKER"));
+        let allowed = mqtt_connector::policy::AllowedBrokers::parse(&[patterns])
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
+        assert!(
+            mqtt_connector::check::problems(demo, &allowed).is_empty(),
+            "{name}: the compose connector is outside its own --allow-broker"
+        );
+    }
+}
+
 #[test]
 fn compose_configures_the_workers() {
     let compose = yaml(COMPOSE);
@@ -731,7 +763,8 @@ fn compose_configures_the_workers() {
     let connector = json("config/connectors/compose.json");
     assert_eq!(
         connector,
-        serde_json::json!({"broker": "tcp://mosquitto:1883", "client-id": "compose-demo", "topic": "demo/compose", "qos": 1})
+        serde_json::json!({"broker": "tcp://mosquitto:1883", "client-id": "compose-demo", "topic": "demo/compose", "qos": 1,
+            "job-may-set": ["topic", "content", "qos", "retain"]})
     );
 }
 

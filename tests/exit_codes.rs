@@ -18,7 +18,7 @@ async fn exit_0_published_and_received_exactly() {
     let broker = Mosquitto::plain();
     let topic = unique_name("t");
     let mut sub = Subscriber::start(broker.port(), &topic, QoS::ExactlyOnce).await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let content = "héllo, wörld ✓ {\"json\": true}";
     let reply = bed
         .run(
@@ -42,7 +42,7 @@ async fn exit_0_published_and_received_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_1_bad_job_names_the_key() {
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let reply = bed
         .run(
             with(
@@ -61,7 +61,7 @@ async fn exit_1_bad_job_names_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_2_unknown_connector_names_it() {
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let reply = bed
         .run(
             json!({"connector": "no-such-connector", "topic": "t", "content": "x"}),
@@ -81,7 +81,7 @@ async fn exit_2_unknown_connector_names_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_3_closed_port_after_retries() {
     let port = free_port(); // nothing listens there
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let broker = format!("tcp://127.0.0.1:{port}");
     let reply = bed
         .run(with(job(&broker, "t", "x"), json!({"timeout": 1500})), T)
@@ -108,7 +108,7 @@ async fn exit_3_closed_port_after_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_4_wrong_password() {
     let broker = Mosquitto::with_password("alice", "right-password");
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let reply = bed
         .run(
             with(
@@ -137,7 +137,7 @@ async fn exit_4_wrong_password() {
 async fn exit_5_wrong_ca_and_missing_certificate_file() {
     let certs = Certs::shared();
     let broker = Mosquitto::tls(certs);
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
 
     let wrong_ca = bed
         .run(
@@ -187,7 +187,7 @@ async fn exit_5_wrong_ca_and_missing_certificate_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_6_silent_server_never_sends_connack() {
     let silent = SilentServer::start().await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let started = std::time::Instant::now();
     let reply = bed
         .run(
@@ -213,7 +213,7 @@ async fn exit_6_silent_server_never_sends_connack() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_6_publish_never_acknowledged() {
     let mock = ConnackThenSilent::start().await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let reply = bed
         .run(
             with(job(&mock.url(), "t", "x"), json!({"timeout": 1500})),
@@ -235,7 +235,7 @@ async fn exit_6_publish_never_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_7_connection_lost_after_connack_every_time() {
     let mock = ConnackThenClose::start().await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let reply = bed
         .run(
             with(job(&mock.url(), "t", "x"), json!({"timeout": 1500})),
@@ -268,7 +268,7 @@ async fn publish_cut_after_connack_is_retried_on_a_new_connection() {
     let proxy = TcpProxy::start(broker.port()).await;
     let topic = unique_name("t");
     let mut sub = Subscriber::start(broker.port(), &topic, QoS::ExactlyOnce).await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let broker_url = format!("tcp://127.0.0.1:{}", proxy.port());
     let fixed = json!({"client-id": unique_name("cut"), "timeout": 10000});
     // The first job opens the (pooled) connection.

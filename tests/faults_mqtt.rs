@@ -30,6 +30,7 @@ const T: Duration = Duration::from_secs(20);
 fn worker_options(queue: &str, connectors: &std::path::Path) -> WorkerOptions {
     let mut options = WorkerOptions::new(amqp_url(), queue.to_string(), connectors);
     options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
+    common::worker::job_files_anywhere(&mut options);
     options
 }
 
@@ -431,7 +432,12 @@ async fn secrets_never_in_output_or_replies() {
     .await;
     let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let connectors = connectors_dir();
-    let worker = ChildWorker::start(&queue, connectors.path(), &[("RUST_LOG", "debug")]).await;
+    let worker = ChildWorker::start(
+        &queue,
+        connectors.path(),
+        &[("RUST_LOG", "debug"), ("MQTT_CONNECTOR_JOB_FILES", "/")],
+    )
+    .await;
 
     let password_job = |password: &str| {
         json!({"broker": with_password.url(), "client-id": unique_name("pw"), "topic": "t",

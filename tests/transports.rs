@@ -26,7 +26,7 @@ async fn ssl_with_root_ca_crt_and_mqtts_scheme() {
         QoS::ExactlyOnce,
     )
     .await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     for scheme in ["ssl", "mqtts"] {
         let url = format!("{scheme}://localhost:{}", broker.port());
         let reply = bed
@@ -55,7 +55,7 @@ async fn mutual_tls_with_each_client_key_format() {
         QoS::ExactlyOnce,
     )
     .await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     for client in [
         &certs.client_rsa_pkcs1,
         &certs.client_pkcs8,
@@ -91,7 +91,7 @@ async fn mutual_tls_with_each_client_key_format() {
 async fn mutual_tls_without_client_certificate_is_exit_5() {
     let certs = Certs::shared();
     let broker = Mosquitto::mutual_tls(certs);
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let reply = bed
         .run(
             with(
@@ -138,7 +138,7 @@ async fn mqtt_and_tcp_schemes() {
     let broker = Mosquitto::plain();
     let topic = unique_name("t");
     let mut sub = Subscriber::start(broker.port(), &topic, QoS::ExactlyOnce).await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     for scheme in ["mqtt", "tcp"] {
         let url = format!("{scheme}://127.0.0.1:{}", broker.port());
         let reply = bed.run(job(&url, &topic, scheme), T).await;
@@ -153,7 +153,7 @@ async fn mqtt_and_tcp_schemes() {
 async fn plain_port_defaults_to_1883() {
     let topic = unique_name("t");
     let mut sub = Subscriber::start(1883, &topic, QoS::ExactlyOnce).await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let reply = bed
         .run(job("mqtt://127.0.0.1", &topic, "default port"), T)
         .await;
@@ -170,7 +170,7 @@ async fn username_and_password_accepted() {
     let mut opts = mqtt_options("127.0.0.1", broker.port());
     opts.set_credentials("alice", "pw-7f3a-SECRET");
     let mut sub = Subscriber::start_with(opts, &topic, QoS::ExactlyOnce).await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let reply = bed
         .run(
             with(
@@ -298,7 +298,7 @@ async fn offers_the_alpn_protocols_the_job_names() {
     let certs = Certs::shared();
     install_crypto_provider();
     let (port, seen) = alpn_server(certs).await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let url = format!("ssl://localhost:{port}");
     let reply = bed
         .run(

@@ -24,7 +24,7 @@ async fn ws_jobs_are_acknowledged_and_received_with_any_path() {
     let broker = Amqtt::start(None);
     let topic = unique_name("t");
     let mut sub = Subscriber::start(broker.tcp_port(), &topic, QoS::AtLeastOnce).await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let port = broker.ws_port();
     for url in [
         format!("ws://127.0.0.1:{port}/"),
@@ -66,7 +66,7 @@ async fn wss_jobs_with_root_ca_crt_and_client_certificates() {
     let broker = Amqtt::start(Some(certs));
     let topic = unique_name("t");
     let mut sub = Subscriber::start(broker.tcp_port(), &topic, QoS::AtLeastOnce).await;
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let url = format!("wss://localhost:{}", broker.wss_port());
     let reply = bed
         .run(
@@ -142,7 +142,7 @@ async fn wss_jobs_with_root_ca_crt_and_client_certificates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_to_a_plain_mqtt_port_is_exit_3_and_says_websocket() {
     let broker = Mosquitto::plain();
-    let mut bed = TestBed::new().await;
+    let mut bed = TestBed::with_job_files_anywhere().await;
     let url = format!("ws://127.0.0.1:{}", broker.port());
     let reply = bed
         .run(with(job(&url, "t", "x"), json!({"timeout": 2000})), T)

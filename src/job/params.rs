@@ -117,7 +117,88 @@ impl Params {
                 Ok(_) => "the body is not a JSON object: send one JSON object".to_owned(),
             }));
         }
-        Self::from_json(&mut serde_json::Deserializer::from_slice(body))
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let params = Self::from_json(&mut de)?;
+        // A second object or trailing bytes would otherwise go unseen (and be published).
+        de.end().map_err(|_| {
+            invalid(
+                "the body holds more than one JSON object: send exactly one, with nothing after it",
+            )
+        })?;
+        Ok(params)
+    }
+
+    /// Each job key as the contract names it, and whether this job sets it. Destructured
+    /// without `..`: a new field does not compile until it is listed here, so `job-may-set`
+    /// can never miss a key.
+    pub fn keys(&self) -> Vec<(&'static str, bool)> {
+        let Params {
+            action,
+            connector,
+            broker,
+            username,
+            password,
+            client_id,
+            topic,
+            qos,
+            content,
+            retain,
+            root_ca_crt,
+            certificate,
+            private_key,
+            use_certificate,
+            alpn,
+            timeout,
+            mqtt_version,
+            content_encoding,
+            message_expiry,
+            content_type,
+            user_properties,
+            response_topic,
+            correlation_data,
+            payload_format,
+        } = self;
+        vec![
+            ("action", action.is_some()),
+            ("connector", connector.is_some()),
+            ("broker", broker.is_some()),
+            ("username", username.is_some()),
+            ("password", password.is_some()),
+            ("client-id", client_id.is_some()),
+            ("topic", topic.is_some()),
+            ("qos", qos.is_some()),
+            ("content", content.is_some()),
+            ("retain", retain.is_some()),
+            ("root-ca-crt", root_ca_crt.is_some()),
+            ("certificate", certificate.is_some()),
+            ("private-key", private_key.is_some()),
+            ("use-certificate", use_certificate.is_some()),
+            ("alpn", alpn.is_some()),
+            ("timeout", timeout.is_some()),
+            ("mqtt-version", mqtt_version.is_some()),
+            ("content-encoding", content_encoding.is_some()),
+            ("message-expiry", message_expiry.is_some()),
+            ("content-type", content_type.is_some()),
+            ("user-properties", user_properties.is_some()),
+            ("response-topic", response_topic.is_some()),
+            ("correlation-data", correlation_data.is_some()),
+            ("payload-format", payload_format.is_some()),
+        ]
+    }
+
+    /// The keys this job sets.
+    pub fn keys_set(&self) -> impl Iterator<Item = &'static str> {
+        self.keys()
+            .into_iter()
+            .filter_map(|(key, set)| set.then_some(key))
+    }
+
+    /// Whether `key` is a job key.
+    pub fn is_key(key: &str) -> bool {
+        Params::default()
+            .keys()
+            .iter()
+            .any(|(name, _)| *name == key)
     }
 
     /// Deserializes from any JSON source, naming the offending key in the error.
@@ -237,6 +318,39 @@ mod tests {
         let key = "k".repeat(1_000_000);
         let message = message_of(Params::decode(format!("{{\"{key}\": 1}}").as_bytes()));
         assert!(message.len() < 1_000, "{} bytes", message.len());
+    }
+
+    #[test]
+    fn a_body_is_exactly_one_object_with_nothing_after_it() {
+        for body in [
+            &br#"{"topic": "a"} garbage"#[..],
+            br#"{"topic": "a"}{"topic": "b"}"#,
+            b"{\"topic\": \"a\"}\0",
+            br#"{"topic": "a"},"#,
+        ] {
+            assert!(
+                message_of(Params::decode(body)).contains("exactly one"),
+                "{body:?}"
+            );
+        }
+        assert!(Params::decode(b" {\"topic\": \"a\"} \n").is_ok());
+    }
+
+    #[test]
+    fn keys_lists_exactly_the_keys_serde_accepts() {
+        // serde names every field it expects in its unknown-field error.
+        let message = message_of(Params::decode(br#"{"no-such-key": 1}"#));
+        let expected: Vec<&str> = message.split('`').skip(3).step_by(2).collect();
+        let listed: Vec<&str> = Params::default().keys().iter().map(|(k, _)| *k).collect();
+        assert_eq!(expected, listed, "{message}");
+    }
+
+    #[test]
+    fn keys_set_names_what_the_job_wrote() {
+        let set: Vec<&str> = params(json!({"topic": "t", "client-id": "c"}))
+            .keys_set()
+            .collect();
+        assert_eq!(set, vec!["client-id", "topic"]);
     }
 
     #[test]

@@ -47,6 +47,23 @@ pub enum MqttError {
         "{broker} does not speak MQTT 5 ({reason}); use \"mqtt-version\": \"3.1.1\" for this broker"
     )]
     NoMqtt5 { broker: String, reason: String },
+    /// Another client (usually a sibling worker with the same options) holds this client-id:
+    /// this worker stopped competing for it for a while.
+    #[error(
+        "client-id {client_id} on {broker} is held by another connection (it took ours over \
+         more than once); this worker stops competing for it for {rest_ms} ms"
+    )]
+    HeldElsewhere {
+        broker: String,
+        client_id: String,
+        rest_ms: u128,
+    },
+    /// The job's values cannot make a connection (e.g. a client-id the client refuses).
+    #[error("cannot connect to {broker} with these values: {reason}")]
+    BadOptions { broker: String, reason: String },
+    /// A bug on our side (a task that panicked): not the broker's doing, not retried.
+    #[error("internal error while talking to {broker}: {reason}")]
+    Internal { broker: String, reason: String },
 }
 
 impl MqttError {
@@ -56,9 +73,11 @@ impl MqttError {
             MqttError::Refused { .. } => ExitCode::NotAuthorized,
             MqttError::Tls { .. } => ExitCode::Tls,
             MqttError::NoAnswer { .. } => ExitCode::Timeout,
-            MqttError::PublishLost { .. } => ExitCode::PublishFailed,
+            MqttError::PublishLost { .. }
+            | MqttError::HeldElsewhere { .. }
+            | MqttError::Internal { .. } => ExitCode::PublishFailed,
+            MqttError::BadOptions { .. } | MqttError::TooLarge { .. } => ExitCode::InvalidJob,
             MqttError::MessageRefused { .. } => ExitCode::MessageRefused,
-            MqttError::TooLarge { .. } => ExitCode::InvalidJob,
             MqttError::NoMqtt5 { .. } => ExitCode::NotAuthorized,
         }
     }
@@ -70,6 +89,7 @@ impl MqttError {
             MqttError::MessageRefused { code, .. } => {
                 reason::ack(*code) != reason::AckVerdict::RefusedForNow
             }
+            MqttError::Internal { .. } => true,
             _ => self.exit_code().is_permanent(),
         }
     }

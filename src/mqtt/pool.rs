@@ -1,34 +1,50 @@
 //! The connection pool: one connection per target (broker, client-id, credentials, TLS),
-//! shared by every job for that target. Concurrent jobs for a target that is still connecting
-//! wait for the same attempt; a connection that ended is replaced on the next lease; one idle
-//! longer than the idle timeout is closed by a reaper.
+//! shared by every job for that target, and at most `max_connections` of them open. Concurrent
+//! jobs for a target that is still connecting wait for the same attempt, which is abandoned (its
+//! socket closed) as soon as no job waits for it any more; a connection that ended is replaced
+//! on the next lease; one idle longer than the idle timeout is closed by a reaper. At the bound,
+//! the least recently used idle connection makes room, and a connect that finds every
+//! connection busy waits (within its job's timeout) for one to fall idle.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
+use futures_util::future::{BoxFuture, Shared, WeakShared};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
 use super::MqttError;
 use super::connection::{Connection, ConnectionSettings, End};
+use super::tls::TlsConfigs;
 use crate::backoff::Backoff;
 use crate::job::Target;
 use crate::metrics::Metrics;
 
-type Opening = Shared<BoxFuture<'static, Result<Arc<Connection>, MqttError>>>;
+/// The contract's default for `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+
+type ConnectFuture = BoxFuture<'static, Result<Arc<Connection>, MqttError>>;
+type Opening = Shared<ConnectFuture>;
 
 /// Backstop for one connect attempt shared by many jobs; each job's own timeout is usually shorter.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection lost sooner than this after opening counts as a quick loss: the next one to the
 /// same target waits first (two workers sharing a client-id take the connection from each other).
 const QUICK_LOSS: Duration = Duration::from_secs(10);
+/// How long a worker first stops competing for a client-id that another connection took over
+/// from a working one; doubled each time it happens again, up to [`MAX_YIELD`].
+const FIRST_YIELD: Duration = Duration::from_secs(10);
+const MAX_YIELD: Duration = Duration::from_secs(120);
 
 struct Slot {
     state: State,
     /// Connections to this target lost quickly, in a row.
     quick_losses: u32,
+    /// Times in a row this worker yielded the client-id to another connection.
+    yields: u32,
 }
 
 enum State {
@@ -39,10 +55,12 @@ enum State {
         until: Instant,
         error: MqttError,
     },
-    /// A connect in progress, awaited by every job that needs it; `id` tells attempts apart.
+    /// A connect in progress, held by the jobs waiting for it (not by the pool: when the last
+    /// of them gives up, the attempt is dropped and its socket closed); `id` tells attempts apart.
     Opening {
         id: u64,
-        future: Opening,
+        /// `None` only for an attempt that had already finished when it was stored.
+        future: Option<WeakShared<ConnectFuture>>,
     },
 }
 
@@ -51,6 +69,11 @@ struct Inner {
     settings: ConnectionSettings,
     metrics: Metrics,
     next_id: AtomicU64,
+    /// One permit per open (or opening) connection, held until its socket is closed.
+    places: Arc<Semaphore>,
+    /// Connects waiting for a place; while any waits, a connection that falls idle is closed.
+    waiting: AtomicUsize,
+    tls: TlsConfigs,
 }
 
 /// Cloneable handle to the pool.
@@ -62,6 +85,7 @@ pub struct Pool {
 /// A connection in use by one job; the pool will not close it while any lease is held.
 pub struct Lease {
     connection: Arc<Connection>,
+    pool: Arc<Inner>,
 }
 
 impl std::ops::Deref for Lease {
@@ -73,25 +97,74 @@ impl std::ops::Deref for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.connection.in_use.fetch_sub(1, Ordering::AcqRel);
+        let was_last = self.connection.in_use.fetch_sub(1, Ordering::AcqRel) == 1;
+        if was_last && self.pool.waiting.load(Ordering::Acquire) > 0 {
+            // A connect waits for room and this connection just fell idle: it goes.
+            self.connection.close();
+            self.pool.metrics.mqtt_connection_evicted();
+        }
     }
 }
 
-fn lease(connection: &Arc<Connection>) -> Lease {
+fn lease(connection: &Arc<Connection>, pool: &Arc<Inner>) -> Lease {
     connection.in_use.fetch_add(1, Ordering::AcqRel);
     Lease {
         connection: Arc::clone(connection),
+        pool: Arc::clone(pool),
     }
 }
 
+/// Aborts the connect task when the last job waiting for it is gone.
+struct AbortOnDrop(JoinHandle<Result<Arc<Connection>, MqttError>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Counts a connect among those waiting for a place, for as long as it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Waiting(counter)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a lease does next, decided under the lock.
+enum Step {
+    Ready(Lease),
+    Wait(Opening),
+    Fail(MqttError),
+}
+
 impl Pool {
-    /// A pool whose connections close after `idle_timeout` without a publish.
-    pub fn new(settings: ConnectionSettings, idle_timeout: Duration, metrics: Metrics) -> Pool {
+    /// A pool of at most `max_connections` connections, each closed after `idle_timeout`
+    /// without a publish.
+    pub fn new(
+        settings: ConnectionSettings,
+        idle_timeout: Duration,
+        max_connections: usize,
+        metrics: Metrics,
+    ) -> Pool {
+        let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        metrics.set_mqtt_connections_max(max_connections);
         let inner = Arc::new(Inner {
             slots: Mutex::new(HashMap::new()),
             settings,
             metrics,
             next_id: AtomicU64::new(0),
+            places: Arc::new(Semaphore::new(max_connections)),
+            waiting: AtomicUsize::new(0),
+            tls: TlsConfigs::default(),
         });
         tokio::spawn(reap_idle(Arc::downgrade(&inner), idle_timeout));
         Pool { inner }
@@ -99,80 +172,82 @@ impl Pool {
 
     /// A live connection to `target`, opening one if needed.
     pub async fn lease(&self, target: &Target) -> Result<Lease, MqttError> {
-        let opening = {
+        let step = {
             let mut slots = self.lock();
             match slots.get_mut(target) {
-                Some(Slot {
-                    state: State::Open(connection),
-                    ..
-                }) if !connection.is_ended() => return Ok(lease(connection)),
-                Some(slot) => match &slot.state {
-                    State::Opening { future, .. } => future.clone(),
-                    State::Resting { until, error } if Instant::now() < *until => {
-                        return Err(error.clone());
-                    }
-                    State::Resting { .. } => self.reopen(slot, target),
-                    State::Open(connection) => {
-                        let loss = match connection.end() {
-                            Some(End::Lost(reason)) => Some(reason.clone()),
-                            _ => None,
-                        };
-                        if loss.is_some() {
-                            self.inner
-                                .metrics
-                                .mqtt_reconnect(&target.broker.to_string());
-                        }
-                        slot.quick_losses = match loss {
-                            Some(_) if connection.age() < QUICK_LOSS => slot.quick_losses + 1,
-                            _ => 0,
-                        };
-                        let delay = reconnect_delay(slot.quick_losses);
-                        if let Some(reason) = loss.filter(|_| !delay.is_zero()) {
-                            let error = MqttError::PublishLost {
-                                broker: target.broker.to_string(),
-                                reason: format!(
-                                    "{reason} (lost {} times in a row soon after connecting; \
-                                     next connect in {} ms)",
-                                    slot.quick_losses,
-                                    delay.as_millis()
-                                ),
-                            };
-                            slot.state = State::Resting {
-                                until: Instant::now() + delay,
-                                error: error.clone(),
-                            };
-                            return Err(error);
-                        }
-                        self.reopen(slot, target)
-                    }
-                },
+                Some(slot) => self.step(slot, target),
                 None => {
                     let (id, future) = self.open(target);
-                    let state = State::Opening {
-                        id,
-                        future: future.clone(),
-                    };
+                    let state = opening(id, &future);
                     slots.insert(
                         target.clone(),
                         Slot {
                             state,
                             quick_losses: 0,
+                            yields: 0,
                         },
                     );
-                    future
+                    Step::Wait(future)
                 }
             }
         };
-        opening.await.map(|connection| lease(&connection))
+        match step {
+            Step::Ready(lease) => Ok(lease),
+            Step::Fail(error) => Err(error),
+            Step::Wait(opening) => {
+                let connection = opening.await?;
+                let leased = lease(&connection, &self.inner);
+                if connection.is_ended() {
+                    // Closed between its CONNACK and this lease (made room for another, or
+                    // lost): the job retries on a new one.
+                    return Err(connection.lost());
+                }
+                Ok(leased)
+            }
+        }
+    }
+
+    /// The next step for a target the pool already knows.
+    fn step(&self, slot: &mut Slot, target: &Target) -> Step {
+        match &slot.state {
+            State::Open(connection) if !connection.is_ended() => {
+                Step::Ready(lease(connection, &self.inner))
+            }
+            State::Opening { future, .. } => match future.as_ref().and_then(WeakShared::upgrade) {
+                Some(future) => Step::Wait(future),
+                // Every job that waited for it gave up: start afresh.
+                None => Step::Wait(self.reopen(slot, target)),
+            },
+            State::Resting { until, error } if Instant::now() < *until => Step::Fail(error.clone()),
+            State::Resting { .. } => Step::Wait(self.reopen(slot, target)),
+            State::Open(connection) => {
+                let loss = match connection.end() {
+                    Some(End::Lost(reason)) => Some(reason.clone()),
+                    _ => None,
+                };
+                if loss.is_some() {
+                    self.inner
+                        .metrics
+                        .mqtt_reconnect(&target.broker.to_string());
+                }
+                let quick_loss = loss.filter(|_| connection.age() < QUICK_LOSS);
+                let worked = connection.has_worked();
+                let (state, error) = after_loss(slot, target, quick_loss, worked);
+                match (state, error) {
+                    (Some(state), Some(error)) => {
+                        slot.state = state;
+                        Step::Fail(error)
+                    }
+                    _ => Step::Wait(self.reopen(slot, target)),
+                }
+            }
+        }
     }
 
     /// Starts a new connect for an existing slot.
     fn reopen(&self, slot: &mut Slot, target: &Target) -> Opening {
         let (id, future) = self.open(target);
-        slot.state = State::Opening {
-            id,
-            future: future.clone(),
-        };
+        slot.state = opening(id, &future);
         future
     }
 
@@ -185,22 +260,15 @@ impl Pool {
         }
     }
 
-    /// Starts connecting in a task of its own, so the attempt runs to its end (and settles the
-    /// slot) even when every job waiting for it has timed out.
+    /// Starts connecting in a task of its own, which settles the slot when it ends. The
+    /// returned future owns the task: once every job awaiting it is gone, the task is aborted.
     fn open(&self, target: &Target) -> (u64, Opening) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let target = target.clone();
         let inner = Arc::clone(&self.inner);
         let broker = target.broker.to_string();
-        let task = tokio::spawn(async move {
-            let connect = Connection::open(&target, &inner.settings, &inner.metrics);
-            let result = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-                Ok(result) => result.map(Arc::new),
-                Err(_) => Err(MqttError::NoAnswer {
-                    broker: target.broker.to_string(),
-                    reason: format!("no CONNACK within {} s", CONNECT_TIMEOUT.as_secs()),
-                }),
-            };
+        let task = AbortOnDrop(tokio::spawn(async move {
+            let result = connect(&inner, &target).await;
             let mut slots = lock(&inner);
             if let Some(slot) = slots.get_mut(&target)
                 && matches!(slot.state, State::Opening { id: current, .. } if current == id)
@@ -213,10 +281,11 @@ impl Pool {
                 }
             }
             result
-        });
+        }));
         let future = async move {
-            task.await.unwrap_or_else(|err| {
-                Err(MqttError::Connect {
+            let mut task = task;
+            (&mut task.0).await.unwrap_or_else(|err| {
+                Err(MqttError::Internal {
                     broker,
                     reason: format!("the connect task failed: {err}"),
                 })
@@ -230,6 +299,140 @@ impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Target, Slot>> {
         lock(&self.inner)
     }
+}
+
+fn opening(id: u64, future: &Opening) -> State {
+    State::Opening {
+        id,
+        future: future.downgrade(),
+    }
+}
+
+/// One connect: a place under the bound, the TLS configuration, CONNECT until CONNACK.
+async fn connect(inner: &Arc<Inner>, target: &Target) -> Result<Arc<Connection>, MqttError> {
+    let broker = || target.broker.to_string();
+    let place = place(inner).await?;
+    let tls = match &target.tls {
+        Some(settings) => Some(
+            inner
+                .tls
+                .get(settings)
+                .await
+                .map_err(|err| MqttError::Tls {
+                    broker: broker(),
+                    reason: err.to_string(),
+                })?,
+        ),
+        None => None,
+    };
+    let connect = Connection::open(target, tls, &inner.settings, &inner.metrics, place);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(result) => result.map(Arc::new),
+        Err(_) => Err(MqttError::NoAnswer {
+            broker: broker(),
+            reason: format!("no CONNACK within {} s", CONNECT_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+/// A place under the bound: at once if one is free; else the least recently used idle
+/// connection is closed to make room, and while none is idle this waits for one to be.
+async fn place(inner: &Arc<Inner>) -> Result<OwnedSemaphorePermit, MqttError> {
+    if let Ok(place) = Arc::clone(&inner.places).try_acquire_owned() {
+        return Ok(place);
+    }
+    inner.metrics.mqtt_connection_waited();
+    // Counted before looking for an idle connection, so one falling idle meanwhile is seen.
+    let _waiting = Waiting::enter(&inner.waiting);
+    close_least_recently_used(inner);
+    Arc::clone(&inner.places)
+        .acquire_owned()
+        .await
+        .map_err(|err| MqttError::Internal {
+            broker: String::new(),
+            reason: format!("the pool is closed: {err}"),
+        })
+}
+
+fn close_least_recently_used(inner: &Inner) {
+    let slots = lock(inner);
+    let idle = slots
+        .values()
+        .filter_map(|slot| match &slot.state {
+            // A connection that has never carried a publish is about to be leased by the job
+            // that opened it: not idle.
+            State::Open(connection)
+                if !connection.is_ended()
+                    && connection.in_use.load(Ordering::Acquire) == 0
+                    && connection.has_been_used() =>
+            {
+                Some(connection)
+            }
+            _ => None,
+        })
+        .max_by_key(|connection| connection.idle_for());
+    if let Some(connection) = idle {
+        connection.close();
+        inner.metrics.mqtt_connection_evicted();
+    }
+}
+
+/// What follows the end of a connection: reconnect at once (`None`), or rest, answering leases
+/// with the error meanwhile. A working connection taken over quickly means another connection
+/// (a sibling worker with the same options) holds the client-id: this worker yields it for a
+/// while, so the broker does not see the two take it from each other in a loop. A connection
+/// lost quickly before it ever worked is retried with a short backoff instead.
+fn after_loss(
+    slot: &mut Slot,
+    target: &Target,
+    quick_loss: Option<String>,
+    worked: bool,
+) -> (Option<State>, Option<MqttError>) {
+    let Some(reason) = quick_loss else {
+        slot.quick_losses = 0;
+        slot.yields = 0;
+        return (None, None);
+    };
+    slot.quick_losses += 1;
+    let (delay, error) = if worked {
+        slot.yields += 1;
+        let delay = yield_delay(slot.yields);
+        let error = MqttError::HeldElsewhere {
+            broker: target.broker.to_string(),
+            client_id: target.client_id.clone(),
+            rest_ms: delay.as_millis(),
+        };
+        (delay, error)
+    } else {
+        let delay = reconnect_delay(slot.quick_losses);
+        if delay.is_zero() {
+            return (None, None);
+        }
+        let error = MqttError::PublishLost {
+            broker: target.broker.to_string(),
+            reason: format!(
+                "{reason} (lost {} times in a row soon after connecting; next connect in {} ms)",
+                slot.quick_losses,
+                delay.as_millis()
+            ),
+        };
+        (delay, error)
+    };
+    let state = State::Resting {
+        until: Instant::now() + delay,
+        error: error.clone(),
+    };
+    (Some(state), Some(error))
+}
+
+/// How long to yield a client-id held elsewhere, the `yields`-th time in a row.
+fn yield_delay(yields: u32) -> Duration {
+    let mut backoff = Backoff::new(FIRST_YIELD, MAX_YIELD);
+    (1..yields).for_each(|_| {
+        backoff.next_delay();
+    });
+    // Never below the first step's half: a yield shorter than a burst only adds takeovers.
+    backoff.next_delay().max(FIRST_YIELD / 2)
 }
 
 /// How long to rest before reconnecting: not after the first quick loss; then 200 ms doubling
@@ -253,7 +456,8 @@ fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, HashMap<Target, Slot>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Closes idle connections and forgets ended ones, until the pool is dropped.
+/// Closes idle connections and forgets ended ones and abandoned connects, until the pool is
+/// dropped.
 async fn reap_idle(pool: Weak<Inner>, idle_timeout: Duration) {
     let period = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     loop {
@@ -265,8 +469,11 @@ async fn reap_idle(pool: Weak<Inner>, idle_timeout: Duration) {
                 false
             }
             State::Resting { until, .. } => Instant::now() < *until + idle_timeout,
+            State::Opening { future, .. } => {
+                future.as_ref().and_then(WeakShared::upgrade).is_some()
+            }
             // An ended connection stays, to remember its quick losses, until idle.
-            _ => true,
+            State::Open(_) => true,
         });
     }
 }

@@ -1,9 +1,12 @@
 //! TLS client configuration from a job's certificate paths: roots to trust, the client
 //! certificate chain and key (PKCS#1, PKCS#8 or SEC1), and ALPN. Files are read when a
-//! connection is opened, so they may be mounted after the worker starts.
+//! connection first needs them (they may be mounted after the worker starts), on a blocking
+//! thread, and the configuration is shared by every connection with the same TLS settings.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use rustls::RootCertStore;
 use rustls::pki_types::pem::{self, PemObject};
@@ -16,10 +19,64 @@ use crate::job::TlsSettings;
 #[error("{0}")]
 pub struct TlsFileError(String);
 
-/// Builds the rustls configuration for one target.
+/// A built configuration is used this long, then its files are read again (certificates are
+/// rotated; connections already open keep theirs).
+const REREAD_AFTER: Duration = Duration::from_secs(300);
+/// Distinct TLS settings remembered at most (jobs may name many); beyond it the oldest go.
+const MAX_CACHED: usize = 1024;
+
+/// One `Arc<ClientConfig>` per distinct TLS setting, built off the runtime's threads.
+#[derive(Default)]
+pub struct TlsConfigs {
+    cache: Mutex<HashMap<TlsSettings, (Instant, Arc<rustls::ClientConfig>)>>,
+}
+
+impl TlsConfigs {
+    /// The configuration for these settings: cached, or built on a blocking thread (file
+    /// reads and the system roots would otherwise stall the runtime). Failures are not cached:
+    /// a file may appear later.
+    pub async fn get(
+        &self,
+        settings: &TlsSettings,
+    ) -> Result<Arc<rustls::ClientConfig>, TlsFileError> {
+        if let Some((built, config)) = self.lock().get(settings)
+            && built.elapsed() < REREAD_AFTER
+        {
+            return Ok(Arc::clone(config));
+        }
+        let owned = settings.clone();
+        let config = tokio::task::spawn_blocking(move || client_config(&owned))
+            .await
+            .map_err(|err| {
+                TlsFileError(format!("building the TLS configuration failed: {err}"))
+            })??;
+        let mut cache = self.lock();
+        if cache.len() >= MAX_CACHED {
+            let oldest = cache
+                .iter()
+                .min_by_key(|(_, (built, _))| *built)
+                .map(|(settings, _)| settings.clone());
+            if let Some(oldest) = oldest {
+                cache.remove(&oldest);
+            }
+        }
+        cache.insert(settings.clone(), (Instant::now(), Arc::clone(&config)));
+        Ok(config)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<TlsSettings, (Instant, Arc<rustls::ClientConfig>)>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Builds the rustls configuration for one target. Blocking: reads files.
 pub fn client_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>, TlsFileError> {
     let roots = match &settings.root_ca {
-        Some(path) => roots_from_file(path)?,
+        Some(path) => Arc::new(roots_from_file(path)?),
         None => system_roots()?,
     };
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
@@ -77,21 +134,21 @@ fn roots_from_file(path: &Path) -> Result<RootCertStore, TlsFileError> {
     Ok(roots)
 }
 
-/// The system's trusted roots, read once per process.
-fn system_roots() -> Result<RootCertStore, TlsFileError> {
-    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+/// The system's trusted roots, read once per process and shared, never copied.
+fn system_roots() -> Result<Arc<RootCertStore>, TlsFileError> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
     let roots = ROOTS.get_or_init(|| {
         let mut roots = RootCertStore::empty();
         let found = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(found.certs);
-        roots
+        Arc::new(roots)
     });
     if roots.is_empty() {
         return Err(TlsFileError(
             "no system CA certificates found: install ca-certificates or set root-ca-crt".into(),
         ));
     }
-    Ok(roots.clone())
+    Ok(Arc::clone(roots))
 }
 
 fn certificates(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
@@ -184,6 +241,28 @@ mod tests {
             err.contains("root-ca-crt") && err.contains("absent.crt"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn one_configuration_is_shared_by_every_connection_with_the_same_settings() {
+        crate::install_crypto_provider();
+        let settings = TlsSettings {
+            root_ca: None,
+            client_cert: None,
+            alpn: vec!["mqtt".into()],
+        };
+        let configs = TlsConfigs::default();
+        let (Ok(a), Ok(b)) = (configs.get(&settings).await, configs.get(&settings).await) else {
+            // No system roots on this machine: nothing to share.
+            return;
+        };
+        assert!(Arc::ptr_eq(&a, &b));
+        let other = TlsSettings {
+            alpn: vec![],
+            ..settings
+        };
+        let c = configs.get(&other).await.expect("system roots");
+        assert!(!Arc::ptr_eq(&a, &c));
     }
 
     #[test]

@@ -87,6 +87,12 @@ impl Drop for RunningWorker {
     }
 }
 
+/// `--job-files /`: job bodies may name any file (tests about TLS, not the trust boundary).
+pub fn job_files_anywhere(options: &mut WorkerOptions) {
+    options.policy.job_files =
+        mqtt_connector::policy::JobFiles::inside(Path::new("/")).expect("the root folder");
+}
+
 /// The sum of every sample of metric `name` (all label sets) in a Prometheus text exposition;
 /// 0 when absent.
 pub fn metric_sum(text: &str, name: &str) -> f64 {
@@ -133,11 +139,29 @@ impl TestBed {
 
     /// A bed whose worker loads `connectors` (already written).
     pub async fn start(connectors: tempfile::TempDir) -> TestBed {
+        TestBed::start_with(connectors, |_| {}).await
+    }
+
+    /// A bed with no connectors whose worker accepts any file path in a job body
+    /// (`--job-files /`), for tests about TLS rather than the trust boundary.
+    pub async fn with_job_files_anywhere() -> TestBed {
+        TestBed::start_with(connectors_dir(), job_files_anywhere).await
+    }
+
+    /// [`start`](Self::start) with worker options changed by `configure`.
+    pub async fn start_with(
+        connectors: tempfile::TempDir,
+        configure: impl FnOnce(&mut WorkerOptions),
+    ) -> TestBed {
         super::install_crypto_provider();
         let amqp = super::Amqp::connect().await;
         let queue = super::unique_name("jobs");
         let (reply_queue, replies) = amqp.reply_queue().await;
-        let worker = spawn_worker(&queue, connectors.path()).await;
+        let mut options =
+            WorkerOptions::new(super::amqp::amqp_url(), queue.clone(), connectors.path());
+        options.metrics_addr = Some("127.0.0.1:0".parse().expect("socket address"));
+        configure(&mut options);
+        let worker = spawn_worker_with(options).await;
         TestBed {
             connectors,
             amqp,

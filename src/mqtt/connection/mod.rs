@@ -8,14 +8,14 @@
 mod v4;
 mod v5;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::MqttError;
-use super::tls;
 use crate::job::{Message, MqttVersion, Qos, Target};
 use crate::metrics::Metrics;
 
@@ -91,6 +91,9 @@ pub struct Connection {
     pub(crate) in_use: AtomicUsize,
     /// When the last publish finished, in milliseconds since `opened`.
     last_used_ms: AtomicU64,
+    /// Whether the broker acknowledged any publish on this connection: one lost after that was
+    /// working, not refused (a sibling's takeover, not a broker that drops every connection).
+    acked: AtomicBool,
     opened: Instant,
 }
 
@@ -104,24 +107,17 @@ pub enum End {
 }
 
 impl Connection {
-    /// Connects and waits for CONNACK, then hands the event loop to its own task.
+    /// Connects and waits for CONNACK, then hands the event loop to its own task. `tls` is the
+    /// configuration for a TLS target; `place` is held until the socket is closed (the pool's
+    /// bound on open connections).
     pub async fn open(
         target: &Target,
+        tls: Option<Arc<rustls::ClientConfig>>,
         settings: &ConnectionSettings,
         metrics: &Metrics,
+        place: OwnedSemaphorePermit,
     ) -> Result<Connection, MqttError> {
         let broker = target.broker.to_string();
-        let tls = match &target.tls {
-            Some(tls_settings) => {
-                Some(
-                    tls::client_config(tls_settings).map_err(|err| MqttError::Tls {
-                        broker: broker.clone(),
-                        reason: err.to_string(),
-                    })?,
-                )
-            }
-            None => None,
-        };
         let ended = Arc::new(OnceLock::new());
         let opened = match target.version {
             MqttVersion::V3_1_1 => {
@@ -134,8 +130,11 @@ impl Connection {
         gauge.inc();
         let run = opened.run;
         tokio::spawn(async move {
+            // The event loop is dropped when `run` ends: every publish still waiting has failed
+            // and the socket is closed; only then is its place in the pool free.
             run.await;
             gauge.dec();
+            drop(place);
         });
 
         Ok(Connection {
@@ -145,6 +144,7 @@ impl Connection {
             ended,
             in_use: AtomicUsize::new(0),
             last_used_ms: AtomicU64::new(0),
+            acked: AtomicBool::new(false),
             opened: Instant::now(),
         })
     }
@@ -170,9 +170,15 @@ impl Connection {
                 v5::publish(client, message).await
             }
         };
-        self.last_used_ms.store(self.age_ms(), Ordering::Relaxed);
+        // At least 1: 0 means "never used".
+        self.last_used_ms
+            .store(self.age_ms().max(1), Ordering::Relaxed);
         match acked {
-            Acked::Ack(ack) => Ok(ack),
+            Acked::Ack(ack) => {
+                self.acked.store(true, Ordering::Relaxed);
+                Ok(ack)
+            }
+            // A refusal is an answer: the connection works.
             Acked::Refused(code) => Err(MqttError::MessageRefused {
                 broker: self.broker.clone(),
                 code,
@@ -189,6 +195,11 @@ impl Connection {
     /// Why it ended, if it has.
     pub fn end(&self) -> Option<&End> {
         self.ended.get()
+    }
+
+    /// Whether the broker acknowledged a publish on this connection.
+    pub fn has_worked(&self) -> bool {
+        self.acked.load(Ordering::Relaxed)
     }
 
     /// How long since this connection was opened.
@@ -224,7 +235,13 @@ impl Connection {
         u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn lost(&self) -> MqttError {
+    /// Whether any publish has finished on this connection (acknowledged or not).
+    pub fn has_been_used(&self) -> bool {
+        self.last_used_ms.load(Ordering::Relaxed) > 0
+    }
+
+    /// The error of a publish that this connection can no longer carry.
+    pub fn lost(&self) -> MqttError {
         let reason = match self.ended.get() {
             Some(End::Lost(reason)) => reason.clone(),
             Some(End::Closed) => "the worker closed the connection".into(),
@@ -247,7 +264,7 @@ macro_rules! transport_options {
         let broker: &str = $broker;
         let client_id = format!("{}{}", target.client_id, $settings.client_id_suffix);
         let tls_config = $tls.map($lib::TlsConfiguration::Rustls);
-        let bad_url = |err: $lib::OptionError| MqttError::Connect {
+        let bad_url = |err: $lib::OptionError| MqttError::BadOptions {
             broker: broker.to_owned(),
             reason: format!("bad websocket URL: {err}"),
         };

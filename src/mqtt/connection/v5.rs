@@ -54,9 +54,9 @@ pub(super) async fn open(
     let (client, mut eventloop) =
         AsyncClient::builder(options)
             .try_build()
-            .map_err(|err| MqttError::Connect {
+            .map_err(|err| MqttError::BadOptions {
                 broker: broker.to_owned(),
-                reason: format!("bad client options: {err}"),
+                reason: err.to_string(),
             })?;
 
     let connack = loop {
