@@ -64,8 +64,8 @@ pub struct Finished {
 
 /// How long a deferred job is held before it goes back to the queue: long enough that the
 /// queue does not spin, short enough that the job soon reaches the worker holding its client-id.
-const DEFER_MIN: Duration = Duration::from_millis(250);
-const DEFER_MAX: Duration = Duration::from_millis(750);
+const DEFER_MIN: Duration = Duration::from_millis(500);
+const DEFER_MAX: Duration = Duration::from_millis(2000);
 
 /// What to do after an attempt failed with a transient error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -36,8 +36,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const QUICK_LOSS: Duration = Duration::from_secs(10);
 /// How long a worker first stops competing for a client-id that another connection took over
 /// from a working one; doubled each time it happens again, up to [`MAX_YIELD`].
-const FIRST_YIELD: Duration = Duration::from_secs(10);
-const MAX_YIELD: Duration = Duration::from_secs(120);
+const FIRST_YIELD: Duration = Duration::from_secs(60);
+const MAX_YIELD: Duration = Duration::from_secs(600);
 
 struct Slot {
     state: State,
@@ -45,6 +45,9 @@ struct Slot {
     quick_losses: u32,
     /// Times in a row this worker yielded the client-id to another connection.
     yields: u32,
+    /// Whether a connection to this target ever carried an acknowledged publish here: a
+    /// broker that drops every connection never does, a sibling's takeover ends one that did.
+    worked: bool,
 }
 
 enum State {
@@ -185,6 +188,7 @@ impl Pool {
                             state,
                             quick_losses: 0,
                             yields: 0,
+                            worked: false,
                         },
                     );
                     Step::Wait(future)
@@ -388,13 +392,14 @@ fn after_loss(
     quick_loss: Option<String>,
     worked: bool,
 ) -> (Option<State>, Option<MqttError>) {
+    slot.worked |= worked;
     let Some(reason) = quick_loss else {
         slot.quick_losses = 0;
         slot.yields = 0;
         return (None, None);
     };
     slot.quick_losses += 1;
-    let (delay, error) = if worked {
+    let (delay, error) = if slot.worked {
         slot.yields += 1;
         let delay = yield_delay(slot.yields);
         let error = MqttError::HeldElsewhere {
@@ -435,14 +440,14 @@ fn yield_delay(yields: u32) -> Duration {
     backoff.next_delay().max(FIRST_YIELD / 2)
 }
 
-/// How long to rest before reconnecting: not after the first quick loss; then 200 ms doubling
-/// up to 5 s, with jitter.
+/// How long to rest before reconnecting after quick losses: 200 ms doubling up to 5 s, with
+/// jitter (workers kicking each other off one client-id at start-up spread out).
 fn reconnect_delay(quick_losses: u32) -> Duration {
-    if quick_losses < 2 {
+    if quick_losses < 1 {
         return Duration::ZERO;
     }
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    (2..quick_losses).for_each(|_| {
+    (1..quick_losses).for_each(|_| {
         backoff.next_delay();
     });
     backoff.next_delay()

@@ -1,0 +1,132 @@
+//! Scaling out fails nothing: 2, 4 and 8 workers started with the same options share one
+//! connector, hence one MQTT client-id, against a private Mosquitto. MQTT lets one connection
+//! hold a client-id, so the workers would take it from each other; a worker whose working
+//! connection is taken over yields the client-id for a while and hands its jobs back to the
+//! queue, where they reach the worker holding it. Every job is answered 0, every message is
+//! received, and the broker's log shows fewer than 20 takeovers per run of 2,000 jobs.
+
+mod common;
+mod mqtt_support;
+
+use common::worker::{RunningWorker, connectors_dir, metric_sum, spawn_worker_with};
+use common::*;
+use mqtt_connector::worker::WorkerOptions;
+use mqtt_support::{Replies, UNLIMITED_QUEUES, job_and_reply_queues, reconfigure, send_burst};
+use rumqttc::QoS;
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const JOBS: usize = 2000;
+
+/// Mosquitto logs one line per takeover: "Client X already connected, closing old connection."
+fn takeovers(log: &str) -> usize {
+    log.lines()
+        .filter(|line| line.contains("already connected, closing old connection"))
+        .count()
+}
+
+async fn shared_client_id(workers: usize) {
+    let mut broker = Mosquitto::plain();
+    reconfigure(&mut broker, UNLIMITED_QUEUES);
+    let topic = unique_name("shared");
+    let mut subscriber = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
+    let connectors = connectors_dir();
+    write_connector(
+        connectors.path(),
+        "shared",
+        json!({"broker": broker.url(), "client-id": unique_name("shared"), "topic": topic,
+               "qos": 1, "timeout": 20000}),
+    );
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
+    let mut running: Vec<RunningWorker> = Vec::new();
+    for _ in 0..workers {
+        // The same options for every worker: no client-id suffix.
+        let mut options = WorkerOptions::new(amqp_url(), queue.clone(), connectors.path());
+        options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
+        running.push(spawn_worker_with(options).await);
+    }
+    let run = unique_name("run");
+    let bodies: Vec<(String, Vec<u8>)> = (0..JOBS)
+        .map(|i| {
+            let body = json!({"connector": "shared", "content": format!("{run}-{i}")});
+            (i.to_string(), body.to_string().into_bytes())
+        })
+        .collect();
+    let started = Instant::now();
+    send_burst(&amqp, &queue, &reply_queue, &bodies).await;
+    let answered = Replies::gather(
+        &mut replies,
+        JOBS,
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    // At least once: a publish whose acknowledgement was lost with a taken-over connection is
+    // published again, so count distinct messages until all are in.
+    let mut received: HashSet<String> = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received.len() < JOBS && Instant::now() < deadline {
+        if let Some(message) = subscriber.recv(Duration::from_millis(500)).await {
+            received.insert(message.payload_str());
+        }
+    }
+    let mut deferred = 0.0;
+    for worker in &running {
+        deferred += metric_sum(
+            &worker.metrics().await,
+            "mqtt_connector_jobs_deferred_total",
+        );
+    }
+    let log = broker.log();
+    if std::env::var("SHOW_TAKEOVERS").is_ok() {
+        log.lines()
+            .filter(|l| l.contains("already connected") || l.contains("New client"))
+            .for_each(|l| println!("{l}"));
+    }
+    let takeovers = takeovers(&log);
+    println!(
+        "{workers} workers sharing a client-id: {JOBS} jobs in {elapsed:?}; codes {:?}; \
+         {} distinct messages received; {takeovers} takeovers in the broker's log; \
+         {deferred} deferrals (jobs handed back to the queue)",
+        answered.codes(),
+        received.len()
+    );
+    assert_eq!(answered.total(), JOBS, "jobs not answered");
+    assert!(answered.answered_twice().is_empty(), "jobs answered twice");
+    assert_eq!(
+        answered.codes(),
+        [(0, JOBS)].into_iter().collect(),
+        "{:?}",
+        answered.examples(7, 3)
+    );
+    let missing = (0..JOBS)
+        .filter(|i| !received.contains(&format!("{run}-{i}")))
+        .count();
+    assert_eq!(missing, 0, "{missing} messages answered 0 never arrived");
+    assert!(
+        takeovers < 20,
+        "{takeovers} takeovers for {workers} workers"
+    );
+    for worker in running {
+        worker.stop().await;
+    }
+    amqp.delete_queue(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_a_client_id_without_failures() {
+    shared_client_id(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_workers_share_a_client_id_without_failures() {
+    shared_client_id(4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_workers_share_a_client_id_without_failures() {
+    shared_client_id(8).await;
+}
