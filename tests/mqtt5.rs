@@ -437,25 +437,28 @@ async fn mutual_tls_over_5_and_one_reused_connection_per_version() {
     let certs = Certs::shared();
     let broker = Mosquitto::mutual_tls(certs);
     let client = &certs.client_pkcs8;
-    let tls = json!({
-        "root-ca-crt": certs.ca_crt,
-        "use-certificate": true,
-        "certificate": client.crt,
-        "private-key": client.key,
-    });
-    let mut bed = TestBed::new().await;
+    // The files come from a connector (a job body may not name files by default).
+    let connectors = common::worker::connectors_dir();
+    write_connector(
+        connectors.path(),
+        "mtls",
+        json!({
+            "broker": broker.url(),
+            "qos": 1,
+            "root-ca-crt": certs.ca_crt,
+            "use-certificate": true,
+            "certificate": client.crt,
+            "private-key": client.key,
+        }),
+    );
+    let mut bed = TestBed::start(connectors).await;
     let (id5, id311) = (unique_name("five"), unique_name("three"));
     for i in 0..3 {
         for (version, id) in [("5", &id5), ("3.1.1", &id311)] {
             let reply = bed
                 .run(
-                    with(
-                        job(&broker.url(), "tls/t", &format!("{version}-{i}")),
-                        with(
-                            tls.clone(),
-                            json!({"mqtt-version": version, "client-id": id}),
-                        ),
-                    ),
+                    json!({"connector": "mtls", "topic": "tls/t", "content": format!("{version}-{i}"),
+                           "mqtt-version": version, "client-id": id}),
                     T,
                 )
                 .await;
