@@ -26,7 +26,8 @@ pub enum QueueType {
 pub struct QueueSettings {
     pub name: String,
     pub queue_type: QueueType,
-    /// Quorum only: deliveries after which a message is dead-lettered (`x-delivery-limit`).
+    /// Quorum only: deliveries whose worker died after which a job is dead-lettered
+    /// (`x-delivery-limit` N - 1: RabbitMQ counts returns beyond the first delivery).
     pub delivery_limit: Option<u32>,
     /// A queue (declared durable if missing) that receives what the request queue
     /// dead-letters: jobs over the delivery limit and permanent failures.
@@ -78,9 +79,11 @@ impl QueueSettings {
             );
         }
         if let Some(limit) = self.delivery_limit {
+            // RabbitMQ dead-letters a message returned *more* than x-delivery-limit times
+            // (seen with 3.10: limit 2 took three deaths); ours counts deaths: N deaths, out.
             arguments.insert(
                 ShortString::from("x-delivery-limit"),
-                AMQPValue::LongLongInt(i64::from(limit)),
+                AMQPValue::LongLongInt(i64::from(limit) - 1),
             );
         }
         if let Some(dead_letters) = &self.dead_letter_queue {
@@ -182,7 +185,7 @@ mod tests {
             get("x-queue-type"),
             Some(AMQPValue::LongString("quorum".into()))
         );
-        assert_eq!(get("x-delivery-limit"), Some(AMQPValue::LongLongInt(2)));
+        assert_eq!(get("x-delivery-limit"), Some(AMQPValue::LongLongInt(1)));
         assert_eq!(
             get("x-dead-letter-exchange"),
             Some(AMQPValue::LongString("".into()))
