@@ -466,7 +466,11 @@ mod tests {
         assert_eq!(reply.exit_code, ExitCode::Timeout);
         assert_eq!(reply.message, "timeout");
         assert_eq!(reply.extra["attempts"], 3);
-        assert!(reply.to_json().starts_with(r#"{"exit-code":6,"message":"timeout""#));
+        assert!(
+            reply
+                .to_json()
+                .starts_with(r#"{"exit-code":6,"message":"timeout""#)
+        );
     }
 
     #[test]

@@ -16,12 +16,12 @@ use mqtt_connector::check;
 use mqtt_connector::client::{Client, ClientError, ClientOptions, JobRequest};
 use mqtt_connector::connectors::ConnectorStore;
 use mqtt_connector::job::Limits;
+use mqtt_connector::job_args;
 use mqtt_connector::metrics::Metrics;
 use mqtt_connector::mqtt::connection::ConnectionSettings;
 use mqtt_connector::mqtt::pool::Pool;
 use mqtt_connector::outcome::Reply;
 use mqtt_connector::pipeline::Pipeline;
-use mqtt_connector::job_args;
 use mqtt_connector::worker::{Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -67,10 +67,20 @@ struct AmqpArgs {
     amqp_ca: Option<PathBuf>,
     /// For amqps://: a client certificate (PEM) to present; with ?auth_mechanism=external in the
     /// URL it is the login.
-    #[arg(long, env = "MQTT_CONNECTOR_AMQP_CERT", value_name = "FILE", requires = "amqp_key")]
+    #[arg(
+        long,
+        env = "MQTT_CONNECTOR_AMQP_CERT",
+        value_name = "FILE",
+        requires = "amqp_key"
+    )]
     amqp_cert: Option<PathBuf>,
     /// The client certificate's private key (PEM).
-    #[arg(long, env = "MQTT_CONNECTOR_AMQP_KEY", value_name = "FILE", requires = "amqp_cert")]
+    #[arg(
+        long,
+        env = "MQTT_CONNECTOR_AMQP_KEY",
+        value_name = "FILE",
+        requires = "amqp_cert"
+    )]
     amqp_key: Option<PathBuf>,
 }
 

@@ -36,7 +36,9 @@ impl ExitCode {
 
     /// The exit-code with this number, if the contract has one.
     pub fn from_code(code: u8) -> Option<ExitCode> {
-        ExitCode::ALL.into_iter().find(|exit_code| exit_code.code() == code)
+        ExitCode::ALL
+            .into_iter()
+            .find(|exit_code| exit_code.code() == code)
     }
 
     /// A job that ended with this code would end the same way if tried again.

@@ -62,7 +62,10 @@ async fn amqps_right_ca_wrong_ca_and_external_login() {
         0,
         &["add_user", &login.cn, &uuid::Uuid::new_v4().to_string()],
     );
-    node.ctl(0, &["set_permissions", "-p", "/", &login.cn, ".*", ".*", ".*"]);
+    node.ctl(
+        0,
+        &["set_permissions", "-p", "/", &login.cn, ".*", ".*", ".*"],
+    );
     let mosquitto = Mosquitto::plain();
     let topic = unique_name("amqps");
     let mut subscriber = Subscriber::start(mosquitto.port(), &topic, QoS::AtLeastOnce).await;
@@ -89,12 +92,18 @@ async fn amqps_right_ca_wrong_ca_and_external_login() {
     .await
     .expect("client over amqps with the right CA");
     let reply = client
-        .call(&job(&mosquitto, &topic, "over-tls"), Duration::from_secs(20))
+        .call(
+            &job(&mosquitto, &topic, "over-tls"),
+            Duration::from_secs(20),
+        )
         .await
         .expect("reply");
     assert_eq!(reply.exit_code, ExitCode::Published, "{}", reply.message);
     assert_eq!(
-        subscriber.expect(Duration::from_secs(5)).await.payload_str(),
+        subscriber
+            .expect(Duration::from_secs(5))
+            .await
+            .payload_str(),
         "over-tls"
     );
     client.close().await;
@@ -118,7 +127,10 @@ async fn amqps_right_ca_wrong_ca_and_external_login() {
                 output.contains("invalid peer certificate") && output.contains("UnknownIssuer"),
                 "the log names the TLS failure: {output}"
             );
-            assert!(!output.contains("guest:guest"), "password in the log: {output}");
+            assert!(
+                !output.contains("guest:guest"),
+                "password in the log: {output}"
+            );
             break;
         }
         assert!(
@@ -166,14 +178,11 @@ async fn amqps_right_ca_wrong_ca_and_external_login() {
     options.amqp_tls = identity.clone();
     options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
     let worker = spawn_worker_with(options).await;
-    let connections = node.ctl(
-        0,
-        &["list_connections", "user", "auth_mechanism", "ssl"],
-    );
+    let connections = node.ctl(0, &["list_connections", "user", "auth_mechanism", "ssl"]);
     assert!(
-        connections
-            .lines()
-            .any(|line| line.contains(&login.cn) && line.contains("EXTERNAL") && line.contains("true")),
+        connections.lines().any(|line| line.contains(&login.cn)
+            && line.contains("EXTERNAL")
+            && line.contains("true")),
         "the worker logged in as {} with EXTERNAL over TLS: {connections}",
         login.cn
     );
@@ -187,12 +196,18 @@ async fn amqps_right_ca_wrong_ca_and_external_login() {
     .await
     .expect("client with EXTERNAL");
     let reply = client
-        .call(&job(&mosquitto, &topic, "external"), Duration::from_secs(20))
+        .call(
+            &job(&mosquitto, &topic, "external"),
+            Duration::from_secs(20),
+        )
         .await
         .expect("reply");
     assert_eq!(reply.exit_code, ExitCode::Published, "{}", reply.message);
     assert_eq!(
-        subscriber.expect(Duration::from_secs(5)).await.payload_str(),
+        subscriber
+            .expect(Duration::from_secs(5))
+            .await
+            .payload_str(),
         "external"
     );
     client.close().await;

@@ -55,7 +55,10 @@ async fn call_submit_and_typed_replies_against_a_real_worker() {
     assert!(reply.message.contains(&topic), "{}", reply.message);
     assert!(reply.extra.contains_key("duration-ms"), "{:?}", reply.extra);
     assert_eq!(
-        subscriber.expect(Duration::from_secs(5)).await.payload_str(),
+        subscriber
+            .expect(Duration::from_secs(5))
+            .await
+            .payload_str(),
         "called"
     );
 
@@ -78,7 +81,10 @@ async fn call_submit_and_typed_replies_against_a_real_worker() {
         .expect("submit");
     assert!(uuid::Uuid::parse_str(&id).is_ok(), "correlation id {id}");
     assert_eq!(
-        subscriber.expect(Duration::from_secs(5)).await.payload_str(),
+        subscriber
+            .expect(Duration::from_secs(5))
+            .await
+            .payload_str(),
         "submitted"
     );
 

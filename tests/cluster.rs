@@ -43,10 +43,11 @@ fn watch_readiness(
                     .unwrap_or(0);
                 if status != last[i] {
                     last[i] = status;
-                    record
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((Instant::now(), i, status));
+                    record.lock().unwrap_or_else(|e| e.into_inner()).push((
+                        Instant::now(),
+                        i,
+                        status,
+                    ));
                 }
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -74,7 +75,10 @@ async fn killing_the_leader_node_and_a_workers_node_mid_burst_loses_no_job() {
     let queue = unique_name("cluster-jobs");
     let on_zero = Amqp::connect_to(&cluster.url(0)).await;
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     on_zero
         .channel
         .queue_declare(
@@ -129,8 +133,11 @@ async fn killing_the_leader_node_and_a_workers_node_mid_burst_loses_no_job() {
 
     let mut workers = Vec::new();
     for (first_node, suffix) in [(0, "-w1"), (1, "-w2")] {
-        let mut options =
-            WorkerOptions::new(cluster.urls_from(first_node), queue.as_str(), connectors.path());
+        let mut options = WorkerOptions::new(
+            cluster.urls_from(first_node),
+            queue.as_str(),
+            connectors.path(),
+        );
         options.queue_type = QueueType::Quorum;
         options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
         options.grace_period = Duration::from_secs(5);
@@ -198,10 +205,7 @@ async fn killing_the_leader_node_and_a_workers_node_mid_burst_loses_no_job() {
 
     // Worker 1 lost its node: 503, then 200 again on another node. Worker 2 never moved.
     stop_watch.cancel();
-    let changes = readiness
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let changes = readiness.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let after_kill: Vec<(Duration, usize, u16)> = changes
         .iter()
         .filter(|(at, _, _)| *at >= killed_at)

@@ -70,8 +70,13 @@ async fn quorum_delivery_limit_dead_letters_a_job_whose_worker_was_killed_twice(
 
     let amqp = Amqp::connect_to(&url).await;
     let (reply_queue, mut replies) = amqp.reply_queue().await;
-    amqp.send_job(&queue, &hanging_job(&broker), Some(&reply_queue), Some("poison-1"))
-        .await;
+    amqp.send_job(
+        &queue,
+        &hanging_job(&broker),
+        Some(&reply_queue),
+        Some("poison-1"),
+    )
+    .await;
     for death in 1..=2 {
         wait_in_flight(&worker, 1.0).await;
         worker.kill();
@@ -139,7 +144,8 @@ async fn an_existing_queue_is_used_as_it_is_and_a_deleted_one_is_consumed_again(
     );
     let (reply_queue, mut replies) = amqp.reply_queue().await;
     let job = br#"{"topic": "t"}"#; // invalid (no broker): answered at once with exit-code 1
-    amqp.send_job(&queue, job, Some(&reply_queue), Some("a")).await;
+    amqp.send_job(&queue, job, Some(&reply_queue), Some("a"))
+        .await;
     assert_eq!(replies.expect_reply(T).await.exit_code(), 1);
 
     // RabbitMQ cancels the consumer when its queue is deleted; the worker declares the queue
@@ -166,7 +172,8 @@ async fn an_existing_queue_is_used_as_it_is_and_a_deleted_one_is_consumed_again(
             .any(|line| line.starts_with(&queue) && line.contains("quorum")),
         "re-declared with the configured type: {listing}"
     );
-    amqp.send_job(&queue, job, Some(&reply_queue), Some("b")).await;
+    amqp.send_job(&queue, job, Some(&reply_queue), Some("b"))
+        .await;
     let reply = replies.expect_reply(T).await;
     assert_eq!(reply.correlation_id.as_deref(), Some("b"));
     worker.stop().await;

@@ -171,7 +171,8 @@ async fn every_log_line_of_a_job_carries_its_correlation_id() {
     let reply = bed.run(job, T).await;
     assert_eq!(reply.exit_code(), 3, "{}", reply.body);
     let correlation_id = reply.correlation_id.clone().expect("correlation id");
-    let text = String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let text =
+        String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
     let job_lines: Vec<&str> = text
         .lines()
         .filter(|line| line.contains(&format!("127.0.0.1:{closed}")))

@@ -106,7 +106,9 @@ impl Nodes {
         if nodes.is_empty() {
             return Err(NodesError::Empty);
         }
-        let any_tls = nodes.iter().any(|node| node.uri.scheme == AMQPScheme::AMQPS);
+        let any_tls = nodes
+            .iter()
+            .any(|node| node.uri.scheme == AMQPScheme::AMQPS);
         let tls = match (any_tls, tls.is_empty()) {
             (true, _) => Some(tls.client_config()?),
             (false, true) => None,
@@ -200,10 +202,9 @@ impl Nodes {
                             )
                             .into()
                         }),
-                    (AMQPScheme::AMQPS, None) => Err(std::io::Error::other(
-                        "amqps:// without a TLS configuration",
-                    )
-                    .into()),
+                    (AMQPScheme::AMQPS, None) => {
+                        Err(std::io::Error::other("amqps:// without a TLS configuration").into())
+                    }
                 }
             },
             properties,

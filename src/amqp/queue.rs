@@ -37,7 +37,9 @@ pub struct QueueSettings {
 /// Why the queue settings cannot be used, or a declare failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("--delivery-limit needs --queue-type quorum (a classic queue does not count deliveries)")]
+    #[error(
+        "--delivery-limit needs --queue-type quorum (a classic queue does not count deliveries)"
+    )]
     DeliveryLimitOnClassic,
     #[error("--delivery-limit must be at least 1")]
     ZeroDeliveryLimit,

@@ -153,7 +153,9 @@ impl RabbitCluster {
 
     /// The node's TLS port (with [`RabbitConfig::tls_listener`]).
     pub fn tls_port(&self, i: usize) -> u16 {
-        self.nodes[i].tls_port.expect("started without a TLS listener")
+        self.nodes[i]
+            .tls_port
+            .expect("started without a TLS listener")
     }
 
     /// Runs `rabbitmqctl -n NODE args…` (through a live node `via`) and returns its stdout;
@@ -188,7 +190,10 @@ impl RabbitCluster {
 
     /// The node that holds the leader of quorum queue `queue`, asked through node `via`.
     pub fn quorum_leader(&self, via: usize, queue: &str) -> usize {
-        let listing = self.ctl(via, &["list_queues", "name", "leader", "--no-table-headers"]);
+        let listing = self.ctl(
+            via,
+            &["list_queues", "name", "leader", "--no-table-headers"],
+        );
         let leader = listing
             .lines()
             .find_map(|line| {
