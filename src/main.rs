@@ -57,7 +57,7 @@ enum Command {
 #[derive(Args)]
 struct AmqpArgs {
     /// RabbitMQ URL, or a comma-separated list of the nodes of one cluster (tried in order).
-    #[arg(long, env = "MQTT_CONNECTOR_AMQP_URL", default_value = DEFAULT_URL, hide_env_values = true, hide_default_value = true)]
+    #[arg(long, env = "MQTT_CONNECTOR_AMQP_URL", default_value = DEFAULT_URL, hide_env_values = true)]
     amqp_url: String,
     /// The request queue.
     #[arg(long, env = "MQTT_CONNECTOR_QUEUE", default_value = DEFAULT_QUEUE)]
@@ -136,7 +136,8 @@ struct WorkerArgs {
     /// Close MQTT connections unused for this many seconds.
     #[arg(long, env = "MQTT_CONNECTOR_IDLE_TIMEOUT", default_value_t = 300)]
     idle_timeout: u64,
-    /// Seconds the jobs in flight may take to finish after SIGTERM.
+    /// Seconds the jobs in flight may take to finish after SIGTERM; those still running then
+    /// are cancelled (no reply, not acked: RabbitMQ redelivers them).
     #[arg(long, env = "MQTT_CONNECTOR_GRACE_PERIOD", default_value_t = 30)]
     grace_period: u64,
     /// Largest `content` accepted, in bytes.
@@ -152,7 +153,7 @@ struct WorkerArgs {
     /// The type with which a missing request queue is declared (an existing one is used as it is).
     #[arg(long, env = "MQTT_CONNECTOR_QUEUE_TYPE", value_enum, default_value_t = QueueTypeArg::Classic)]
     queue_type: QueueTypeArg,
-    /// Quorum queue: deliveries after which a job whose worker keeps dying is dead-lettered.
+    /// Quorum queue: a job whose worker died this many times is dead-lettered, not redelivered.
     #[arg(long, env = "MQTT_CONNECTOR_DELIVERY_LIMIT")]
     delivery_limit: Option<u32>,
     /// Declared with a missing request queue, which dead-letters into it (through the default

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::worker::spawn_worker_with;
+use common::worker::{metric_sum, spawn_worker_with};
 use common::{Amqp, Mosquitto, RabbitCluster, RabbitConfig, Subscriber, unique_name};
 use futures_util::future::join_all;
 use lapin::BasicProperties;
@@ -160,10 +160,12 @@ async fn killing_the_leader_node_and_a_workers_node_mid_burst_loses_no_job() {
     let deadline = Instant::now() + Duration::from_secs(180);
     while answered.len() < JOBS {
         if killed_at.is_none() && answered.len() >= KILL_AFTER {
+            let in_flight =
+                metric_sum(&workers[0].metrics().await, "mqtt_connector_jobs_in_flight");
             cluster.kill(0);
             killed_at = Some(Instant::now());
             eprintln!(
-                "cluster: node 0 (queue leader, worker 1's node) killed after {} replies",
+                "cluster: node 0 (queue leader, worker 1's node) killed after {} replies, worker 1 holding {in_flight} jobs",
                 answered.len()
             );
         }
