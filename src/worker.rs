@@ -440,7 +440,10 @@ impl Job {
         };
         let settlement = settle(finished.outcome.exit_code, reply_status);
         self.settler.settle(self.delivery.delivery_tag, settlement);
+        // The span carries the correlation id too; the summary line keeps it as a field of its
+        // own, where JSON log pipelines already look for it.
         tracing::info!(
+            correlation_id = correlation_id.unwrap_or(""),
             connector = %finished.connector,
             exit_code = finished.outcome.exit_code.code(),
             attempts = finished.outcome.attempts,
