@@ -336,11 +336,7 @@ impl Worker {
             }
         };
         self.set_ready(false);
-        let next_node = match &ended {
-            // The connection still works: only the consumer went (queue deleted, leader lost).
-            Some(SessionError::Cancelled) => node,
-            _ => node + 1,
-        };
+        let next_node = ended.as_ref().map_or(node, |error| next_node(node, error));
         if ended.is_none() {
             // Stop deliveries; the jobs we hold finish (their replies and acks need this
             // channel); deliveries prefetched but not started go back when it closes.
@@ -368,6 +364,15 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.http_stop.cancel();
+    }
+}
+
+/// Where to consume next after a session on `node` ended with `error`: the same node when only
+/// the consumer went (queue deleted, leader lost: the connection still works), else the next.
+fn next_node(node: usize, error: &SessionError) -> usize {
+    match error {
+        SessionError::Cancelled => node,
+        _ => node + 1,
     }
 }
 
@@ -453,5 +458,17 @@ impl Job {
             settlement = ?settlement,
             "{}", finished.outcome.message
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancelled_consumer_stays_on_its_node_a_lost_connection_moves_on() {
+        assert_eq!(next_node(1, &SessionError::Cancelled), 1);
+        let lost = SessionError::Consumer(lapin::Error::from(std::io::Error::other("reset")));
+        assert_eq!(next_node(1, &lost), 2);
     }
 }
