@@ -1,7 +1,8 @@
 //! A worker fleet on a 3-node RabbitMQ cluster (private nodes started by the test): a quorum
 //! request queue whose leader is on node 0, two workers given all three URLs (worker 1 starting
 //! with node 0, worker 2 with node 1), 3,000 QoS 1 jobs. Mid-burst node 0 is killed (SIGKILL):
-//! it holds the queue's leader and worker 1's connection. Every job is answered (at least once),
+//! it holds the queue's leader and worker 1's connection, and worker 1 holds a full window of
+//! jobs (its MQTT side stalled until then). Every job is answered (at least once),
 //! every message reaches an MQTT subscriber, worker 1's `/readyz` goes 503 and back to 200 on
 //! another node; the time to recover is printed.
 
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::worker::{metric_sum, spawn_worker_with};
-use common::{Amqp, Mosquitto, RabbitCluster, RabbitConfig, Subscriber, unique_name};
+use common::{Amqp, Mosquitto, RabbitCluster, RabbitConfig, Subscriber, TcpProxy, unique_name};
 use futures_util::future::join_all;
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
@@ -24,7 +25,8 @@ use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
 
 const JOBS: usize = 3_000;
-const KILL_AFTER: usize = 1_000;
+const KILL_AFTER: usize = 300;
+const PREFETCH: u16 = 50;
 
 /// Records every change of `/readyz` of each address, with its time.
 fn watch_readiness(
@@ -63,13 +65,20 @@ async fn killing_the_leader_node_and_a_workers_node_mid_burst_loses_no_job() {
     let mosquitto = Mosquitto::plain();
     let topic = unique_name("cluster");
     let mut subscriber = Subscriber::start(mosquitto.port(), &topic, QoS::AtLeastOnce).await;
-    let connectors = common::worker::connectors_dir();
-    common::write_connector(
-        connectors.path(),
-        "fleet",
-        serde_json::json!({"broker": mosquitto.url(), "client-id": "fleet", "qos": 1,
-            "topic": topic, "timeout": 20_000}),
-    );
+    // Worker 1 reaches Mosquitto through a proxy, stalled until its node is killed: at the
+    // kill it holds a full window of jobs, whatever the speed of the machine.
+    let proxy = TcpProxy::start(mosquitto.port()).await;
+    proxy.stall();
+    let connectors = [proxy.port(), mosquitto.port()].map(|port| {
+        let dir = common::worker::connectors_dir();
+        common::write_connector(
+            dir.path(),
+            "fleet",
+            serde_json::json!({"broker": format!("tcp://127.0.0.1:{port}"), "client-id": "fleet",
+                "qos": 1, "topic": topic, "timeout": 20_000}),
+        );
+        dir
+    });
 
     // The quorum queue, declared through node 0: its leader starts there.
     let queue = unique_name("cluster-jobs");
@@ -132,7 +141,8 @@ async fn killing_the_leader_node_and_a_workers_node_mid_burst_loses_no_job() {
     );
 
     let mut workers = Vec::new();
-    for (first_node, suffix) in [(0, "-w1"), (1, "-w2")] {
+    for (first_node, suffix, connectors) in [(0, "-w1", &connectors[0]), (1, "-w2", &connectors[1])]
+    {
         let mut options = WorkerOptions::new(
             cluster.urls_from(first_node),
             queue.as_str(),
@@ -142,7 +152,7 @@ async fn killing_the_leader_node_and_a_workers_node_mid_burst_loses_no_job() {
         options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
         options.grace_period = Duration::from_secs(5);
         // A smaller window than the default, so the burst lasts long enough to be cut.
-        options.prefetch = 50;
+        options.prefetch = PREFETCH;
         // Two workers, two MQTT identities: this test is about RabbitMQ, not takeovers.
         options.mqtt.client_id_suffix = suffix.into();
         workers.push(spawn_worker_with(options).await);
@@ -162,7 +172,15 @@ async fn killing_the_leader_node_and_a_workers_node_mid_burst_loses_no_job() {
         if killed_at.is_none() && answered.len() >= KILL_AFTER {
             let in_flight =
                 metric_sum(&workers[0].metrics().await, "mqtt_connector_jobs_in_flight");
+            assert_eq!(
+                in_flight,
+                f64::from(PREFETCH),
+                "worker 1 holds a full window"
+            );
             cluster.kill(0);
+            // Its jobs now publish, but their replies and acks have nowhere to go: RabbitMQ
+            // must hand them out again.
+            proxy.resume();
             killed_at = Some(Instant::now());
             eprintln!(
                 "cluster: node 0 (queue leader, worker 1's node) killed after {} replies, worker 1 holding {in_flight} jobs",
@@ -187,7 +205,7 @@ async fn killing_the_leader_node_and_a_workers_node_mid_burst_loses_no_job() {
     }
     let killed_at = killed_at.expect("node killed mid-burst");
     eprintln!(
-        "cluster: {JOBS} jobs answered ({replies_total} replies, {} duplicates) in {:.1} s",
+        "cluster: {JOBS} jobs answered ({replies_total} replies, {} twice) in {:.1} s",
         replies_total - JOBS,
         burst.elapsed().as_secs_f64()
     );
