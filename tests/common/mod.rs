@@ -16,6 +16,8 @@
 //!   [`Publisher`] that connects (or reports why it could not) and publishes with tracked acks.
 //! - [`amqp`]: the RabbitMQ side: [`Amqp`] (send jobs, declare/delete/count queues) and
 //!   [`ReplyStream`] (await the worker's [`Reply`]s).
+//! - [`rabbitmq`]: private RabbitMQ nodes and clusters ([`RabbitCluster`]) on their own ports,
+//!   names, data directories and cookie, killed on drop (never the shared node on 5672).
 //! - [`proxy`]: a [`TcpProxy`] between the worker and a broker that can cut, stall and refuse
 //!   connections.
 //! - [`prometheus`]: a real Prometheus server ([`prometheus::Prometheus`]) scraping workers,
@@ -39,6 +41,7 @@ pub mod mosquitto;
 pub mod mqtt;
 pub mod prometheus;
 pub mod proxy;
+pub mod rabbitmq;
 pub mod worker;
 
 pub use amqp::{Amqp, Message, Reply, ReplyStream, amqp_url};
@@ -47,6 +50,7 @@ pub use mock::{ConnackThenClose, ConnackThenSilent, SilentServer};
 pub use mosquitto::Mosquitto;
 pub use mqtt::{Publisher, Received, Subscriber, mqtt_options, tls_options};
 pub use proxy::TcpProxy;
+pub use rabbitmq::{RabbitCluster, RabbitConfig};
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -256,3 +256,86 @@ pub fn with(mut job: serde_json::Value, extra: serde_json::Value) -> serde_json:
     }
     job
 }
+
+/// A worker run as a child process (`mqtt-connector worker`), configured only through the
+/// environment you give (plus `/metrics` on a free port); stdout and stderr go to one log file.
+/// Unlike an in-process worker it can be SIGKILLed like a crash; it is killed on drop.
+pub struct WorkerProcess {
+    child: std::process::Child,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    /// Starts `mqtt-connector worker` with `env` (e.g. `MQTT_CONNECTOR_AMQP_URL`,
+    /// `MQTT_CONNECTOR_QUEUE`, `MQTT_CONNECTOR_CONNECTORS`); returns at once (see
+    /// [`wait_ready`](Self::wait_ready)).
+    pub fn spawn(env: &[(&str, &str)]) -> WorkerProcess {
+        let dir = tempfile::Builder::new()
+            .prefix("worker-")
+            .tempdir()
+            .expect("tempdir");
+        let log = dir.path().join("worker.log");
+        let out = std::fs::File::create(&log).expect("create worker.log");
+        let metrics_addr: SocketAddr = ([127, 0, 0, 1], super::free_port()).into();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-connector"));
+        command
+            .arg("worker")
+            .env("MQTT_CONNECTOR_METRICS_ADDR", metrics_addr.to_string())
+            .env("MQTT_CONNECTOR_CONNECTORS", dir.path())
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().expect("clone fd"))
+            .stderr(out);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn mqtt-connector worker");
+        WorkerProcess {
+            child,
+            metrics_addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until `/readyz` answers 200; panics with the worker's output after `within`.
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok((200, _)) = super::http::get(self.metrics_addr, "/readyz").await {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker not ready within {within:?}; output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything it wrote so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
