@@ -114,10 +114,7 @@ pub fn spawn_echo_server(config: &Config, queue: &str) -> ChildGuard {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn the echo server");
-    ChildGuard {
-        name: "the echo server",
-        child,
-    }
+    ChildGuard { child }
 }
 
 impl Bench {

@@ -47,6 +47,13 @@
 //! /proc; [`report`] judges a scenario and prints the tables.
 
 mod ceilings;
+// The worker as a child process: the test harness' wrapper, shared rather than copied.
+#[allow(dead_code)]
+#[path = "../../tests/common/child.rs"]
+mod child;
+#[allow(dead_code)]
+#[path = "../../tests/common/http.rs"]
+mod http;
 mod loadgen;
 mod mosquitto;
 mod procfs;

@@ -56,10 +56,7 @@ impl Mosquitto {
                 .stderr(log)
                 .spawn()
                 .expect("spawn mosquitto (is it on PATH?)");
-            let mut process = ChildGuard {
-                name: "mosquitto",
-                child,
-            };
+            let mut process = ChildGuard { child };
             let deadline = Instant::now() + Duration::from_secs(10);
             let mut listening = false;
             while Instant::now() < deadline {

@@ -7,24 +7,12 @@ use std::sync::OnceLock;
 
 /// A child process killed (SIGKILL) and reaped when dropped, also on a panic.
 pub struct ChildGuard {
-    pub name: &'static str,
     pub child: Child,
 }
 
 impl ChildGuard {
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    pub fn check_running(&mut self, log: &Path) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{} exited early with {status}; its log {}:\n{}",
-                self.name,
-                log.display(),
-                tail(log, 4_000)
-            );
-        }
     }
 }
 

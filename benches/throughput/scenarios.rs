@@ -2,19 +2,17 @@
 //! drives it closed loop at QoS 1, 0 and 2, open loop, over many brokers and many client-ids,
 //! between two echo ceilings; each scenario gets a warm-up and a [`Row`].
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::child::ChildWorker;
 use crate::loadgen::{Load, LoadGen, Measured, Shape, drive};
 use crate::mosquitto::{Arrivals, Mosquitto, start_subscriber};
-use crate::procfs::{
-    ChildGuard, Pids, find_rabbitmq_pid, proc_sample, reset_peak_rss, snapshot, tail,
-};
+use crate::procfs::{Pids, find_rabbitmq_pid, proc_sample, reset_peak_rss, snapshot};
 use crate::report::{Row, WorkerMemory, evaluate, print_table, print_targets, print_worker_memory};
-use crate::{Config, Mode, free_port, now_ns};
+use crate::{Config, Mode, now_ns};
 
 pub struct Bench {
     pub config: Config,
@@ -74,19 +72,20 @@ impl Bench {
         (row, measured)
     }
 }
-pub struct Worker {
-    pub process: ChildGuard,
-    pub log: PathBuf,
-    pub metrics_port: u16,
-}
-
 pub fn write_connector(dir: &Path, name: &str, json: serde_json::Value) {
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, json.to_string())
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
-pub fn start_worker(config: &Config, queue: &str, mosquitto: &Mosquitto, dir: &Path) -> Worker {
+/// The worker under test (the harness' child-worker wrapper), with one connector `bench` for
+/// the main listener and one `bNN` per extra listener; `RUST_LOG` passed on.
+pub fn start_worker(
+    config: &Config,
+    queue: &str,
+    mosquitto: &Mosquitto,
+    dir: &Path,
+) -> ChildWorker {
     let connectors = dir.join("connectors");
     std::fs::create_dir_all(&connectors).expect("create the connectors folder");
     write_connector(
@@ -109,32 +108,12 @@ pub fn start_worker(config: &Config, queue: &str, mosquitto: &Mosquitto, dir: &P
             }),
         );
     }
-    let log = dir.join("worker.log");
-    let file = std::fs::File::create(&log).expect("create worker.log");
-    let metrics_port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_mqtt-connector"))
-        .arg("worker")
-        .env("MQTT_CONNECTOR_AMQP_URL", &config.amqp_url)
-        .env("MQTT_CONNECTOR_QUEUE", queue)
-        .env("MQTT_CONNECTOR_CONNECTORS", &connectors)
-        .env("MQTT_CONNECTOR_PREFETCH", config.prefetch.to_string())
-        .env(
-            "MQTT_CONNECTOR_METRICS_ADDR",
-            format!("127.0.0.1:{metrics_port}"),
-        )
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("clone a file handle"))
-        .stderr(file)
-        .spawn()
-        .expect("spawn the mqtt-connector worker");
-    Worker {
-        process: ChildGuard {
-            name: "the worker",
-            child,
-        },
-        log,
-        metrics_port,
+    let mut command = ChildWorker::command(&config.amqp_url, queue, &connectors)
+        .env("MQTT_CONNECTOR_PREFETCH", config.prefetch.to_string());
+    if let Some(filter) = std::env::var_os("RUST_LOG") {
+        command = command.env("RUST_LOG", filter);
     }
+    command.spawn()
 }
 
 /// Sum of `mqtt_connector_mqtt_connections` over brokers, from the worker's /metrics.
@@ -214,7 +193,7 @@ pub async fn run(config: Config) -> bool {
         .tempdir()
         .expect("create a temporary directory for the worker");
     let mut worker = start_worker(&config, &queue, &mosquitto, dir.path());
-    let pid = worker.process.pid();
+    let pid = worker.pid();
     let worker_start = Instant::now();
     // Ready when it answers one job; then a closed-loop warm-up (not reported).
     {
@@ -234,12 +213,12 @@ pub async fn run(config: Config) -> bool {
             None,
         )
         .await;
-        worker.process.check_running(&worker.log);
+        worker.check_running();
         assert_eq!(
             measured.book.answered.load(Ordering::Acquire),
             1,
             "the worker did not answer its first job; its log:\n{}",
-            tail(&worker.log, 4_000)
+            worker.tail(60)
         );
         println!(
             "worker pid {pid} answered its first job {:.0} ms after it was started",
@@ -280,7 +259,7 @@ pub async fn run(config: Config) -> bool {
             capacity = row.per_s;
         }
         bench.rows.push(row);
-        worker.process.check_running(&worker.log);
+        worker.check_running();
     }
 
     // ---- open loop ----
@@ -311,7 +290,7 @@ pub async fn run(config: Config) -> bool {
             soak = Some(measured.rss_samples_kib);
         }
         bench.rows.push(row);
-        worker.process.check_running(&worker.log);
+        worker.check_running();
     }
 
     // ---- many connectors: brokers, then client-ids (last: those connections stay open) ----
@@ -337,7 +316,7 @@ pub async fn run(config: Config) -> bool {
     ));
     bench.rows.push(row);
 
-    let connections_before = open_mqtt_connections(worker.metrics_port).await;
+    let connections_before = open_mqtt_connections(worker.metrics_addr.port()).await;
     let rss_before = proc_sample(pid).map(|s| s.rss_kib);
     let mosquitto_before = proc_sample(bench.mosquitto_pid).map(|s| s.rss_kib);
     let clients = Shape::Worker {
@@ -357,12 +336,12 @@ pub async fn run(config: Config) -> bool {
         )
         .await;
     bench.rows.push(row);
-    worker.process.check_running(&worker.log);
-    let connections_after = open_mqtt_connections(worker.metrics_port).await;
+    worker.check_running();
+    let connections_after = open_mqtt_connections(worker.metrics_addr.port()).await;
     let rss_after = proc_sample(pid).map(|s| s.rss_kib);
     let mosquitto_after = proc_sample(bench.mosquitto_pid).map(|s| s.rss_kib);
     let worker_final = proc_sample(pid);
-    let log_bytes = std::fs::metadata(&worker.log).map_or(0, |m| m.len());
+    let log_bytes = std::fs::metadata(worker.log_path()).map_or(0, |m| m.len());
     drop(worker);
     bench.loadgen.delete_queue(&queue).await;
     let echo_last = bench
