@@ -64,8 +64,12 @@ ensure_brokers() {
         && [ ! -x /usr/sbin/mosquitto ]; then
         missing+=(mosquitto)
     fi
+    # mosquitto_sub and mosquitto_pub, to watch what the worker publishes.
+    if ! command -v mosquitto_sub >/dev/null 2>&1; then
+        missing+=(mosquitto-clients)
+    fi
     if [ ${#missing[@]} -gt 0 ]; then
-        apt_install "${missing[@]}"
+        apt_install "${missing[@]}" || return 1
     fi
     # Debian puts both in /usr/sbin, which a non-root PATH may lack.
     PATH=$PATH:/usr/sbin
