@@ -191,6 +191,12 @@ impl ChildWorker {
         assert!(status.success(), "kill -{signal} {pid} failed");
     }
 
+    /// SIGKILL, as a crash would, and reap it (its output stays readable).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits until `/readyz` answers 200; panics with its output if it exits first or after
     /// `within`.
     pub async fn wait_ready(&mut self, within: Duration) {
@@ -273,8 +279,7 @@ impl ChildWorker {
 
 impl Drop for ChildWorker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
