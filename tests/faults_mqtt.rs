@@ -16,7 +16,9 @@ mod mqtt_support;
 use common::worker::{connectors_dir, spawn_worker_with};
 use common::*;
 use mqtt_connector::worker::WorkerOptions;
-use mqtt_support::{Replies, UNLIMITED_QUEUES, job_and_reply_queues, reconfigure, send_burst};
+use mqtt_support::{
+    ChildWorker, Replies, UNLIMITED_QUEUES, job_and_reply_queues, reconfigure, send_burst,
+};
 use rumqttc::QoS;
 use serde_json::json;
 use std::collections::HashMap;
@@ -262,13 +264,15 @@ async fn silent_servers_leak_no_fds_or_memory() {
     let closing = ConnackThenClose::start().await;
     let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let connectors = connectors_dir();
-    let worker = ChildWorker::command(&amqp_url(), &queue, connectors.path())
-        .envs(&[
+    let worker = ChildWorker::start(
+        &queue,
+        connectors.path(),
+        &[
             ("MQTT_CONNECTOR_PREFETCH", "200"),
             ("MQTT_CONNECTOR_IDLE_TIMEOUT", "1"),
-        ])
-        .start()
-        .await;
+        ],
+    )
+    .await;
     let fds_before = worker.open_fds();
     let rss_before = worker.rss_kib();
     let urls = [silent.url(), no_ack.url(), closing.url()];
@@ -427,10 +431,7 @@ async fn secrets_never_in_output_or_replies() {
     .await;
     let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let connectors = connectors_dir();
-    let worker = ChildWorker::command(&amqp_url(), &queue, connectors.path())
-        .env("RUST_LOG", "debug")
-        .start()
-        .await;
+    let worker = ChildWorker::start(&queue, connectors.path(), &[("RUST_LOG", "debug")]).await;
 
     let password_job = |password: &str| {
         json!({"broker": with_password.url(), "client-id": unique_name("pw"), "topic": "t",

@@ -1,14 +1,16 @@
 //! Helpers shared by `faults_mqtt.rs` and `fleet.rs` (on top of `tests/common`): bursts of jobs
 //! sent with pipelined publisher confirms, replies gathered by correlation id, a Mosquitto tuned
-//! for bursts; the worker as a child process is the harness'
-//! `common::child::ChildWorker`.
+//! for bursts; the worker as a child process is the harness' `common::child::ChildWorker`, with
+//! a shorthand here to start one against the test RabbitMQ.
 #![allow(dead_code)]
 
+pub use crate::common::ChildWorker;
 use crate::common::Mosquitto;
 use crate::common::amqp::{Amqp, Reply, ReplyStream};
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 use tokio::time::{Instant, timeout_at};
 
@@ -156,5 +158,17 @@ impl Replies {
             .take(n)
             .map(|r| r.body.to_string())
             .collect()
+    }
+}
+
+impl ChildWorker {
+    /// A worker process on `queue` of the test RabbitMQ with `connectors` and `/metrics` on a
+    /// free port, plus `env` (e.g. `MQTT_CONNECTOR_PREFETCH`, `RUST_LOG`); returns once `/readyz`
+    /// answers 200.
+    pub async fn start(queue: &str, connectors: &Path, env: &[(&str, &str)]) -> ChildWorker {
+        ChildWorker::command(&crate::common::amqp_url(), queue, connectors)
+            .envs(env)
+            .start()
+            .await
     }
 }
