@@ -23,6 +23,9 @@
 //! - [`prometheus`]: a real Prometheus server ([`prometheus::Prometheus`]) scraping workers,
 //!   queried through its HTTP API; [`dashboard`]: the PromQL of the Grafana dashboard and of the
 //!   alert rules.
+//! - [`child`]: the worker as a child process ([`child::ChildWorker`]), configured through
+//!   `MQTT_CONNECTOR_*` variables, for tests that need its exit status, signals, fds, RSS or
+//!   logs (the benchmark includes the same file).
 //! - [`mock`]: fake brokers for the failures a real broker cannot produce ([`SilentServer`],
 //!   [`ConnackThenSilent`], [`ConnackThenClose`]).
 //!
@@ -34,6 +37,7 @@
 pub mod amqp;
 pub mod amqtt;
 pub mod certs;
+pub mod child;
 pub mod dashboard;
 pub mod http;
 pub mod mock;
@@ -46,6 +50,7 @@ pub mod worker;
 
 pub use amqp::{Amqp, Message, Reply, ReplyStream, amqp_url};
 pub use certs::{Certs, ClientCert};
+pub use child::ChildWorker;
 pub use mock::{ConnackThenClose, ConnackThenSilent, SilentServer};
 pub use mosquitto::Mosquitto;
 pub use mqtt::{Publisher, Received, Subscriber, mqtt_options, tls_options};
