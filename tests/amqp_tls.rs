@@ -8,7 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::worker::{WorkerProcess, spawn_worker_with};
+use common::child::ChildWorker;
+use common::worker::spawn_worker_with;
 use common::{Certs, Mosquitto, RabbitCluster, RabbitConfig, Subscriber, unique_name};
 use mqtt_connector::amqp::queue::QueueSettings;
 use mqtt_connector::amqp::tls::TlsFiles;
@@ -111,7 +112,7 @@ async fn amqps_right_ca_wrong_ca_and_external_login() {
 
     // 2. The wrong CA: refused, said so, never ready. A worker process, configured through
     // the environment as in a container.
-    let wrong_ca = WorkerProcess::spawn(&[
+    let wrong_ca = ChildWorker::spawn_with_env(&[
         ("MQTT_CONNECTOR_AMQP_URL", url.as_str()),
         ("MQTT_CONNECTOR_QUEUE", queue.as_str()),
         (

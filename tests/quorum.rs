@@ -7,7 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::worker::{WorkerProcess, metric_sum, spawn_worker_with};
+use common::child::ChildWorker;
+use common::worker::{metric_sum, spawn_worker_with};
 use common::{Amqp, RabbitCluster, RabbitConfig, SilentServer, unique_name};
 use mqtt_connector::amqp::queue::QueueType;
 use mqtt_connector::worker::WorkerOptions;
@@ -15,7 +16,7 @@ use mqtt_connector::worker::WorkerOptions;
 const T: Duration = Duration::from_secs(20);
 
 /// Waits until the worker process holds `n` jobs in flight (its `/metrics`).
-async fn wait_in_flight(worker: &WorkerProcess, n: f64) {
+async fn wait_in_flight(worker: &ChildWorker, n: f64) {
     let deadline = tokio::time::Instant::now() + T;
     loop {
         if let Ok((200, text)) = common::http::get(worker.metrics_addr, "/metrics").await
@@ -56,7 +57,7 @@ async fn quorum_delivery_limit_dead_letters_a_job_whose_worker_was_killed_twice(
         ("MQTT_CONNECTOR_DELIVERY_LIMIT", "2"),
         ("MQTT_CONNECTOR_DEAD_LETTER_QUEUE", dead.as_str()),
     ];
-    let mut worker = WorkerProcess::spawn(&env);
+    let mut worker = ChildWorker::spawn_with_env(&env);
     worker.wait_ready(T).await;
     let listing = node.ctl(0, &["list_queues", "name", "type", "arguments"]);
     let declared = listing
@@ -82,7 +83,7 @@ async fn quorum_delivery_limit_dead_letters_a_job_whose_worker_was_killed_twice(
         worker.kill();
         eprintln!("quorum: worker killed with the job in flight ({death})");
         if death < 2 {
-            worker = WorkerProcess::spawn(&env);
+            worker = ChildWorker::spawn_with_env(&env);
             worker.wait_ready(T).await;
         }
     }
@@ -110,7 +111,7 @@ async fn quorum_delivery_limit_dead_letters_a_job_whose_worker_was_killed_twice(
         Some("poison-1")
     );
     // A worker started now gets nothing: the job is out of the request queue for good.
-    let worker = WorkerProcess::spawn(&env);
+    let mut worker = ChildWorker::spawn_with_env(&env);
     worker.wait_ready(T).await;
     assert_eq!(amqp.queue_counts(&queue).await.expect("queue").0, 0);
     tokio::time::sleep(Duration::from_millis(500)).await;

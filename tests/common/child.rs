@@ -90,6 +90,7 @@ impl WorkerCommand {
             child,
             metrics_addr: self.metrics_addr,
             dir,
+            _connectors: None,
         }
     }
 
@@ -108,6 +109,8 @@ pub struct ChildWorker {
     /// Where it serves `/metrics`, `/healthz` and `/readyz`.
     pub metrics_addr: SocketAddr,
     dir: tempfile::TempDir,
+    /// An empty connectors folder of its own (see [`ChildWorker::spawn_with_env`]).
+    _connectors: Option<tempfile::TempDir>,
 }
 
 impl ChildWorker {
@@ -130,6 +133,22 @@ impl ChildWorker {
             args: Vec::new(),
             metrics_addr,
         }
+    }
+
+    /// A worker configured by `env` alone (`MQTT_CONNECTOR_AMQP_URL`, `MQTT_CONNECTOR_QUEUE`,
+    /// …), as in a container, with `RUST_LOG=info` and an empty connectors folder; returns at
+    /// once (see [`wait_ready`](Self::wait_ready)).
+    pub fn spawn_with_env(env: &[(&str, &str)]) -> ChildWorker {
+        let connectors = tempfile::Builder::new()
+            .prefix("connectors-")
+            .tempdir()
+            .expect("create a connectors folder");
+        let mut worker = ChildWorker::command("", "", connectors.path())
+            .env("RUST_LOG", "info")
+            .envs(env)
+            .spawn();
+        worker._connectors = Some(connectors);
+        worker
     }
 
     pub fn pid(&self) -> u32 {
