@@ -10,15 +10,17 @@
 //! - [`worker`] settles the delivery ([`settle`]: ack, reject or requeue) and runs the whole loop.
 //!
 //! Around it: [`metrics`] (every metric name in one place), [`http`] (`/metrics`, `/healthz`,
-//! `/readyz`), [`submit`] (the client side of the queue), [`check`] (connector diagnosis) and
-//! [`backoff`].
+//! `/readyz`), [`client`] (the Rust client API: submit jobs, await replies; the CLI's `submit`),
+//! [`job_args`] (a job from `--set KEY=VALUE`), [`check`] (connector diagnosis) and [`backoff`].
 
 pub mod amqp;
 pub mod backoff;
 pub mod check;
+pub mod client;
 pub mod connectors;
 pub mod http;
 pub mod job;
+pub mod job_args;
 pub mod metrics;
 pub mod mqtt;
 pub mod outcome;
@@ -26,7 +28,6 @@ pub mod pipeline;
 pub mod policy;
 pub mod secret;
 pub mod settle;
-pub mod submit;
 pub mod worker;
 
 /// Installs the process-wide rustls crypto provider (ring). Call once at start-up: if two

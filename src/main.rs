@@ -9,17 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mqtt_connector::amqp::queue::{QueueSettings, QueueType};
+use mqtt_connector::amqp::tls::TlsFiles;
 use mqtt_connector::amqp::{DEFAULT_QUEUE, DEFAULT_URL};
 use mqtt_connector::check;
+use mqtt_connector::client::{Client, ClientError, ClientOptions, JobRequest};
 use mqtt_connector::connectors::ConnectorStore;
 use mqtt_connector::job::Limits;
+use mqtt_connector::job_args;
 use mqtt_connector::metrics::Metrics;
 use mqtt_connector::mqtt::connection::ConnectionSettings;
 use mqtt_connector::mqtt::pool::Pool;
 use mqtt_connector::outcome::Reply;
 use mqtt_connector::pipeline::Pipeline;
 use mqtt_connector::policy::{AllowedBrokers, JobFiles, Policy, PolicyError};
-use mqtt_connector::submit::{self, SubmitError};
 use mqtt_connector::worker::{Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -54,12 +57,48 @@ enum Command {
 
 #[derive(Args)]
 struct AmqpArgs {
-    /// RabbitMQ URL.
+    /// RabbitMQ URL, or a comma-separated list of the nodes of one cluster (tried in order).
     #[arg(long, env = "MQTT_CONNECTOR_AMQP_URL", default_value = DEFAULT_URL, hide_env_values = true)]
     amqp_url: String,
     /// The request queue.
     #[arg(long, env = "MQTT_CONNECTOR_QUEUE", default_value = DEFAULT_QUEUE)]
     queue: String,
+    /// For amqps://: the CA certificate(s) to verify RabbitMQ against, instead of the system's.
+    #[arg(long, env = "MQTT_CONNECTOR_AMQP_CA", value_name = "FILE")]
+    amqp_ca: Option<PathBuf>,
+    /// For amqps://: a client certificate (PEM) to present; with ?auth_mechanism=external in the
+    /// URL it is the login.
+    #[arg(
+        long,
+        env = "MQTT_CONNECTOR_AMQP_CERT",
+        value_name = "FILE",
+        requires = "amqp_key"
+    )]
+    amqp_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "MQTT_CONNECTOR_AMQP_KEY",
+        value_name = "FILE",
+        requires = "amqp_cert"
+    )]
+    amqp_key: Option<PathBuf>,
+}
+
+impl AmqpArgs {
+    fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.amqp_ca.clone(),
+            cert: self.amqp_cert.clone(),
+            key: self.amqp_key.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QueueTypeArg {
+    Classic,
+    Quorum,
 }
 
 #[derive(Args)]
@@ -98,7 +137,8 @@ struct WorkerArgs {
     /// Close MQTT connections unused for this many seconds.
     #[arg(long, env = "MQTT_CONNECTOR_IDLE_TIMEOUT", default_value_t = 300)]
     idle_timeout: u64,
-    /// Seconds the jobs in flight may take to finish after SIGTERM.
+    /// Seconds the jobs in flight may take to finish after SIGTERM; those still running then
+    /// are cancelled (no reply, not acked: RabbitMQ redelivers them).
     #[arg(long, env = "MQTT_CONNECTOR_GRACE_PERIOD", default_value_t = 30)]
     grace_period: u64,
     /// Largest `content` accepted, in bytes.
@@ -120,6 +160,8 @@ struct WorkerArgs {
     /// idle one is closed.
     #[arg(long, env = "MQTT_CONNECTOR_MAX_CONNECTIONS", default_value_t = 1000)]
     max_connections: usize,
+    #[command(flatten)]
+    request_queue: RequestQueueArgs,
 }
 
 #[derive(Args)]
@@ -133,6 +175,20 @@ struct AllowBrokerArg {
         value_delimiter = ','
     )]
     patterns: Vec<String>,
+}
+
+#[derive(Args)]
+struct RequestQueueArgs {
+    /// The type with which a missing request queue is declared (an existing one is used as it is).
+    #[arg(long, env = "MQTT_CONNECTOR_QUEUE_TYPE", value_enum, default_value_t = QueueTypeArg::Classic)]
+    queue_type: QueueTypeArg,
+    /// Quorum queue: a job whose worker died this many times is dead-lettered, not redelivered.
+    #[arg(long, env = "MQTT_CONNECTOR_DELIVERY_LIMIT")]
+    delivery_limit: Option<u32>,
+    /// Declared with a missing request queue, which dead-letters into it (through the default
+    /// exchange): jobs over the delivery limit and jobs that can never succeed.
+    #[arg(long, env = "MQTT_CONNECTOR_DEAD_LETTER_QUEUE", value_name = "NAME")]
+    dead_letter_queue: Option<String>,
 }
 
 #[derive(Args)]
@@ -208,10 +264,17 @@ fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
 
 async fn worker(args: WorkerArgs) -> ExitCode {
     let mut options = WorkerOptions::new(
-        args.amqp.amqp_url,
-        args.amqp.queue,
+        args.amqp.amqp_url.clone(),
+        args.amqp.queue.clone(),
         args.connectors.connectors,
     );
+    options.amqp_tls = args.amqp.tls();
+    options.queue_type = match args.request_queue.queue_type {
+        QueueTypeArg::Classic => QueueType::Classic,
+        QueueTypeArg::Quorum => QueueType::Quorum,
+    };
+    options.delivery_limit = args.request_queue.delivery_limit;
+    options.dead_letter_queue = args.request_queue.dead_letter_queue;
     options.prefetch = args.prefetch.max(1);
     options.metrics_addr = args.metrics_addr;
     options.idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
@@ -234,7 +297,7 @@ async fn worker(args: WorkerArgs) -> ExitCode {
     let worker = match Worker::start(options, shutdown.clone()).await {
         Ok(worker) => worker,
         Err(err) => {
-            tracing::error!("{err}");
+            tracing::error!("{}", mqtt_connector::amqp::error_chain(&err));
             return ExitCode::FAILURE;
         }
     };
@@ -294,9 +357,9 @@ async fn send(args: SendArgs) -> ExitCode {
         Ok(store) => store,
         Err(err) => return fail(&err.to_string()),
     };
-    let body = match submit::job_body(args.job.connector.as_deref(), &args.job.sets) {
+    let body = match job_args::job_body(args.job.connector.as_deref(), &args.job.sets) {
         Ok(body) => body,
-        Err(err) => return fail(&err),
+        Err(err) => return fail(&err.to_string()),
     };
     let metrics = Metrics::new();
     let pool = Pool::new(
@@ -323,34 +386,47 @@ async fn send(args: SendArgs) -> ExitCode {
 }
 
 async fn submit(args: SubmitArgs) -> ExitCode {
-    let body = match submit::job_body(args.job.connector.as_deref(), &args.job.sets) {
-        Ok(body) => body,
-        Err(err) => return fail(&err),
+    let job = match JobRequest::from_args(args.job.connector.as_deref(), &args.job.sets) {
+        Ok(job) => job,
+        Err(err) => return fail(&err.to_string()),
     };
-    let wait = args.wait.then(|| Duration::from_secs(args.wait_timeout));
-    match submit::submit(&args.amqp.amqp_url, &args.amqp.queue, &body, wait).await {
-        Ok((correlation_id, None)) => {
-            println!("{correlation_id}");
-            ExitCode::SUCCESS
+    let options = ClientOptions {
+        tls: args.amqp.tls(),
+        queue: QueueSettings::classic(args.amqp.queue.as_str()),
+    };
+    let client = match Client::connect_with(&args.amqp.amqp_url, options).await {
+        Ok(client) => client,
+        Err(err) => return fail(&mqtt_connector::amqp::error_chain(&err)),
+    };
+    let code = if args.wait {
+        match client
+            .call(&job, Duration::from_secs(args.wait_timeout))
+            .await
+        {
+            Ok(reply) => {
+                println!("{}", reply.to_json());
+                ExitCode::from(reply.exit_code.code())
+            }
+            Err(err @ ClientError::NoReply(_)) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"exit-code": 6, "message": err.to_string()})
+                );
+                ExitCode::from(6)
+            }
+            Err(err) => fail(&mqtt_connector::amqp::error_chain(&err)),
         }
-        Ok((_, Some(reply))) => {
-            println!("{}", String::from_utf8_lossy(&reply));
-            let code = serde_json::from_slice::<serde_json::Value>(&reply)
-                .ok()
-                .and_then(|json| json["exit-code"].as_u64())
-                .and_then(|code| u8::try_from(code).ok())
-                .unwrap_or(1);
-            ExitCode::from(code)
+    } else {
+        match client.submit(&job).await {
+            Ok(correlation_id) => {
+                println!("{correlation_id}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&mqtt_connector::amqp::error_chain(&err)),
         }
-        Err(err @ SubmitError::NoReply(_)) => {
-            println!(
-                "{}",
-                serde_json::json!({"exit-code": 6, "message": err.to_string()})
-            );
-            ExitCode::from(6)
-        }
-        Err(err) => fail(&err.to_string()),
-    }
+    };
+    client.close().await;
+    code
 }
 
 fn check(args: CheckArgs) -> ExitCode {

@@ -37,6 +37,13 @@ impl ExitCode {
         self as u8
     }
 
+    /// The exit-code with this number, if the contract has one.
+    pub fn from_code(code: u8) -> Option<ExitCode> {
+        ExitCode::ALL
+            .into_iter()
+            .find(|exit_code| exit_code.code() == code)
+    }
+
     /// A job that ended with this code would end the same way if tried again.
     pub fn is_permanent(self) -> bool {
         matches!(
@@ -123,6 +130,14 @@ mod tests {
             .map(|c| c.code())
             .collect();
         assert_eq!(permanent, vec![1, 2, 4, 5, 8]);
+    }
+
+    #[test]
+    fn every_code_reads_back_from_its_number() {
+        for code in ExitCode::ALL {
+            assert_eq!(ExitCode::from_code(code.code()), Some(code));
+        }
+        assert_eq!(ExitCode::from_code(200), None);
     }
 
     #[test]

@@ -89,11 +89,25 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_rabbitmq_refused_requeues_the_job() {
-        assert_eq!(
-            settle(ExitCode::Published, ReplyStatus::Failed),
-            Settlement::Requeue
-        );
+    fn a_reply_rabbitmq_refused_requeues_the_job_whatever_its_exit_code() {
+        for code in ExitCode::ALL {
+            assert_eq!(
+                settle(code, ReplyStatus::Refused),
+                Settlement::Requeue,
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reply_whose_channel_failed_before_the_confirm_requeues_the_job() {
+        for code in ExitCode::ALL {
+            assert_eq!(
+                settle(code, ReplyStatus::Failed),
+                Settlement::Requeue,
+                "{code:?}"
+            );
+        }
     }
 
     #[test]

@@ -5,17 +5,16 @@
 
 mod common;
 
+use common::child::BIN;
 use common::worker::connectors_dir;
 use common::*;
 use rumqttc::QoS;
 use serde_json::json;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
-const BIN: &str = env!("CARGO_BIN_EXE_mqtt-connector");
 
 /// Runs the binary with `args` (and `envs`) to completion, off the async threads; 60 s at most.
 async fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
@@ -145,85 +144,9 @@ async fn send_to_a_closed_port_exits_3() {
     assert!(message.contains("attempts"), "{message}");
 }
 
-/// A `worker` child process; SIGKILLed on drop if still running.
-struct WorkerProcess {
-    child: Option<Child>,
-    log: tempfile::NamedTempFile,
-    addr: SocketAddr,
-}
-
-impl WorkerProcess {
-    fn start(queue: &str, connectors: &Path) -> WorkerProcess {
-        Self::start_with_amqp(&amqp_url(), queue, connectors)
-    }
-
-    fn start_with_amqp(amqp_url: &str, queue: &str, connectors: &Path) -> WorkerProcess {
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let child = Command::new(BIN)
-            .arg("worker")
-            .env("MQTT_CONNECTOR_AMQP_URL", amqp_url)
-            .env("MQTT_CONNECTOR_QUEUE", queue)
-            .env("MQTT_CONNECTOR_CONNECTORS", connectors)
-            .env("MQTT_CONNECTOR_METRICS_ADDR", addr.to_string())
-            .stdin(Stdio::null())
-            .stdout(log.reopen().expect("reopen log"))
-            .stderr(log.reopen().expect("reopen log"))
-            .spawn()
-            .expect("spawn worker");
-        WorkerProcess {
-            child: Some(child),
-            log,
-            addr,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    /// Sends `signal` (e.g. "TERM") to the process.
-    fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} {pid}");
-    }
-
-    /// Waits for the process to exit (`within` at most) and returns its exit code.
-    async fn wait(&mut self, within: Duration) -> Option<i32> {
-        let mut child = self.child.take().expect("running");
-        let waited = tokio::time::timeout(
-            within,
-            tokio::task::spawn_blocking(move || {
-                let status = child.wait();
-                (child, status)
-            }),
-        )
-        .await;
-        match waited {
-            Ok(joined) => {
-                let (_, status) = joined.expect("join");
-                status.expect("wait for worker").code()
-            }
-            Err(_) => panic!(
-                "worker did not exit within {within:?}; log:\n{}",
-                self.log()
-            ),
-        }
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// A `worker` child process for `queue` and `connectors`, configured by `MQTT_CONNECTOR_*`.
+fn start_worker(queue: &str, connectors: &Path) -> ChildWorker {
+    ChildWorker::command(&amqp_url(), queue, connectors).spawn()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,10 +155,10 @@ async fn worker_process_health_submit_and_sigterm() {
     let queue = unique_name("cli-jobs");
     let topic = unique_name("cli");
     let mut sub = Subscriber::start(1883, &topic, QoS::ExactlyOnce).await;
-    let mut worker = WorkerProcess::start(&queue, dir.path());
-    common::http::wait_for_status(worker.addr, "/healthz", 200, T).await;
-    common::http::wait_for_status(worker.addr, "/readyz", 200, T).await;
-    let (status, metrics) = common::http::get(worker.addr, "/metrics")
+    let mut worker = start_worker(&queue, dir.path());
+    common::http::wait_for_status(worker.metrics_addr, "/healthz", 200, T).await;
+    common::http::wait_for_status(worker.metrics_addr, "/readyz", 200, T).await;
+    let (status, metrics) = common::http::get(worker.metrics_addr, "/metrics")
         .await
         .expect("GET /metrics");
     assert_eq!(status, 200);
@@ -267,7 +190,7 @@ async fn worker_process_health_submit_and_sigterm() {
         result["exit-code"],
         0,
         "{result}; worker log:\n{}",
-        worker.log()
+        worker.output()
     );
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(sub.expect(T).await.payload_str(), "waited");
@@ -320,9 +243,13 @@ async fn worker_process_health_submit_and_sigterm() {
 
     // SIGTERM: stops and exits 0.
     worker.signal("TERM");
-    let code = worker.wait(T).await;
-    assert_eq!(code, Some(0), "log:\n{}", worker.log());
-    assert!(common::http::get(worker.addr, "/healthz").await.is_err());
+    let code = worker.wait_exit(T).await.code();
+    assert_eq!(code, Some(0), "log:\n{}", worker.output());
+    assert!(
+        common::http::get(worker.metrics_addr, "/healthz")
+            .await
+            .is_err()
+    );
 
     let amqp = Amqp::connect().await;
     assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
@@ -336,9 +263,9 @@ async fn worker_refuses_a_connector_with_an_unknown_key() {
         json!({"broker": "tcp://127.0.0.1:1883", "client_id": "c"}),
     );
     let queue = unique_name("cli-refused");
-    let mut worker = WorkerProcess::start(&queue, dir.path());
-    let code = worker.wait(T).await;
-    let log = worker.log();
+    let mut worker = start_worker(&queue, dir.path());
+    let code = worker.wait_exit(T).await.code();
+    let log = worker.output();
     assert!(
         matches!(code, Some(c) if c != 0),
         "exit {code:?}; log:\n{log}"
@@ -410,22 +337,22 @@ async fn check_reports_missing_certificate_files() {
 async fn worker_without_rabbitmq_is_healthy_not_ready_and_keeps_trying() {
     let dir = local_connectors();
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
-    let mut worker = WorkerProcess::start_with_amqp(&url, &unique_name("cli-nomq"), dir.path());
-    common::http::wait_for_status(worker.addr, "/healthz", 200, T).await;
+    let mut worker = ChildWorker::command(&url, &unique_name("cli-nomq"), dir.path()).spawn();
+    common::http::wait_for_status(worker.metrics_addr, "/healthz", 200, T).await;
     // Still running and still not ready a while later: it does not exit, it retries.
     for _ in 0..5 {
-        let (status, _) = common::http::get(worker.addr, "/readyz")
+        let (status, _) = common::http::get(worker.metrics_addr, "/readyz")
             .await
             .expect("GET /readyz");
         assert_eq!(
             status,
             503,
             "not ready without RabbitMQ; log:\n{}",
-            worker.log()
+            worker.output()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (_, metrics) = common::http::get(worker.addr, "/metrics")
+    let (_, metrics) = common::http::get(worker.metrics_addr, "/metrics")
         .await
         .expect("GET /metrics");
     assert!(
@@ -433,7 +360,12 @@ async fn worker_without_rabbitmq_is_healthy_not_ready_and_keeps_trying() {
         "metrics served without RabbitMQ: {metrics}"
     );
     worker.signal("TERM");
-    assert_eq!(worker.wait(T).await, Some(0), "log:\n{}", worker.log());
+    assert_eq!(
+        worker.wait_exit(T).await.code(),
+        Some(0),
+        "log:\n{}",
+        worker.output()
+    );
 }
 
 #[tokio::test]

@@ -30,7 +30,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -451,31 +451,8 @@ async fn rabbitmq_refusing_connections_keeps_jobs_queued_until_it_accepts() {
 // 3. SIGTERM with 200 jobs in flight
 // ---------------------------------------------------------------------------------------------
 
-struct ChildWorker {
-    child: Child,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl ChildWorker {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn tail(&self) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for ChildWorker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// A worker process on `queue` with `/metrics` on `metrics`, `prefetch` and a grace period of
+/// `grace_s` seconds.
 fn start_child_worker(
     queue: &str,
     connectors: &Path,
@@ -483,28 +460,12 @@ fn start_child_worker(
     prefetch: u16,
     grace_s: u64,
 ) -> ChildWorker {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = dir.path().join("worker.log");
-    let file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_mqtt-connector"))
-        .arg("worker")
-        .env("MQTT_CONNECTOR_AMQP_URL", amqp_url())
-        .env("MQTT_CONNECTOR_QUEUE", queue)
-        .env("MQTT_CONNECTOR_CONNECTORS", connectors)
-        .env("MQTT_CONNECTOR_METRICS_ADDR", metrics.to_string())
+    ChildWorker::command(&amqp_url(), queue, connectors)
+        .metrics_addr(metrics)
         .env("MQTT_CONNECTOR_PREFETCH", prefetch.to_string())
         .env("MQTT_CONNECTOR_GRACE_PERIOD", grace_s.to_string())
         .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("clone fd"))
-        .stderr(file)
         .spawn()
-        .expect("spawn worker");
-    ChildWorker {
-        child,
-        log,
-        _dir: dir,
-    }
 }
 
 /// A worker process holds 200 jobs (prefetch 200) whose MQTT broker hangs (a stalled proxy in
@@ -547,13 +508,8 @@ async fn sigterm_with_200_jobs_in_flight_finishes_them_and_exits_0() {
     assert_eq!(queue_counts(&amqp, &queue).await, (QUEUED as u32, 1));
     assert!(replies.try_reply(Duration::ZERO).await.is_none());
 
-    let pid = child.child.id();
     let term_at = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    child.signal("TERM");
     // It stops consuming at once, while its 200 jobs are still stuck.
     wait_queue(&amqp, &queue, |_, consumers| consumers == 0, T).await;
     assert_eq!(
@@ -575,23 +531,27 @@ async fn sigterm_with_200_jobs_in_flight_finishes_them_and_exits_0() {
 
     let deadline = term_at + Duration::from_secs(GRACE_S + 5);
     let exit = loop {
-        if let Some(status) = child.child.try_wait().expect("try_wait") {
+        if let Some(status) = child.try_wait() {
             break status;
         }
         assert!(
             Instant::now() < deadline,
             "worker still running {GRACE_S} s + 5 s after SIGTERM; log:\n{}",
-            child.tail()
+            child.tail(30)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let drained_in = term_at.elapsed();
-    assert!(exit.success(), "exit status {exit}; log:\n{}", child.tail());
+    assert!(
+        exit.success(),
+        "exit status {exit}; log:\n{}",
+        child.tail(30)
+    );
     assert!(
         drained_in < Duration::from_secs(GRACE_S),
         "exited after {drained_in:?}"
     );
-    let first_log = child.log();
+    let first_log = child.output();
 
     // The first worker's answers, then the rest from a second worker.
     let mut first: BTreeMap<String, usize> = BTreeMap::new();
@@ -605,7 +565,7 @@ async fn sigterm_with_200_jobs_in_flight_finishes_them_and_exits_0() {
         first.len(),
         IN_FLIGHT,
         "the first worker finished all its jobs before exiting; log tail:\n{}",
-        child.tail()
+        child.tail(30)
     );
     assert_eq!(queue_counts(&amqp, &queue).await, (QUEUED as u32, 0));
     let second = spawn_worker(&queue, dir.path()).await;

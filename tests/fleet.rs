@@ -7,7 +7,9 @@
 //!   client-id); the pool backs off after quick losses. No job may be lost either way; the
 //!   reconnects and the jobs that ended non-zero are reported.
 //!
-//! Every job is answered exactly once and every job answered 0 is received by a subscriber.
+//! Every job is answered exactly once and every job answered 0 is received by a subscriber; a
+//! run in which no job (or, sharing a client-id, under 90 % of them) answered 0 fails, since it
+//! would leave nothing to check.
 
 mod common;
 mod mqtt_support;
@@ -77,6 +79,12 @@ async fn fleet(workers: usize, suffix: bool, jobs: usize) -> FleetRun {
         .filter(|i| answered.first(&i.to_string()).exit_code() == 0)
         .map(|i| format!("{run}-{i}"))
         .collect();
+    // Guard: with every job failed there would be nothing to receive and nothing to check.
+    assert!(
+        !expected.is_empty(),
+        "no job of {jobs} answered 0 (codes {:?}): nothing left to check",
+        answered.codes()
+    );
     let mut received: HashMap<String, usize> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while expected.iter().any(|p| !received.contains_key(p)) {
@@ -154,8 +162,16 @@ async fn four_workers_with_suffix_one_connection_each() {
 }
 
 /// The pool's backoff after quick losses keeps the fight from becoming a storm: measured about 5
-/// connections per worker over a 5,000-job burst; more than 15 per worker fails.
-fn assert_fight_bounded(run: &FleetRun, workers: usize) {
+/// connections per worker over a 5,000-job burst; more than 15 per worker fails. And the fight
+/// must not fail the jobs wholesale: measured 100 % answered 0 with 2 workers, 96.8 % with 4;
+/// under 90 % fails (a run where most jobs fail proves nothing about lost messages).
+fn assert_fight_bounded(run: &FleetRun, workers: usize, jobs: usize) {
+    let published = run.codes.get(&0).copied().unwrap_or(0);
+    assert!(
+        published * 10 >= jobs * 9,
+        "only {published} of {jobs} jobs answered 0: {:?}",
+        run.codes
+    );
     assert!(
         run.connections <= 15 * workers,
         "{} connections for {workers} workers (reconnects {:?})",
@@ -170,11 +186,11 @@ fn assert_fight_bounded(run: &FleetRun, workers: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_sharing_a_client_id_lose_no_job() {
     let run = fleet(2, false, 5000).await;
-    assert_fight_bounded(&run, 2);
+    assert_fight_bounded(&run, 2, 5000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_workers_sharing_a_client_id_lose_no_job() {
     let run = fleet(4, false, 5000).await;
-    assert_fight_bounded(&run, 4);
+    assert_fight_bounded(&run, 4, 5000);
 }

@@ -18,9 +18,8 @@ use common::worker::{RunningWorker, TestBed, connectors_dir, job, metric_sum, wi
 use common::*;
 use serde_json::{Value as Json, json};
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -320,95 +319,6 @@ async fn promtool_accepts_a_real_scrape() {
 const SECRET: &str = "pw-91c2-SECRET";
 const ENV_SECRET: &str = "env-pw-77aa-SECRET";
 
-/// The `mqtt-connector worker` binary as a child process, its stdout and stderr in files.
-struct BinWorker {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl BinWorker {
-    /// Starts `mqtt-connector ARGS... worker` with the `MQTT_CONNECTOR_*` environment for
-    /// `queue` and `connectors` plus `env`, and waits until `/readyz` answers 200.
-    async fn start(args: &[&str], queue: &str, connectors: &Path, env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let stdout = std::fs::File::create(dir.path().join("stdout")).expect("stdout file");
-        let stderr = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-connector"));
-        command
-            .args(args)
-            .arg("worker")
-            .env_remove("RUST_LOG")
-            .env_remove("MQTT_CONNECTOR_LOG_FORMAT")
-            .env("MQTT_CONNECTOR_AMQP_URL", amqp_url())
-            .env("MQTT_CONNECTOR_QUEUE", queue)
-            .env("MQTT_CONNECTOR_CONNECTORS", connectors)
-            .env("MQTT_CONNECTOR_METRICS_ADDR", metrics.to_string())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("start mqtt-connector worker");
-        let worker = BinWorker { child, dir };
-        let deadline = Instant::now() + T;
-        loop {
-            if matches!(http::get(metrics, "/readyz").await, Ok((200, _))) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker not ready within {T:?}; stderr:\n{}",
-                worker.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        worker
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
-    }
-
-    /// SIGTERM, then waits (30 s at most) for exit status 0.
-    async fn terminate(&mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let exit = loop {
-            if let Some(exit) = self.child.try_wait().expect("try_wait") {
-                break exit;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker still running 30 s after SIGTERM; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        assert!(
-            exit.success(),
-            "worker exit after SIGTERM: {exit}; stderr:\n{}",
-            self.stderr()
-        );
-    }
-}
-
-impl Drop for BinWorker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Every non-empty line of `text` parsed as JSON; panics on a line that is not.
 fn json_lines(text: &str) -> Vec<Json> {
     text.lines()
@@ -468,16 +378,13 @@ async fn worker_logs_one_json_line_per_job_without_secrets() {
     let closed = free_port();
     let connectors = log_connectors(closed);
     let queue = unique_name("logs");
-    let mut worker = BinWorker::start(
-        &[],
-        &queue,
-        connectors.path(),
-        &[
+    let mut worker = ChildWorker::command(&amqp_url(), &queue, connectors.path())
+        .envs(&[
             ("MQTT_CONNECTOR_LOG_FORMAT", "json"),
             ("OBS_TEST_MQTT_PASSWORD", ENV_SECRET),
-        ],
-    )
-    .await;
+        ])
+        .start()
+        .await;
     let jobs = [
         (json!({"connector": "local", "content": "hello"}), 0),
         (json!({"connector": "no-such-connector", "content": "x"}), 2),
@@ -492,7 +399,12 @@ async fn worker_logs_one_json_line_per_job_without_secrets() {
         (json!({"connector": "secretive", "content": "x"}), 3),
     ];
     let sent = send_jobs(&queue, &jobs).await;
-    worker.terminate().await;
+    let exit = worker.terminate().await;
+    assert!(
+        exit.success(),
+        "worker exit after SIGTERM: {exit}; stderr:\n{}",
+        worker.stderr()
+    );
     Amqp::connect().await.delete_queue(&queue).await;
 
     let stderr = worker.stderr();
@@ -546,19 +458,17 @@ async fn log_format_flag_and_rust_log_are_respected() {
     let queue = unique_name("logs");
     // The flag, not the environment, asks for JSON; RUST_LOG keeps `mqtt_connector`'s own info
     // lines (the shutdown line) but silences the worker module (the per-job lines).
-    let mut worker = BinWorker::start(
-        &["--log-format", "json"],
-        &queue,
-        connectors.path(),
-        &[
+    let mut worker = ChildWorker::command(&amqp_url(), &queue, connectors.path())
+        .global_args(&["--log-format", "json"])
+        .envs(&[
             (
                 "RUST_LOG",
                 "warn,mqtt_connector=info,mqtt_connector::worker=warn",
             ),
             ("OBS_TEST_MQTT_PASSWORD", ENV_SECRET),
-        ],
-    )
-    .await;
+        ])
+        .start()
+        .await;
     let sent = send_jobs(
         &queue,
         &[
@@ -567,7 +477,12 @@ async fn log_format_flag_and_rust_log_are_respected() {
         ],
     )
     .await;
-    worker.terminate().await;
+    let exit = worker.terminate().await;
+    assert!(
+        exit.success(),
+        "worker exit after SIGTERM: {exit}; stderr:\n{}",
+        worker.stderr()
+    );
     Amqp::connect().await.delete_queue(&queue).await;
 
     let stderr = worker.stderr();

@@ -1,27 +1,41 @@
-//! One consuming session: connect to RabbitMQ, make sure the request queue exists, set the
-//! prefetch and publisher confirms, and start consuming. The worker opens a new session, with
-//! backoff, whenever one ends.
+//! One consuming session: connect to the first node that answers, make sure the request queue
+//! exists, set the prefetch and publisher confirms, and start consuming. The worker opens a new
+//! session, with backoff, whenever one ends.
 
 use std::time::Duration;
 
-use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{Channel, Connection, Consumer};
 
-/// Bounds connecting and every setup call, so a RabbitMQ that never answers cannot hang us.
+use super::nodes::{AllNodesFailed, Nodes};
+use super::queue::{self, QueueError, QueueSettings};
+
+/// Bounds every setup call, so a RabbitMQ that never answers cannot hang us.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long closing a connection may take before we drop it anyway.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a session could not start or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("RabbitMQ: {0}")]
-    Amqp(#[from] lapin::Error),
-    #[error("RabbitMQ did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("RabbitMQ ended the consumer (queue deleted or connection closed)")]
-    ConsumerEnded,
+    #[error(transparent)]
+    Connect(#[from] AllNodesFailed),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("RabbitMQ refused to {step}")]
+    Setup {
+        step: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("RabbitMQ did not {step} within {after:?}")]
+    Timeout { step: &'static str, after: Duration },
+    #[error("the consumer failed")]
+    Consumer(#[source] lapin::Error),
+    #[error("RabbitMQ cancelled the consumer (queue deleted, or its node lost)")]
+    Cancelled,
 }
 
 /// A live session: keep it whole while jobs from its consumer are in flight, since their
@@ -30,60 +44,84 @@ pub struct Session {
     pub connection: Connection,
     pub channel: Channel,
     pub consumer: Consumer,
+    /// Which of the nodes it is connected to.
+    pub node: usize,
 }
 
-async fn bounded<T>(step: impl Future<Output = lapin::Result<T>>) -> Result<T, SessionError> {
-    match tokio::time::timeout(SETUP_TIMEOUT, step).await {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(SessionError::Timeout(SETUP_TIMEOUT)),
+async fn bounded<T>(
+    step: &'static str,
+    future: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, SessionError> {
+    match tokio::time::timeout(SETUP_TIMEOUT, future).await {
+        Ok(result) => result.map_err(|source| SessionError::Setup { step, source }),
+        Err(_) => Err(SessionError::Timeout {
+            step,
+            after: SETUP_TIMEOUT,
+        }),
     }
 }
 
 impl Session {
-    pub async fn open(url: &str, queue: &str, prefetch: u16) -> Result<Session, SessionError> {
-        let connection = bounded(Connection::connect(url, ConnectionProperties::default())).await?;
-        declare_queue(&connection, queue).await?;
-        let channel = bounded(connection.create_channel()).await?;
-        bounded(channel.basic_qos(prefetch, BasicQosOptions::default())).await?;
-        bounded(channel.confirm_select(ConfirmSelectOptions::default())).await?;
-        let consumer = bounded(channel.basic_consume(
-            queue.into(),
-            format!("mqtt-connector-{}", uuid::Uuid::new_v4()).into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ))
-        .await?;
-        Ok(Session {
-            connection,
-            channel,
-            consumer,
-        })
+    /// Connects (trying the nodes from `start`) and starts consuming `queue`.
+    pub async fn open(
+        nodes: &Nodes,
+        start: usize,
+        queue: &QueueSettings,
+        prefetch: u16,
+    ) -> Result<Session, SessionError> {
+        let (connection, node) = nodes.connect(start).await?;
+        match consume(&connection, queue, prefetch).await {
+            Ok((channel, consumer)) => Ok(Session {
+                connection,
+                channel,
+                consumer,
+                node,
+            }),
+            Err(err) => {
+                // A session that failed half-way must not leave its connection open.
+                close(&connection, "setup failed").await;
+                Err(err)
+            }
+        }
     }
 }
 
-/// Declares the queue durable if it is missing. An existing queue is used as it is, whatever
-/// its arguments (dead-letter exchange, quorum type): we check it passively first.
-pub async fn declare_queue(connection: &Connection, queue: &str) -> Result<(), SessionError> {
-    let probe = bounded(connection.create_channel()).await?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    if bounded(probe.queue_declare(queue.into(), passive, FieldTable::default()))
-        .await
-        .is_ok()
-    {
-        let _ = probe.close(200, "ok".into()).await;
-        return Ok(());
-    }
-    // The failed passive declare closed the probe channel (404): declare on a fresh one.
-    let channel = bounded(connection.create_channel()).await?;
-    bounded(channel.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::durable(),
-        FieldTable::default(),
-    ))
+async fn consume(
+    connection: &Connection,
+    queue: &QueueSettings,
+    prefetch: u16,
+) -> Result<(Channel, Consumer), SessionError> {
+    queue::ensure(connection, queue).await?;
+    let channel = bounded("open a channel", connection.create_channel()).await?;
+    bounded(
+        "set the prefetch",
+        channel.basic_qos(prefetch, BasicQosOptions::default()),
+    )
     .await?;
-    let _ = channel.close(200, "ok".into()).await;
-    Ok(())
+    bounded(
+        "enable publisher confirms",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    let consumer = bounded(
+        "start consuming",
+        channel.basic_consume(
+            queue.name.as_str().into(),
+            format!("mqtt-connector-{}", uuid::Uuid::new_v4()).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    Ok((channel, consumer))
+}
+
+/// Closes a connection (bounded); one already lost is fine.
+pub async fn close(connection: &Connection, reason: &str) {
+    let closing = connection.close(200, reason.into());
+    match tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::debug!(error = %err, "closing the RabbitMQ connection"),
+        Err(_) => tracing::debug!("RabbitMQ did not confirm the close in time"),
+    }
 }

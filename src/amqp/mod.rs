@@ -1,9 +1,13 @@
-//! The RabbitMQ side: a consuming session on the request queue ([`consumer`]) and replies
-//! published with publisher confirms ([`replier`]), deliveries settled in batches ([`settler`]).
+//! The RabbitMQ side: the nodes of a cluster and TLS to them ([`nodes`], [`tls`]), the request
+//! queue and a consuming session on it ([`queue`], [`consumer`]), replies published with
+//! publisher confirms ([`replier`]), deliveries settled in batches ([`settler`]).
 
 pub mod consumer;
+pub mod nodes;
+pub mod queue;
 pub mod replier;
 pub mod settler;
+pub mod tls;
 
 /// The request queue's default name.
 pub const DEFAULT_QUEUE: &str = "mqtt-connector.send";
@@ -26,6 +30,22 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// An error and its sources in one line (`a: b: c`), for logs: a source whose text its parent
+/// already shows is not repeated (lapin prints its IO error inside its own message).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -37,5 +57,15 @@ mod tests {
             "amqp://guest:***@h:5672/%2f"
         );
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
+    }
+
+    #[test]
+    fn an_error_chain_shows_each_cause_once() {
+        let io = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        let err = lapin::Error::from(io);
+        assert_eq!(
+            error_chain(&err),
+            "IO error: invalid peer certificate: UnknownIssuer"
+        );
     }
 }

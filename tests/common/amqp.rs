@@ -75,10 +75,14 @@ pub struct Message {
 impl Amqp {
     /// Connects to [`amqp_url`] (10 s at most), opens a channel and enables publisher confirms.
     pub async fn connect() -> Amqp {
-        let url = amqp_url();
+        Amqp::connect_to(&amqp_url()).await
+    }
+
+    /// [`connect`](Self::connect) to another RabbitMQ, e.g. a private node of the test's own.
+    pub async fn connect_to(url: &str) -> Amqp {
         let connection = timeout(
             Duration::from_secs(10),
-            Connection::connect(&url, ConnectionProperties::default()),
+            Connection::connect(url, ConnectionProperties::default()),
         )
         .await
         .unwrap_or_else(|_| panic!("AMQP connect to {url} timed out"))

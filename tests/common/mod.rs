@@ -18,11 +18,16 @@
 //! - [`mqtt5`]: an MQTT 5 [`Subscriber5`] that records each publish with its MQTT 5 properties.
 //! - [`amqp`]: the RabbitMQ side: [`Amqp`] (send jobs, declare/delete/count queues) and
 //!   [`ReplyStream`] (await the worker's [`Reply`]s).
+//! - [`rabbitmq`]: private RabbitMQ nodes and clusters ([`RabbitCluster`]) on their own ports,
+//!   names, data directories and cookie, killed on drop (never the shared node on 5672).
 //! - [`proxy`]: a [`TcpProxy`] between the worker and a broker that can cut, stall and refuse
 //!   connections.
 //! - [`prometheus`]: a real Prometheus server ([`prometheus::Prometheus`]) scraping workers,
 //!   queried through its HTTP API; [`dashboard`]: the PromQL of the Grafana dashboard and of the
 //!   alert rules.
+//! - [`child`]: the worker as a child process ([`child::ChildWorker`]), configured through
+//!   `MQTT_CONNECTOR_*` variables, for tests that need its exit status, signals, fds, RSS or
+//!   logs (the benchmark includes the same file).
 //! - [`mock`]: fake brokers for the failures a real broker cannot produce ([`SilentServer`],
 //!   [`ConnackThenSilent`], [`ConnackThenClose`], [`DisconnectOnPublish5`]).
 //!
@@ -34,6 +39,7 @@
 pub mod amqp;
 pub mod amqtt;
 pub mod certs;
+pub mod child;
 pub mod dashboard;
 pub mod http;
 pub mod mock;
@@ -42,15 +48,18 @@ pub mod mqtt;
 pub mod mqtt5;
 pub mod prometheus;
 pub mod proxy;
+pub mod rabbitmq;
 pub mod worker;
 
 pub use amqp::{Amqp, Message, Reply, ReplyStream, amqp_url};
 pub use certs::{Certs, ClientCert};
+pub use child::ChildWorker;
 pub use mock::{ConnackThenClose, ConnackThenSilent, DisconnectOnPublish5, SilentServer};
 pub use mosquitto::Mosquitto;
 pub use mqtt::{Publisher, Received, Subscriber, mqtt_options, tls_options};
 pub use mqtt5::{Received5, Subscriber5};
 pub use proxy::TcpProxy;
+pub use rabbitmq::{RabbitCluster, RabbitConfig};
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,16 +1,16 @@
 //! Helpers shared by `faults_mqtt.rs` and `fleet.rs` (on top of `tests/common`): bursts of jobs
 //! sent with pipelined publisher confirms, replies gathered by correlation id, a Mosquitto tuned
-//! for bursts, and a worker run as a child process (for its open fds, RSS and logs).
+//! for bursts; the worker as a child process is the harness' `common::child::ChildWorker`, with
+//! a shorthand here to start one against the test RabbitMQ.
 #![allow(dead_code)]
 
+pub use crate::common::ChildWorker;
+use crate::common::Mosquitto;
 use crate::common::amqp::{Amqp, Reply, ReplyStream};
-use crate::common::{Mosquitto, free_port};
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 use tokio::time::{Instant, timeout_at};
 
@@ -161,123 +161,14 @@ impl Replies {
     }
 }
 
-/// A worker run as a child process of the test (`mqtt-connector worker`), its stdout and stderr
-/// in one log file. Killed on drop.
-pub struct ChildWorker {
-    child: Child,
-    pub metrics_addr: SocketAddr,
-    pub log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
 impl ChildWorker {
-    /// Starts a worker on `queue` with `connectors` and `/metrics` on a free port, plus `env`
-    /// (e.g. `MQTT_CONNECTOR_PREFETCH`, `RUST_LOG`); returns once `/readyz` answers 200.
+    /// A worker process on `queue` of the test RabbitMQ with `connectors` and `/metrics` on a
+    /// free port, plus `env` (e.g. `MQTT_CONNECTOR_PREFETCH`, `RUST_LOG`); returns once `/readyz`
+    /// answers 200.
     pub async fn start(queue: &str, connectors: &Path, env: &[(&str, &str)]) -> ChildWorker {
-        let dir = tempfile::Builder::new()
-            .prefix("worker-")
-            .tempdir()
-            .expect("tempdir");
-        let log = dir.path().join("worker.log");
-        let out = std::fs::File::create(&log).expect("create worker.log");
-        let metrics_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-connector"));
-        command
-            .arg("worker")
-            .env("MQTT_CONNECTOR_AMQP_URL", crate::common::amqp_url())
-            .env("MQTT_CONNECTOR_QUEUE", queue)
-            .env("MQTT_CONNECTOR_CONNECTORS", connectors)
-            .env("MQTT_CONNECTOR_METRICS_ADDR", metrics_addr.to_string())
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("clone fd"))
-            .stderr(out);
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("spawn mqtt-connector worker");
-        let worker = ChildWorker {
-            child,
-            metrics_addr,
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok((200, _)) = crate::common::http::get(metrics_addr, "/readyz").await {
-                return worker;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker child not ready within 20 s; log:\n{}",
-                worker.output()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Open file descriptors (`/proc/PID/fd`).
-    pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .expect("read /proc/PID/fd")
-            .count()
-    }
-
-    /// Resident set size in KiB (`VmRSS` of `/proc/PID/status`).
-    pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS")
-    }
-
-    /// Everything it wrote to stdout and stderr so far.
-    pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `/metrics` text.
-    pub async fn metrics(&self) -> String {
-        let (status, body) = crate::common::http::get(self.metrics_addr, "/metrics")
+        ChildWorker::command(&crate::common::amqp_url(), queue, connectors)
+            .envs(env)
+            .start()
             .await
-            .expect("GET /metrics");
-        assert_eq!(status, 200);
-        body
-    }
-
-    /// SIGTERM, then waits (20 s at most) for it to exit; returns its exit status.
-    pub async fn stop(self) -> std::process::ExitStatus {
-        self.stop_with_output().await.0
-    }
-
-    /// [`stop`](Self::stop), also returning everything it wrote.
-    pub async fn stop_with_output(mut self) -> (std::process::ExitStatus, String) {
-        let pid = self.pid().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return (status, self.output());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker did not exit within 20 s of SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for ChildWorker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

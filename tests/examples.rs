@@ -1,0 +1,184 @@
+//! The client examples of `examples/` run as a user runs them, against a real worker (in this
+//! process, with the shipped `config/connectors`, so the `local` connector too) and the
+//! machine's Mosquitto: documentation that cannot rot.
+//!
+//! For each of `examples/python/submit.py` (pika) and `examples/node/submit.js` (amqplib):
+//! a job through connector `local` is answered 0, its content reaches an MQTT subscriber, and
+//! the process exits 0; a job naming an unknown connector makes it exit 2 (the job's exit-code);
+//! a queue that does not exist is an error, not a silent loss. Without python3 and pika, or node
+//! and amqplib, the tests fail and say to run `scripts/test`, which installs them.
+
+mod common;
+
+use common::worker::spawn_worker_with;
+use common::*;
+use mqtt_connector::worker::WorkerOptions;
+use rumqttc::QoS;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(20);
+
+fn repository() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// One example client: how to run it and how to tell whether it can run here.
+struct Example {
+    name: &'static str,
+    program: &'static str,
+    script: &'static str,
+}
+
+const PYTHON: Example = Example {
+    name: "python",
+    program: "python3",
+    script: "examples/python/submit.py",
+};
+
+const NODE: Example = Example {
+    name: "node",
+    program: "node",
+    script: "examples/node/submit.js",
+};
+
+impl Example {
+    /// Panics, saying what is missing and how to get it, unless the example can run.
+    fn require(&self) {
+        let (check, what): (Vec<&str>, &str) = match self.program {
+            "python3" => (vec!["-c", "import pika"], "python3 with pika"),
+            _ => (
+                vec!["-e", "require('amqplib')"],
+                "node with amqplib in examples/node/node_modules",
+            ),
+        };
+        let ran = Command::new(self.program)
+            .args(&check)
+            .current_dir(repository().join(Path::new(self.script).parent().expect("a folder")))
+            .stdin(Stdio::null())
+            .output();
+        let ok = matches!(&ran, Ok(out) if out.status.success());
+        assert!(
+            ok,
+            "the {} example needs {what}: run scripts/test, which installs it ({:?})",
+            self.name,
+            ran.map(|out| String::from_utf8_lossy(&out.stderr).into_owned())
+        );
+    }
+
+    /// Runs the example with `args` (60 s at most), off the async threads.
+    async fn run(&self, args: &[String]) -> Output {
+        let mut command = Command::new(self.program);
+        command
+            .arg(self.script)
+            .args(args)
+            .current_dir(repository())
+            .env_remove("MQTT_CONNECTOR_AMQP_URL")
+            .env_remove("MQTT_CONNECTOR_QUEUE")
+            .stdin(Stdio::null());
+        let described = format!("{} {} {args:?}", self.program, self.script);
+        let started = Instant::now();
+        let output = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::task::spawn_blocking(move || command.output()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{described} did not finish within 60 s"))
+        .expect("join")
+        .unwrap_or_else(|e| panic!("run {described}: {e}"));
+        eprintln!(
+            "{described}: exit {:?} in {:.0} ms",
+            output.status.code(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        output
+    }
+}
+
+/// The reply the example printed (the last line of its stdout).
+fn printed_reply(output: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not a reply ({e}): {stdout:?}; stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+async fn example_submits_and_exits_with_the_exit_code(example: Example) {
+    example.require();
+    let queue = unique_name(&format!("examples-{}", example.name));
+    let mut options = WorkerOptions::new(
+        amqp_url(),
+        queue.clone(),
+        repository().join("config/connectors"),
+    );
+    options.metrics_addr = Some("127.0.0.1:0".parse().expect("socket address"));
+    // The shipped `local` connector has one client-id: a suffix keeps this worker from taking
+    // it over from any other worker on this machine (scripts/run-local, say).
+    options.mqtt.client_id_suffix = format!("-{}", unique_name("test"));
+    let worker = spawn_worker_with(options).await;
+    let topic = unique_name(&format!("examples/{}", example.name));
+    let mut sub = Subscriber::start(1883, &topic, QoS::AtLeastOnce).await;
+    let content = unique_name("hello");
+    let url = amqp_url();
+
+    // Every option given, so nothing comes from this process' environment.
+    let submit = |queue: &str, connector: &str| -> Vec<String> {
+        [
+            "--amqp-url",
+            &url,
+            "--queue",
+            queue,
+            "--connector",
+            connector,
+            "--topic",
+            &topic,
+            "--content",
+            &content,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+
+    // A job through connector `local`: answered 0, received, exit status 0.
+    let out = example.run(&submit(&queue, "local")).await;
+    let reply = printed_reply(&out);
+    assert_eq!(reply["exit-code"], 0, "{reply}");
+    assert_eq!(out.status.code(), Some(0), "{reply}");
+    assert_eq!(sub.expect(T).await.payload_str(), content);
+
+    // An unknown connector: the job's exit-code 2 is the process' exit status.
+    let out = example.run(&submit(&queue, "no-such-connector")).await;
+    let reply = printed_reply(&out);
+    assert_eq!(reply["exit-code"], 2, "{reply}");
+    assert_eq!(out.status.code(), Some(2), "{reply}");
+
+    // No such queue: an error on stderr and exit status 1, not a job lost in silence.
+    let out = example
+        .run(&submit(&unique_name("no-such-queue"), "local"))
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("no queue"), "stderr: {stderr}");
+
+    assert!(
+        sub.recv(Duration::from_millis(200)).await.is_none(),
+        "one message only"
+    );
+    worker.stop().await;
+    Amqp::connect().await.delete_queue(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example_submits_a_job_and_exits_with_its_exit_code() {
+    example_submits_and_exits_with_the_exit_code(PYTHON).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_example_submits_a_job_and_exits_with_its_exit_code() {
+    example_submits_and_exits_with_the_exit_code(NODE).await;
+}
