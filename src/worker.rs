@@ -13,6 +13,8 @@ use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::BasicCancelOptions;
+use rand::Rng;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -44,6 +46,10 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// How long a worker stops consuming after handing a job back to the queue for the worker that
+/// holds its client-id (jittered, so a fleet does not resume together).
+const PAUSE_MIN: Duration = Duration::from_secs(2);
+const PAUSE_MAX: Duration = Duration::from_secs(4);
 
 /// Everything a worker is configured with.
 #[derive(Clone)]
@@ -164,6 +170,9 @@ pub struct Worker {
     shutdown: CancellationToken,
     /// Cancelled at the shutdown deadline: every job still running stops where it is.
     jobs_cancel: CancellationToken,
+    /// Signalled by a job handed back to the queue (another worker holds its client-id): the
+    /// session stops consuming for a moment, so the queue's jobs flow to that worker.
+    deferred: Arc<Notify>,
     /// Stops the HTTP endpoint when the worker is done (dropped), not at `shutdown`: while
     /// it drains, `/healthz` still answers 200, `/readyz` 503 and `/metrics` shows the drain.
     http_stop: CancellationToken,
@@ -254,6 +263,7 @@ impl Worker {
             metrics_addr,
             shutdown,
             jobs_cancel: CancellationToken::new(),
+            deferred: Arc::new(Notify::new()),
             http_stop,
         })
     }
@@ -339,22 +349,31 @@ impl Worker {
         tracing::info!(queue = %self.options.queue, node = %self.nodes.shown(node), prefetch = self.options.prefetch, "consuming");
         let (settler, settler_task) = Settler::start(channel.clone());
         let jobs = TaskTracker::new();
+        let spawn = |delivery: Delivery| {
+            settler.taken(delivery.delivery_tag);
+            let job = Job {
+                delivery,
+                channel: channel.clone(),
+                settler: settler.clone(),
+                pipeline: self.pipeline.clone(),
+                metrics: self.metrics.clone(),
+                cancel: self.jobs_cancel.clone(),
+                deferred: Arc::clone(&self.deferred),
+            };
+            jobs.spawn(job.run());
+        };
         let ended = loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break None,
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
-                        settler.taken(delivery.delivery_tag);
-                        let job = Job {
-                            delivery,
-                            channel: channel.clone(),
-                            settler: settler.clone(),
-                            pipeline: self.pipeline.clone(),
-                            metrics: self.metrics.clone(),
-                            cancel: self.jobs_cancel.clone(),
-                        };
-                        jobs.spawn(job.run());
+                _ = self.deferred.notified() => {
+                    match self.pause(&channel, &mut consumer, &spawn).await {
+                        Ok(true) => {}
+                        Ok(false) => break None,
+                        Err(err) => break Some(err),
                     }
+                }
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => spawn(delivery),
                     Some(Err(err)) => break Some(SessionError::Consumer(err)),
                     // The stream ends without our asking: RabbitMQ cancelled the consumer.
                     None => break Some(SessionError::Cancelled),
@@ -379,6 +398,38 @@ impl Worker {
                 lasted: opened.elapsed(),
             },
         }
+    }
+
+    /// Stops consuming for a moment after a job went back to the queue because another worker
+    /// holds its client-id: without it, this worker would keep taking those jobs from the
+    /// queue (its prefetch) and handing them back, and the holder would get few of them.
+    /// Deliveries already on their way are run; `Ok(false)` when shutdown came meanwhile.
+    async fn pause(
+        &self,
+        channel: &Channel,
+        consumer: &mut lapin::Consumer,
+        spawn: &impl Fn(Delivery),
+    ) -> Result<bool, SessionError> {
+        let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, cancel).await;
+        // What RabbitMQ sent before the cancel still has to be run (and settled).
+        let drained = async {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                spawn(delivery);
+            }
+        };
+        let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, drained).await;
+        let pause = rand::rng().random_range(PAUSE_MIN..=PAUSE_MAX);
+        tracing::debug!(
+            ?pause,
+            "jobs went back to the queue for the worker holding their client-id: not consuming for a moment"
+        );
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        *consumer = consumer::resume(channel, &self.queue).await?;
+        Ok(true)
     }
 
     fn set_ready(&self, ready: bool) {
@@ -419,6 +470,7 @@ async fn retire(
 
 /// One delivery and what it needs to run, reply and settle.
 struct Job {
+    deferred: Arc<Notify>,
     delivery: Delivery,
     channel: Channel,
     settler: Settler,
@@ -465,6 +517,7 @@ impl Job {
         if let Some(delay) = finished.requeue_after {
             // Not final: back to the queue, unanswered, for the worker holding the client-id.
             tracing::debug!(requeue_in = ?delay, "{}", finished.outcome.message);
+            self.deferred.notify_one();
             tokio::time::sleep(delay).await;
             self.settler
                 .settle(self.delivery.delivery_tag, Settlement::Requeue);

@@ -80,13 +80,7 @@ async fn shared_client_id(workers: usize) {
             "mqtt_connector_jobs_deferred_total",
         );
     }
-    let log = broker.log();
-    if std::env::var("SHOW_TAKEOVERS").is_ok() {
-        log.lines()
-            .filter(|l| l.contains("already connected") || l.contains("New client"))
-            .for_each(|l| println!("{l}"));
-    }
-    let takeovers = takeovers(&log);
+    let takeovers = takeovers(&broker.log());
     println!(
         "{workers} workers sharing a client-id: {JOBS} jobs in {elapsed:?}; codes {:?}; \
          {} distinct messages received; {takeovers} takeovers in the broker's log; \

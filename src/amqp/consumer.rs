@@ -103,7 +103,13 @@ async fn consume(
         channel.confirm_select(ConfirmSelectOptions::default()),
     )
     .await?;
-    let consumer = bounded(
+    let consumer = resume(&channel, queue).await?;
+    Ok((channel, consumer))
+}
+
+/// Starts (or starts again) consuming `queue` on `channel`.
+pub async fn resume(channel: &Channel, queue: &QueueSettings) -> Result<Consumer, SessionError> {
+    bounded(
         "start consuming",
         channel.basic_consume(
             queue.name.as_str().into(),
@@ -112,8 +118,7 @@ async fn consume(
             FieldTable::default(),
         ),
     )
-    .await?;
-    Ok((channel, consumer))
+    .await
 }
 
 /// Closes a connection (bounded); one already lost is fine.

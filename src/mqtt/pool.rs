@@ -20,7 +20,7 @@ use super::MqttError;
 use super::connection::{Connection, ConnectionSettings, End};
 use super::tls::TlsConfigs;
 use crate::backoff::Backoff;
-use crate::job::Target;
+use crate::job::{Broker, Target};
 use crate::metrics::Metrics;
 
 /// The contract's default for `--max-connections`.
@@ -38,6 +38,8 @@ const QUICK_LOSS: Duration = Duration::from_secs(10);
 /// from a working one; doubled each time it happens again, up to [`MAX_YIELD`].
 const FIRST_YIELD: Duration = Duration::from_secs(60);
 const MAX_YIELD: Duration = Duration::from_secs(600);
+/// How long the probe of a broker's port may take (see [`after_loss`]).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Slot {
     state: State,
@@ -180,7 +182,7 @@ impl Pool {
             match slots.get_mut(target) {
                 Some(slot) => self.step(slot, target),
                 None => {
-                    let (id, future) = self.open(target);
+                    let (id, future) = self.open(target, false);
                     let state = opening(id, &future);
                     slots.insert(
                         target.clone(),
@@ -220,10 +222,10 @@ impl Pool {
             State::Opening { future, .. } => match future.as_ref().and_then(WeakShared::upgrade) {
                 Some(future) => Step::Wait(future),
                 // Every job that waited for it gave up: start afresh.
-                None => Step::Wait(self.reopen(slot, target)),
+                None => Step::Wait(self.reopen(slot, target, false)),
             },
             State::Resting { until, error } if Instant::now() < *until => Step::Fail(error.clone()),
-            State::Resting { .. } => Step::Wait(self.reopen(slot, target)),
+            State::Resting { .. } => Step::Wait(self.reopen(slot, target, false)),
             State::Open(connection) => {
                 let loss = match connection.end() {
                     Some(End::Lost(reason)) => Some(reason.clone()),
@@ -236,21 +238,21 @@ impl Pool {
                 }
                 let quick_loss = loss.filter(|_| connection.age() < QUICK_LOSS);
                 let worked = connection.has_worked();
-                let (state, error) = after_loss(slot, target, quick_loss, worked);
-                match (state, error) {
-                    (Some(state), Some(error)) => {
+                match after_loss(slot, target, quick_loss, worked) {
+                    AfterLoss::Rest(state, error) => {
                         slot.state = state;
                         Step::Fail(error)
                     }
-                    _ => Step::Wait(self.reopen(slot, target)),
+                    AfterLoss::Reconnect => Step::Wait(self.reopen(slot, target, false)),
+                    AfterLoss::ProbeThenReconnect => Step::Wait(self.reopen(slot, target, true)),
                 }
             }
         }
     }
 
-    /// Starts a new connect for an existing slot.
-    fn reopen(&self, slot: &mut Slot, target: &Target) -> Opening {
-        let (id, future) = self.open(target);
+    /// Starts a new connect for an existing slot (after probing the broker, see [`after_loss`]).
+    fn reopen(&self, slot: &mut Slot, target: &Target, probe: bool) -> Opening {
+        let (id, future) = self.open(target, probe);
         slot.state = opening(id, &future);
         future
     }
@@ -266,12 +268,15 @@ impl Pool {
 
     /// Starts connecting in a task of its own, which settles the slot when it ends. The
     /// returned future owns the task: once every job awaiting it is gone, the task is aborted.
-    fn open(&self, target: &Target) -> (u64, Opening) {
+    fn open(&self, target: &Target, probe: bool) -> (u64, Opening) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let target = target.clone();
         let inner = Arc::clone(&self.inner);
         let broker = target.broker.to_string();
         let task = AbortOnDrop(tokio::spawn(async move {
+            if probe && port_accepts(&target.broker).await {
+                return Err(yield_client_id(&inner, &target, id));
+            }
             let result = connect(&inner, &target).await;
             let mut slots = lock(&inner);
             if let Some(slot) = slots.get_mut(&target)
@@ -381,53 +386,83 @@ fn close_least_recently_used(inner: &Inner) {
     }
 }
 
-/// What follows the end of a connection: reconnect at once (`None`), or rest, answering leases
-/// with the error meanwhile. A working connection taken over quickly means another connection
-/// (a sibling worker with the same options) holds the client-id: this worker yields it for a
-/// while, so the broker does not see the two take it from each other in a loop. A connection
-/// lost quickly before it ever worked is retried with a short backoff instead.
+/// What follows the end of a connection.
+enum AfterLoss {
+    Reconnect,
+    /// Reconnect, unless the broker's port answers: see [`after_loss`].
+    ProbeThenReconnect,
+    Rest(State, MqttError),
+}
+
+/// What follows the end of a connection. A working connection lost quickly while its broker
+/// still accepts connections was taken over: another connection (a sibling worker with the
+/// same options) holds the client-id, and this worker yields it for a while instead of taking
+/// it back, so the broker does not see the two take it from each other in a loop. (A broker
+/// that went down refuses the probe, and the connection is simply retried.) A connection lost
+/// quickly before it ever worked is retried with a short backoff.
 fn after_loss(
     slot: &mut Slot,
     target: &Target,
     quick_loss: Option<String>,
     worked: bool,
-) -> (Option<State>, Option<MqttError>) {
+) -> AfterLoss {
     slot.worked |= worked;
     let Some(reason) = quick_loss else {
         slot.quick_losses = 0;
         slot.yields = 0;
-        return (None, None);
+        return AfterLoss::Reconnect;
     };
     slot.quick_losses += 1;
-    let (delay, error) = if slot.worked {
-        slot.yields += 1;
-        let delay = yield_delay(slot.yields);
-        let error = MqttError::HeldElsewhere {
-            broker: target.broker.to_string(),
-            client_id: target.client_id.clone(),
-            rest_ms: delay.as_millis(),
-        };
-        (delay, error)
-    } else {
-        let delay = reconnect_delay(slot.quick_losses);
-        if delay.is_zero() {
-            return (None, None);
-        }
-        let error = MqttError::PublishLost {
-            broker: target.broker.to_string(),
-            reason: format!(
-                "{reason} (lost {} times in a row soon after connecting; next connect in {} ms)",
-                slot.quick_losses,
-                delay.as_millis()
-            ),
-        };
-        (delay, error)
+    if slot.worked {
+        return AfterLoss::ProbeThenReconnect;
+    }
+    let delay = reconnect_delay(slot.quick_losses);
+    let error = MqttError::PublishLost {
+        broker: target.broker.to_string(),
+        reason: format!(
+            "{reason} (lost {} times in a row soon after connecting; next connect in {} ms)",
+            slot.quick_losses,
+            delay.as_millis()
+        ),
     };
     let state = State::Resting {
         until: Instant::now() + delay,
         error: error.clone(),
     };
-    (Some(state), Some(error))
+    AfterLoss::Rest(state, error)
+}
+
+/// Whether the broker's port accepts a TCP connection (no MQTT: nothing is taken over).
+async fn port_accepts(broker: &Broker) -> bool {
+    let connect = tokio::net::TcpStream::connect((broker.host.as_str(), broker.port));
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, connect).await,
+        Ok(Ok(_))
+    )
+}
+
+/// The slot yields its client-id: it rests (leases answer [`MqttError::HeldElsewhere`]) for
+/// a while that doubles each time in a row.
+fn yield_client_id(inner: &Inner, target: &Target, id: u64) -> MqttError {
+    let mut slots = lock(inner);
+    let slot = slots
+        .get_mut(target)
+        .filter(|slot| matches!(slot.state, State::Opening { id: current, .. } if current == id));
+    let yields = slot.as_ref().map_or(1, |slot| slot.yields + 1);
+    let delay = yield_delay(yields);
+    let error = MqttError::HeldElsewhere {
+        broker: target.broker.to_string(),
+        client_id: target.client_id.clone(),
+        rest_ms: delay.as_millis(),
+    };
+    if let Some(slot) = slot {
+        slot.yields = yields;
+        slot.state = State::Resting {
+            until: Instant::now() + delay,
+            error: error.clone(),
+        };
+    }
+    error
 }
 
 /// How long to yield a client-id held elsewhere, the `yields`-th time in a row.
@@ -480,5 +515,112 @@ async fn reap_idle(pool: Weak<Inner>, idle_timeout: Duration) {
             // An ended connection stays, to remember its quick losses, until idle.
             State::Open(_) => true,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Broker, Target};
+
+    fn target() -> Target {
+        Target {
+            broker: Broker::parse("tcp://h:1883").expect("broker"),
+            client_id: "c".into(),
+            username: None,
+            password: None,
+            tls: None,
+        }
+    }
+
+    fn slot() -> Slot {
+        Slot {
+            state: State::Resting {
+                until: Instant::now(),
+                error: MqttError::Internal {
+                    broker: String::new(),
+                    reason: String::new(),
+                },
+            },
+            quick_losses: 0,
+            yields: 0,
+            worked: false,
+        }
+    }
+
+    #[test]
+    fn a_connection_that_lived_long_is_simply_reconnected_and_the_counters_reset() {
+        let mut slot = Slot {
+            quick_losses: 3,
+            yields: 2,
+            ..slot()
+        };
+        assert!(matches!(
+            after_loss(&mut slot, &target(), None, true),
+            AfterLoss::Reconnect
+        ));
+        assert_eq!((slot.quick_losses, slot.yields), (0, 0));
+    }
+
+    #[test]
+    fn a_connection_lost_quickly_before_it_ever_worked_rests_with_the_loss_as_its_answer() {
+        let mut slot = slot();
+        match after_loss(&mut slot, &target(), Some("closed".into()), false) {
+            AfterLoss::Rest(State::Resting { .. }, MqttError::PublishLost { reason, .. }) => {
+                assert!(
+                    reason.contains("closed") && reason.contains("1 times"),
+                    "{reason}"
+                );
+            }
+            _ => panic!("expected a rest"),
+        }
+    }
+
+    #[test]
+    fn a_working_connection_lost_quickly_probes_the_broker_before_reconnecting() {
+        let mut slot = slot();
+        assert!(matches!(
+            after_loss(&mut slot, &target(), Some("closed".into()), true),
+            AfterLoss::ProbeThenReconnect
+        ));
+        // Once a connection to this target worked, later quick losses probe too.
+        assert!(matches!(
+            after_loss(&mut slot, &target(), Some("closed".into()), false),
+            AfterLoss::ProbeThenReconnect
+        ));
+    }
+
+    #[test]
+    fn yields_double_from_the_first_and_stay_bounded() {
+        assert!(yield_delay(1) >= FIRST_YIELD / 2 && yield_delay(1) <= FIRST_YIELD);
+        assert!(yield_delay(2) >= FIRST_YIELD);
+        assert!(yield_delay(30) <= MAX_YIELD);
+    }
+
+    #[tokio::test]
+    async fn a_yield_rests_the_slot_that_was_opening() {
+        let inner = Inner {
+            slots: Mutex::new(HashMap::new()),
+            settings: ConnectionSettings::default(),
+            metrics: Metrics::new(),
+            next_id: AtomicU64::new(0),
+            places: Arc::new(Semaphore::new(1)),
+            waiting: AtomicUsize::new(0),
+            tls: TlsConfigs::default(),
+        };
+        let opening = Slot {
+            state: State::Opening {
+                id: 7,
+                future: None,
+            },
+            ..slot()
+        };
+        lock(&inner).insert(target(), opening);
+        let error = yield_client_id(&inner, &target(), 7);
+        assert!(matches!(error, MqttError::HeldElsewhere { .. }));
+        let slots = lock(&inner);
+        let slot = slots.get(&target()).expect("slot");
+        assert_eq!(slot.yields, 1);
+        assert!(matches!(&slot.state, State::Resting { until, .. } if *until > Instant::now()));
     }
 }
