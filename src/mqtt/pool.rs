@@ -521,7 +521,7 @@ async fn reap_idle(pool: Weak<Inner>, idle_timeout: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{Broker, Target};
+    use crate::job::{Broker, MqttVersion, Target};
 
     fn target() -> Target {
         Target {
@@ -530,6 +530,7 @@ mod tests {
             username: None,
             password: None,
             tls: None,
+            version: MqttVersion::V3_1_1,
         }
     }
 
