@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::job::{Broker, Params};
+use crate::job::{Broker, JobError, Params};
 
 /// The connector key that lists the only job keys a job naming the connector may set.
 pub const JOB_MAY_SET: &str = "job-may-set";
@@ -50,8 +50,12 @@ pub enum ConnectorError {
         file: PathBuf,
         source: std::io::Error,
     },
-    #[error("connector file {file}: {message}")]
-    Invalid { file: PathBuf, message: String },
+    #[error("connector file {file}: {source}")]
+    Invalid {
+        file: PathBuf,
+        #[source]
+        source: ConnectorFileError,
+    },
 }
 
 /// All connectors of a folder, by name (the file name without `.json`).
@@ -96,9 +100,9 @@ impl ConnectorStore {
                 file: file.clone(),
                 source,
             })?;
-            let connector = parse(&text, &env).map_err(|message| ConnectorError::Invalid {
+            let connector = parse(&text, &env).map_err(|source| ConnectorError::Invalid {
                 file: file.clone(),
-                message,
+                source,
             })?;
             connectors.insert(name, Arc::new(connector));
         }
@@ -137,25 +141,46 @@ impl ConnectorStore {
     }
 }
 
-/// One connector file's text to a connector. The error names the key at fault.
-pub fn parse(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Connector, String> {
+/// What is wrong with one connector file's text; each names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorFileError {
+    #[error("not valid JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("must hold one JSON object")]
+    NotAnObject,
+    #[error("key {0:?} belongs in a job, not in a connector")]
+    JobOnlyKey(&'static str),
+    #[error("key {JOB_MAY_SET:?} must be a list of job keys")]
+    JobMaySetNotAList(#[source] serde_json::Error),
+    #[error("key {JOB_MAY_SET:?} names {0:?}, which is not a job key")]
+    JobMaySetUnknownKey(String),
+    #[error("key {key:?} names the environment variable {variable:?}, which is not set")]
+    UnsetVariable { key: String, variable: String },
+    /// A key the job side refuses (unknown, wrong type); the message names it.
+    #[error("{}", .0.to_string().trim_start_matches("invalid job: "))]
+    Key(#[source] JobError),
+}
+
+/// One connector file's text to a connector.
+pub fn parse(
+    text: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Connector, ConnectorFileError> {
     let mut value: serde_json::Value =
-        serde_json::from_str(text).map_err(|err| format!("not valid JSON: {err}"))?;
-    let object = value.as_object_mut().ok_or("must hold one JSON object")?;
+        serde_json::from_str(text).map_err(ConnectorFileError::NotJson)?;
+    let object = value
+        .as_object_mut()
+        .ok_or(ConnectorFileError::NotAnObject)?;
     for key in ["action", "connector"] {
         if object.contains_key(key) {
-            return Err(format!("key {key:?} belongs in a job, not in a connector"));
+            return Err(ConnectorFileError::JobOnlyKey(key));
         }
     }
     let job_may_set = object.remove(JOB_MAY_SET).map(job_may_set).transpose()?;
     for (key, value) in object.iter_mut() {
         expand_env(key, value, env)?;
     }
-    let defaults = Params::from_json(value).map_err(|err| {
-        err.to_string()
-            .trim_start_matches("invalid job: ")
-            .to_owned()
-    })?;
+    let defaults = Params::from_json(value).map_err(ConnectorFileError::Key)?;
     Ok(Connector {
         job_may_set,
         ..Connector::new(defaults)
@@ -164,13 +189,11 @@ pub fn parse(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Connec
 
 /// `job-may-set`: a list of job keys (`connector` and `action` are always allowed: they are how
 /// a job names its connector).
-fn job_may_set(keys: serde_json::Value) -> Result<Vec<String>, String> {
-    let keys: Vec<String> = serde_json::from_value(keys)
-        .map_err(|_| format!("key {JOB_MAY_SET:?} must be a list of job keys"))?;
+fn job_may_set(keys: serde_json::Value) -> Result<Vec<String>, ConnectorFileError> {
+    let keys: Vec<String> =
+        serde_json::from_value(keys).map_err(ConnectorFileError::JobMaySetNotAList)?;
     match keys.iter().find(|key| !Params::is_key(key)) {
-        Some(unknown) => Err(format!(
-            "key {JOB_MAY_SET:?} names {unknown:?}, which is not a job key"
-        )),
+        Some(unknown) => Err(ConnectorFileError::JobMaySetUnknownKey(unknown.clone())),
         None => Ok(keys),
     }
 }
@@ -180,11 +203,12 @@ fn expand_env(
     key: &str,
     value: &mut serde_json::Value,
     env: &impl Fn(&str) -> Option<String>,
-) -> Result<(), String> {
+) -> Result<(), ConnectorFileError> {
     match value {
         serde_json::Value::String(text) if text.contains("${") => {
-            *text = expand(text, env).map_err(|var| {
-                format!("key {key:?} names the environment variable {var:?}, which is not set")
+            *text = expand(text, env).map_err(|variable| ConnectorFileError::UnsetVariable {
+                key: key.to_owned(),
+                variable: variable.to_owned(),
             })?;
         }
         serde_json::Value::Array(items) => {
@@ -197,8 +221,9 @@ fn expand_env(
     Ok(())
 }
 
-/// `a${X}b` with X=1 gives `a1b`; `Err(name)` for the first variable that is not set.
-fn expand(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+/// `a${X}b` with X=1 gives `a1b`; `Err(name)` (the variable's name, not an error message) for
+/// the first variable that is not set.
+fn expand<'a>(text: &'a str, env: &impl Fn(&str) -> Option<String>) -> Result<String, &'a str> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -207,7 +232,7 @@ fn expand(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, S
         };
         let name = &rest[start + 2..start + 2 + len];
         out.push_str(&rest[..start]);
-        out.push_str(&env(name).ok_or_else(|| name.to_owned())?);
+        out.push_str(&env(name).ok_or(name)?);
         rest = &rest[start + 2 + len + 1..];
     }
     out.push_str(rest);
@@ -265,13 +290,17 @@ mod tests {
 
     #[test]
     fn an_unset_variable_is_named() {
-        let err = parse(r#"{"password": "${NOPE}"}"#, &env).expect_err("unset");
+        let err = parse(r#"{"password": "${NOPE}"}"#, &env)
+            .expect_err("unset")
+            .to_string();
         assert!(err.contains("NOPE") && err.contains("password"), "{err}");
     }
 
     #[test]
     fn an_unknown_key_is_named() {
-        let err = parse(r#"{"brokr": "tcp://h"}"#, &env).expect_err("unknown");
+        let err = parse(r#"{"brokr": "tcp://h"}"#, &env)
+            .expect_err("unknown")
+            .to_string();
         assert!(err.contains("brokr"), "{err}");
     }
 
@@ -287,12 +316,16 @@ mod tests {
             Some(vec!["topic".to_owned(), "content".to_owned()])
         );
         assert!(connector.broker.is_some());
-        let err = parse(r#"{"job-may-set": ["topic", "colour"]}"#, &env).expect_err("unknown");
+        let err = parse(r#"{"job-may-set": ["topic", "colour"]}"#, &env)
+            .expect_err("unknown")
+            .to_string();
         assert!(
             err.contains("colour") && err.contains("job-may-set"),
             "{err}"
         );
-        let err = parse(r#"{"job-may-set": "topic"}"#, &env).expect_err("not a list");
+        let err = parse(r#"{"job-may-set": "topic"}"#, &env)
+            .expect_err("not a list")
+            .to_string();
         assert!(err.contains("list"), "{err}");
     }
 
