@@ -413,6 +413,11 @@ fn after_loss(
         return AfterLoss::Reconnect;
     };
     slot.quick_losses += 1;
+    // Once is a blip (a connection cut on the way): reconnect. Twice in a row, a working
+    // client-id is being taken from us.
+    if slot.worked && slot.quick_losses == 1 {
+        return AfterLoss::Reconnect;
+    }
     if slot.worked {
         return AfterLoss::ProbeThenReconnect;
     }
@@ -578,8 +583,12 @@ mod tests {
     }
 
     #[test]
-    fn a_working_connection_lost_quickly_probes_the_broker_before_reconnecting() {
+    fn a_working_connection_lost_quickly_twice_probes_the_broker_before_reconnecting() {
         let mut slot = slot();
+        assert!(matches!(
+            after_loss(&mut slot, &target(), Some("cut".into()), true),
+            AfterLoss::Reconnect
+        ));
         assert!(matches!(
             after_loss(&mut slot, &target(), Some("closed".into()), true),
             AfterLoss::ProbeThenReconnect
