@@ -3,7 +3,8 @@
 //! hold a client-id, so the workers would take it from each other; a worker whose working
 //! connection is taken over yields the client-id for a while and hands its jobs back to the
 //! queue, where they reach the worker holding it. Every job is answered 0, every message is
-//! received, and the broker's log shows fewer than 20 takeovers per run of 2,000 jobs.
+//! received, and the broker's log shows fewer than 20 takeovers per run of 2,000 jobs with 2
+//! and 4 workers, fewer than 30 with 8.
 
 mod common;
 mod mqtt_support;
@@ -27,7 +28,8 @@ fn takeovers(log: &str) -> usize {
         .count()
 }
 
-async fn shared_client_id(workers: usize) {
+/// `max_takeovers`: the bound the broker's log must stay under.
+async fn shared_client_id(workers: usize, max_takeovers: usize) {
     let mut broker = Mosquitto::plain();
     reconfigure(&mut broker, UNLIMITED_QUEUES);
     let topic = unique_name("shared");
@@ -93,8 +95,10 @@ async fn shared_client_id(workers: usize) {
     assert_eq!(
         answered.codes(),
         [(0, JOBS)].into_iter().collect(),
-        "{:?}",
-        answered.examples(7, 3)
+        "{:?} {:?} {:?}",
+        answered.examples(3, 2),
+        answered.examples(6, 2),
+        answered.examples(7, 2)
     );
     let missing = (0..JOBS)
         .filter(|i| !received.contains(&format!("{run}-{i}")))
@@ -112,15 +116,17 @@ async fn shared_client_id(workers: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_a_client_id_without_failures() {
-    shared_client_id(2).await;
+    shared_client_id(2, 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_workers_share_a_client_id_without_failures() {
-    shared_client_id(4).await;
+    shared_client_id(4, 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_workers_share_a_client_id_without_failures() {
-    shared_client_id(8).await;
+    // Measured 10-20: the start-up (7 takeovers as the workers connect) plus one reconnect per
+    // worker after its first loss (a single loss may be a network blip, not a sibling).
+    shared_client_id(8, 30).await;
 }

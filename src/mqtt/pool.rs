@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared, WeakShared};
+use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -38,6 +39,10 @@ const QUICK_LOSS: Duration = Duration::from_secs(10);
 /// from a working one; doubled each time it happens again, up to [`MAX_YIELD`].
 const FIRST_YIELD: Duration = Duration::from_secs(60);
 const MAX_YIELD: Duration = Duration::from_secs(600);
+/// How long a worker waits before reconnecting after the first quick loss of a working
+/// connection.
+const BLIP_PAUSE_MIN: Duration = Duration::from_millis(500);
+const BLIP_PAUSE_MAX: Duration = Duration::from_millis(1500);
 /// How long the probe of a broker's port may take (see [`after_loss`]).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -413,15 +418,17 @@ fn after_loss(
         return AfterLoss::Reconnect;
     };
     slot.quick_losses += 1;
-    // Once is a blip (a connection cut on the way): reconnect. Twice in a row, a working
-    // client-id is being taken from us.
-    if slot.worked && slot.quick_losses == 1 {
-        return AfterLoss::Reconnect;
-    }
-    if slot.worked {
+    // Twice in a row, a working client-id is being taken from us. Once may be a blip (a
+    // connection cut on the way): reconnect after a moment, spread so that workers kicked
+    // together do not all come back together.
+    if slot.worked && slot.quick_losses > 1 {
         return AfterLoss::ProbeThenReconnect;
     }
-    let delay = reconnect_delay(slot.quick_losses);
+    let delay = if slot.worked {
+        rand::rng().random_range(BLIP_PAUSE_MIN..=BLIP_PAUSE_MAX)
+    } else {
+        reconnect_delay(slot.quick_losses)
+    };
     let error = MqttError::PublishLost {
         broker: target.broker.to_string(),
         reason: format!(
@@ -587,7 +594,7 @@ mod tests {
         let mut slot = slot();
         assert!(matches!(
             after_loss(&mut slot, &target(), Some("cut".into()), true),
-            AfterLoss::Reconnect
+            AfterLoss::Rest(..)
         ));
         assert!(matches!(
             after_loss(&mut slot, &target(), Some("closed".into()), true),
