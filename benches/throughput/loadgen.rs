@@ -277,6 +277,8 @@ pub enum Shape {
         clients: Option<usize>,
         /// Spread over this many connectors, one per broker listener.
         brokers: Option<usize>,
+        /// Through the `bench5` connector: MQTT 5 instead of 3.1.1.
+        v5: bool,
     },
 }
 
@@ -287,10 +289,12 @@ pub fn job_body(shape: Shape, run: &str, tag: u32, seq: usize) -> Vec<u8> {
             qos,
             clients,
             brokers,
+            v5,
         } => {
-            let connector = match brokers {
-                Some(n) => format!("b{:02}", seq % n),
-                None => "bench".to_owned(),
+            let connector = match (brokers, v5) {
+                (Some(n), _) => format!("b{:02}", seq % n),
+                (None, true) => "bench5".to_owned(),
+                (None, false) => "bench".to_owned(),
             };
             let client = clients
                 .map(|n| format!(r#","client-id":"bench-c{}""#, seq % n))

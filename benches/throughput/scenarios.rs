@@ -96,6 +96,16 @@ pub fn start_worker(
             "client-id": "bench-worker", "qos": 1, "topic": "bench/default"
         }),
     );
+    // The same broker over MQTT 5, with a client-id of its own (one connection per client-id).
+    write_connector(
+        &connectors,
+        "bench5",
+        serde_json::json!({
+            "broker": format!("tcp://127.0.0.1:{}", mosquitto.ports[0]),
+            "client-id": "bench-worker-v5", "qos": 1, "topic": "bench/default",
+            "mqtt-version": 5
+        }),
+    );
     // One connector per extra listener; distinct client-ids, since every listener is the same
     // broker (a second connection with one client-id would take the first one's session over).
     for (i, port) in mosquitto.ports[1..].iter().enumerate() {
@@ -201,6 +211,7 @@ pub async fn run(config: Config) -> bool {
             qos: 1,
             clients: None,
             brokers: None,
+            v5: false,
         };
         let measured = drive(
             &bench.loadgen,
@@ -243,6 +254,7 @@ pub async fn run(config: Config) -> bool {
             qos,
             clients: None,
             brokers: None,
+            v5: false,
         };
         let (row, _) = bench
             .scenario(
@@ -261,12 +273,32 @@ pub async fn run(config: Config) -> bool {
         bench.rows.push(row);
         worker.check_running();
     }
+    let v5 = Shape::Worker {
+        qos: 1,
+        clients: None,
+        brokers: None,
+        v5: true,
+    };
+    let (row, _) = bench
+        .scenario(
+            "worker closed loop, QoS 1, MQTT 5",
+            &queue,
+            pid,
+            config.jobs,
+            closed,
+            v5,
+            false,
+        )
+        .await;
+    bench.rows.push(row);
+    worker.check_running();
 
     // ---- open loop ----
     let qos1 = Shape::Worker {
         qos: 1,
         clients: None,
         brokers: None,
+        v5: false,
     };
     let open_rates = [
         (
@@ -298,6 +330,7 @@ pub async fn run(config: Config) -> bool {
         qos: 1,
         clients: None,
         brokers: Some(config.brokers),
+        v5: false,
     };
     let (mut row, _) = bench
         .scenario(
@@ -323,6 +356,7 @@ pub async fn run(config: Config) -> bool {
         qos: 1,
         clients: Some(config.clients),
         brokers: None,
+        v5: false,
     };
     let (row, _) = bench
         .scenario(
