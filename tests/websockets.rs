@@ -52,10 +52,16 @@ async fn ws_jobs_are_acknowledged_and_received_with_any_path() {
         let received = sub.expect(T).await;
         assert_eq!(received.payload_str(), url);
     }
+    // No connector names this broker: its connections count under the bounded label `job`,
+    // and no label carries a URL or a path.
     let metrics = bed.worker.metrics().await;
     assert!(
-        metrics.contains(&format!("broker=\"127.0.0.1:{port}\"")),
-        "metric label is host:port:\n{metrics}"
+        metrics.contains("mqtt_connector_mqtt_connections{broker=\"job\"}"),
+        "metric label:\n{metrics}"
+    );
+    assert!(
+        !metrics.contains("ws://") && !metrics.contains("/mqtt\""),
+        "a URL in a label:\n{metrics}"
     );
     bed.finish().await;
 }
