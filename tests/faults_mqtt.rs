@@ -255,9 +255,9 @@ async fn silent_servers_end_within_the_timeout() {
 /// (+5) once the jobs are done, RSS growth under 32 MiB in all and under 4 MiB from the first
 /// batch to the second. The worker's
 /// idle timeout is 1 s so the reaper closes the connections to the broker that never acks (with
-/// the default 300 s they would stay until keep-alive fails); a connect to the silent server
-/// lasts until the pool's 30 s CONNECT_TIMEOUT whatever the jobs' timeouts, hence the 45 s
-/// deadline.
+/// the default 300 s they would stay until keep-alive fails). A connect to the silent server
+/// is abandoned as soon as its last job gives up (see tests/trust_boundary.rs); the 45 s
+/// deadline is a generous bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_servers_leak_no_fds_or_memory() {
     let silent = SilentServer::start().await;
