@@ -24,7 +24,7 @@ use crate::amqp::nodes::{Nodes, NodesError};
 use crate::amqp::queue::{QueueError, QueueSettings, QueueType};
 use crate::amqp::settler::{Settler, SettlerTask};
 use crate::amqp::tls::TlsFiles;
-use crate::amqp::{self, replier};
+use crate::amqp::{self, handback, replier};
 use crate::backoff::Backoff;
 use crate::connectors::{ConnectorError, ConnectorStore};
 use crate::http::{self, Readiness};
@@ -349,6 +349,7 @@ impl Worker {
         tracing::info!(queue = %self.options.queue, node = %self.nodes.shown(node), prefetch = self.options.prefetch, "consuming");
         let (settler, settler_task) = Settler::start(channel.clone());
         let jobs = TaskTracker::new();
+        let queue_name: Arc<str> = Arc::from(self.queue.name.as_str());
         let spawn = |delivery: Delivery| {
             settler.taken(delivery.delivery_tag);
             let job = Job {
@@ -359,6 +360,7 @@ impl Worker {
                 metrics: self.metrics.clone(),
                 cancel: self.jobs_cancel.clone(),
                 deferred: Arc::clone(&self.deferred),
+                queue: Arc::clone(&queue_name),
             };
             jobs.spawn(job.run());
         };
@@ -471,6 +473,8 @@ async fn retire(
 /// One delivery and what it needs to run, reply and settle.
 struct Job {
     deferred: Arc<Notify>,
+    /// The request queue, where a job handed back goes.
+    queue: Arc<str>,
     delivery: Delivery,
     channel: Channel,
     settler: Settler,
@@ -519,8 +523,13 @@ impl Job {
             tracing::debug!(requeue_in = ?delay, "{}", finished.outcome.message);
             self.deferred.notify_one();
             tokio::time::sleep(delay).await;
-            self.settler
-                .settle(self.delivery.delivery_tag, Settlement::Requeue);
+            let settlement =
+                if handback::hand_back(&self.channel, &self.queue, &self.delivery).await {
+                    Settlement::Ack
+                } else {
+                    Settlement::Requeue
+                };
+            self.settler.settle(self.delivery.delivery_tag, settlement);
             return;
         }
         let reply_status = match properties.reply_to() {

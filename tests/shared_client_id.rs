@@ -11,6 +11,7 @@ mod mqtt_support;
 
 use common::worker::{RunningWorker, connectors_dir, metric_sum, spawn_worker_with};
 use common::*;
+use mqtt_connector::amqp::queue::QueueType;
 use mqtt_connector::worker::WorkerOptions;
 use mqtt_support::{Replies, UNLIMITED_QUEUES, job_and_reply_queues, reconfigure, send_burst};
 use rumqttc::QoS;
@@ -28,8 +29,10 @@ fn takeovers(log: &str) -> usize {
         .count()
 }
 
-/// `max_takeovers`: the bound the broker's log must stay under.
-async fn shared_client_id(workers: usize, max_takeovers: usize) {
+/// `max_takeovers`: the bound the broker's log must stay under. `quorum`: the workers declare
+/// the request queue as a quorum queue whose delivery limit dead-letters a job at its first
+/// return, so a job handed back by a nack would be lost.
+async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) {
     let mut broker = Mosquitto::plain();
     reconfigure(&mut broker, UNLIMITED_QUEUES);
     let topic = unique_name("shared");
@@ -41,12 +44,22 @@ async fn shared_client_id(workers: usize, max_takeovers: usize) {
         json!({"broker": broker.url(), "client-id": unique_name("shared"), "topic": topic,
                "qos": 1, "timeout": 20000}),
     );
-    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
+    let (amqp, classic_queue, reply_queue, mut replies) = job_and_reply_queues().await;
+    // A quorum queue is declared by the workers themselves (a missing queue).
+    let queue = if quorum {
+        unique_name("quorum-jobs")
+    } else {
+        classic_queue.clone()
+    };
     let mut running: Vec<RunningWorker> = Vec::new();
     for _ in 0..workers {
         // The same options for every worker: no client-id suffix.
         let mut options = WorkerOptions::new(amqp_url(), queue.clone(), connectors.path());
         options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
+        if quorum {
+            options.queue_type = QueueType::Quorum;
+            options.delivery_limit = Some(1);
+        }
         running.push(spawn_worker_with(options).await);
     }
     let run = unique_name("run");
@@ -112,21 +125,31 @@ async fn shared_client_id(workers: usize, max_takeovers: usize) {
         worker.stop().await;
     }
     amqp.delete_queue(&queue).await;
+    if quorum {
+        amqp.delete_queue(&classic_queue).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_a_client_id_without_failures() {
-    shared_client_id(2, 20).await;
+    shared_client_id(2, 20, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_workers_share_a_client_id_without_failures() {
-    shared_client_id(4, 20).await;
+    shared_client_id(4, 20, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_workers_share_a_client_id_without_failures() {
     // Measured 10-20: the start-up (7 takeovers as the workers connect) plus one reconnect per
     // worker after its first loss (a single loss may be a network blip, not a sibling).
-    shared_client_id(8, 30).await;
+    shared_client_id(8, 30, false).await;
+}
+
+/// Jobs handed back between workers are published again, not nacked: on a quorum queue with a
+/// delivery limit of 1 (dead-lettered at the first return), none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_handed_back_do_not_count_against_a_quorum_delivery_limit() {
+    shared_client_id(4, 20, true).await;
 }

@@ -1,8 +1,10 @@
 //! The RabbitMQ side: the nodes of a cluster and TLS to them ([`nodes`], [`tls`]), the request
 //! queue and a consuming session on it ([`queue`], [`consumer`]), replies published with
-//! publisher confirms ([`replier`]), deliveries settled in batches ([`settler`]).
+//! publisher confirms ([`replier`]), jobs handed back for another worker ([`handback`]),
+//! deliveries settled in batches ([`settler`]).
 
 pub mod consumer;
+pub mod handback;
 pub mod nodes;
 pub mod queue;
 pub mod replier;
