@@ -376,7 +376,9 @@ async fn send(args: SendArgs) -> ExitCode {
         Policy::for_send(),
     );
     let started = std::time::Instant::now();
-    let finished = pipeline.run(&body).await;
+    let finished = pipeline
+        .run(&body, mqtt_connector::pipeline::Taken::now())
+        .await;
     pool.close_all();
     println!(
         "{}",

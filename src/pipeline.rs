@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::histogram::Histogram;
 use rand::Rng;
@@ -48,9 +49,42 @@ pub struct Pipeline {
     pool: Pool,
     limits: Limits,
     policy: Arc<Policy>,
-    /// Whether a job whose client-id another worker holds may go back to the queue (a worker)
-    /// or must wait for it within its timeout (`send`).
-    may_defer: bool,
+    /// Whether a job whose client-id another worker holds may go back to the queue (a worker
+    /// that has siblings on its queue) or must wait for it within its timeout (`send`).
+    siblings: Option<Siblings>,
+}
+
+/// When a job was first taken by a worker and how often it was handed back since: carried by
+/// the job across hand-backs (AMQP headers), so its timeout counts from the first taking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub first_taken: SystemTime,
+    pub handbacks: u32,
+}
+
+impl Taken {
+    /// A job taken now for the first time.
+    pub fn now() -> Self {
+        Self {
+            first_taken: SystemTime::now(),
+            handbacks: 0,
+        }
+    }
+}
+
+/// Whether other workers consume this worker's queue (kept up to date by the worker): only
+/// then can a job be handed back for a sibling that holds its client-id.
+#[derive(Debug, Clone, Default)]
+pub struct Siblings(Arc<AtomicBool>);
+
+impl Siblings {
+    pub fn set(&self, present: bool) {
+        self.0.store(present, Ordering::Relaxed);
+    }
+
+    pub fn present(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// A job's outcome and the connector label it is counted under.
@@ -122,14 +156,15 @@ impl Pipeline {
             pool,
             limits,
             policy: Arc::new(policy),
-            may_defer: false,
+            siblings: None,
         }
     }
 
     /// Jobs whose client-id another worker holds are handed back to the queue
-    /// ([`Finished::requeue_after`]) instead of waiting.
-    pub fn deferring(mut self) -> Self {
-        self.may_defer = true;
+    /// ([`Finished::requeue_after`]) instead of waiting, while `siblings` says other workers
+    /// consume the queue.
+    pub fn deferring(mut self, siblings: Siblings) -> Self {
+        self.siblings = Some(siblings);
         self
     }
 
@@ -137,8 +172,10 @@ impl Pipeline {
         &self.pool
     }
 
-    /// Runs one job body to its final outcome and records it in the metrics.
-    pub async fn run(&self, body: &[u8]) -> Finished {
+    /// Runs one job body to its final outcome and records it in the metrics. `taken` says when
+    /// a worker first took the job (its timeout counts from then) and how often it was handed back.
+    pub async fn run(&self, body: &[u8], taken: Taken) -> Finished {
+        let _ = taken; // TODO(containment): deadline from taken.first_taken
         let started = Instant::now();
         let (result, label) = match self.prepare(body).await {
             Ok((job, label)) => (self.publish(&job, label).await, label),
@@ -269,7 +306,7 @@ impl Pipeline {
             let now = tokio::time::Instant::now();
             match next_after(
                 &failure,
-                self.may_defer,
+                self.siblings.as_ref().is_some_and(Siblings::present),
                 now,
                 deadline,
                 backoff.next_delay(),

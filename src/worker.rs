@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::connection::ConnectionSettings;
 use crate::mqtt::pool::Pool;
 use crate::outcome::Reply;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Siblings, Taken};
 use crate::policy::Policy;
 use crate::settle::{ReplyStatus, Settlement, settle};
 
@@ -245,7 +245,12 @@ impl Worker {
             options.limits,
             options.policy.clone(),
         )
-        .deferring();
+        .deferring({
+            // Until the worker watches its queue's consumers, assume siblings (the old behaviour).
+            let siblings = Siblings::default();
+            siblings.set(true);
+            siblings
+        });
         tracing::info!(
             connectors = connectors.len(),
             queue = %options.queue,
@@ -515,7 +520,7 @@ impl Job {
     /// Run the job, reply, settle.
     async fn handle(self) {
         let started = Instant::now();
-        let finished = self.pipeline.run(&self.delivery.data).await;
+        let finished = self.pipeline.run(&self.delivery.data, Taken::now()).await;
         let properties = &self.delivery.properties;
         let correlation_id = properties.correlation_id().as_ref().map(|id| id.as_str());
         if let Some(delay) = finished.requeue_after {
