@@ -157,15 +157,52 @@ fn system_roots() -> Result<RootCertStore, TlsError> {
 mod tests {
     use super::*;
 
+    /// A self-signed certificate as `--amqp-ca`, so the roots load from a file the test
+    /// controls and never from the machine's (which may have none).
+    fn ca_file(dir: &Path) -> PathBuf {
+        let ca = rcgen::generate_simple_self_signed(vec!["test-ca".to_owned()]).expect("rcgen");
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, ca.cert.pem()).expect("write ca");
+        path
+    }
+
     #[test]
     fn a_certificate_without_its_key_is_refused() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
         let files = TlsFiles {
+            ca: Some(ca_file(dir.path())),
             cert: Some("/nonexistent/cert.pem".into()),
             ..TlsFiles::default()
         };
-        // The system roots come first; on a machine without them the error differs but is
-        // still an error.
-        assert!(files.client_config().is_err());
+        let err = files.client_config().expect_err("half an identity");
+        assert!(matches!(err, TlsError::HalfIdentity), "{err:?}");
+    }
+
+    #[test]
+    fn a_key_without_its_certificate_is_refused() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = TlsFiles {
+            ca: Some(ca_file(dir.path())),
+            key: Some("/nonexistent/key.pem".into()),
+            ..TlsFiles::default()
+        };
+        let err = files.client_config().expect_err("half an identity");
+        assert!(matches!(err, TlsError::HalfIdentity), "{err:?}");
+    }
+
+    #[test]
+    fn a_ca_file_alone_is_a_usable_configuration() {
+        // The control for the two refusals above: the same CA without a half identity builds.
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = TlsFiles {
+            ca: Some(ca_file(dir.path())),
+            ..TlsFiles::default()
+        };
+        let config = files.client_config().expect("a CA alone is enough");
+        assert!(!config.client_auth_cert_resolver.has_certs());
     }
 
     #[test]

@@ -246,23 +246,33 @@ mod tests {
     #[tokio::test]
     async fn one_configuration_is_shared_by_every_connection_with_the_same_settings() {
         crate::install_crypto_provider();
+        // A CA file the test writes rather than the system roots, which a machine may lack.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = rcgen::generate_simple_self_signed(vec!["test-ca".to_owned()]).expect("rcgen");
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).expect("write ca");
         let settings = TlsSettings {
-            root_ca: None,
+            root_ca: Some(dir.path().join("ca.pem")),
             client_cert: None,
             alpn: vec!["mqtt".into()],
         };
         let configs = TlsConfigs::default();
-        let (Ok(a), Ok(b)) = (configs.get(&settings).await, configs.get(&settings).await) else {
-            // No system roots on this machine: nothing to share.
-            return;
-        };
+        let a = configs.get(&settings).await.expect("first build");
+        // Once built, the file is not read again: removing it changes nothing.
+        std::fs::remove_file(dir.path().join("ca.pem")).expect("remove ca");
+        let b = configs.get(&settings).await.expect("from the cache");
         assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.alpn_protocols, vec![b"mqtt".to_vec()]);
+        // Other settings are another configuration, built from the files again.
         let other = TlsSettings {
             alpn: vec![],
             ..settings
         };
-        let c = configs.get(&other).await.expect("system roots");
+        let err = configs.get(&other).await.expect_err("the CA file is gone");
+        assert!(err.to_string().contains("root-ca-crt"), "{err}");
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).expect("write ca");
+        let c = configs.get(&other).await.expect("built again");
         assert!(!Arc::ptr_eq(&a, &c));
+        assert!(c.alpn_protocols.is_empty());
     }
 
     #[test]
