@@ -1,17 +1,25 @@
 //! Hostile input, generated: the job decoder and the connector loader never panic, and every
-//! rejection is an invalid job (exit-code 1) with a message.
+//! rejection is an invalid job (exit-code 1) whose message says what is wrong: the key at fault
+//! for a JSON object, the problem with the JSON (and where) for anything else. Through a real
+//! worker, rejected bodies publish nothing and a good job after them is answered.
 //!
 //! The bodies are biased towards what reaches the decoder's interesting paths: mostly JSON
 //! objects with job keys and plausible values (many of them valid jobs), then the same bodies
 //! cut short, with a byte changed, or with something after the object; random bytes are a
 //! minority. `bodies_are_mostly_job_like_json` measures that mix, so the bias cannot rot.
-//! 2,000 cases per property by default; `PROPTEST_CASES` sets another count.
+//! 2,000 cases per property by default; `PROPTEST_CASES` sets another count (the worker test
+//! sends a tenth of it, at least 20 and at most 300 bodies).
 
+mod common;
+
+use common::worker::{TestBed, job};
+use common::{Mosquitto, Subscriber};
 use mqtt_connector::connectors;
 use mqtt_connector::job::{Job, JobError, Limits, Params};
 use mqtt_connector::outcome::{ExitCode, Outcome};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
+use std::time::Duration;
 
 const KEYS: &[&str] = &[
     "action",
@@ -185,10 +193,73 @@ fn config() -> ProptestConfig {
     }
 }
 
-fn assert_rejection_is_exit_one(err: JobError) {
+/// Whether `message` tells the sender of `body` what is wrong. A JSON object's rejection names
+/// the key at fault: one of the object's keys (unknown, wrong type or value) or a job key it
+/// lacks. Anything else says it is not the one JSON object expected, where its JSON breaks, or
+/// (a broken body can fail at a key before its end is read) which key.
+fn explains(body: &[u8], message: &str) -> bool {
+    let object = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|value| value.as_object().cloned());
+    match object {
+        Some(object) => {
+            let names = |key: &str| {
+                message.contains(&format!("key {key:?}"))
+                    || message.contains(&format!("unknown field `{key}`"))
+                    // The worker checks `action` before anything else, in its own words.
+                    || (key == "action" && message.contains("unknown action"))
+            };
+            object.keys().any(|key| names(key))
+                || Params::default().keys().iter().any(|(key, _)| names(key))
+        }
+        None => {
+            [
+                "not UTF-8 JSON",
+                "is empty",
+                "not a JSON object",
+                "more than one JSON object",
+            ]
+            .iter()
+            .any(|words| message.contains(words))
+                || located(message)
+                || message.contains("key \"")
+                || message.contains("unknown field `")
+        }
+    }
+}
+
+/// Whether `message` says where the JSON breaks (serde's "at line L column C").
+fn located(message: &str) -> bool {
+    message.split(" at line ").skip(1).any(|rest| {
+        let mut words = rest.split(' ');
+        let line = words.next().and_then(|l| l.parse::<u64>().ok());
+        let column = words.next() == Some("column")
+            && words
+                .next()
+                .and_then(|c| {
+                    c.trim_end_matches(|c: char| !c.is_ascii_digit())
+                        .parse::<u64>()
+                        .ok()
+                })
+                .is_some();
+        line.is_some() && column
+    })
+}
+
+fn assert_rejection_explained(body: &[u8], err: JobError) {
     let outcome = Outcome::from(err);
-    assert_eq!(outcome.exit_code, ExitCode::InvalidJob);
-    assert!(!outcome.message.is_empty());
+    assert_eq!(
+        outcome.exit_code,
+        ExitCode::InvalidJob,
+        "{}",
+        outcome.message
+    );
+    assert!(
+        explains(body, &outcome.message),
+        "the message does not say what is wrong with {:?}: {}",
+        String::from_utf8_lossy(body),
+        outcome.message
+    );
 }
 
 /// What the validator made of one body.
@@ -198,21 +269,40 @@ enum Verdict {
     Invalid,
 }
 
-/// Decodes and validates `body`; any rejection must be exit-code 1 with a message.
+/// Decodes and validates `body`; any rejection must be exit-code 1 with a message that says
+/// what is wrong.
 fn judge(body: &[u8]) -> Verdict {
-    match Params::decode(body) {
-        Ok(params) => match Job::validate(params, Limits::default()) {
-            Ok(_) => Verdict::Valid,
-            Err(err) => {
-                assert_rejection_is_exit_one(err);
-                Verdict::Invalid
-            }
-        },
+    let result = Params::decode(body).and_then(|params| Job::validate(params, Limits::default()));
+    match result {
+        Ok(_) => Verdict::Valid,
         Err(err) => {
-            assert_rejection_is_exit_one(err);
+            assert_rejection_explained(body, err);
             Verdict::Invalid
         }
     }
+}
+
+#[test]
+fn a_message_that_names_no_key_or_place_does_not_explain() {
+    // The checker itself must be able to say no.
+    assert!(!explains(
+        br#"{"qos": 3}"#,
+        "invalid job: something is wrong"
+    ));
+    assert!(!explains(
+        br#"{"qos": 3}"#,
+        "invalid job: key \"topic2\" is bad"
+    ));
+    assert!(!explains(b"{", "invalid job: something is wrong"));
+    assert!(explains(
+        br#"{"qos": 3}"#,
+        "invalid job: key \"qos\": 3 is not 0, 1 or 2"
+    ));
+    assert!(explains(br#"{"qos": 3}"#, "key \"topic\" is missing"));
+    assert!(explains(
+        b"{",
+        "EOF while parsing an object at line 1 column 1"
+    ));
 }
 
 /// The generator's mix, measured on 2,000 samples: at least 80 % of the bodies start with `{`
@@ -260,15 +350,7 @@ proptest! {
 
     #[test]
     fn any_job_object_validates_or_is_rejected_as_invalid(object in job_object()) {
-        let body = object.to_string();
-        match Params::decode(body.as_bytes()) {
-            Ok(params) => {
-                if let Err(err) = Job::validate(params, Limits::default()) {
-                    assert_rejection_is_exit_one(err);
-                }
-            }
-            Err(err) => assert_rejection_is_exit_one(err),
-        }
+        judge(object.to_string().as_bytes());
     }
 
     #[test]
@@ -280,4 +362,128 @@ proptest! {
             }
         }
     }
+}
+
+/// What the worker must answer a rejected body: 2 for a decodable job naming a connector (the
+/// worker has none), else 1.
+fn expected_code(body: &[u8]) -> i64 {
+    match Params::decode(body) {
+        Ok(params)
+            if params.connector.is_some()
+                && params
+                    .action
+                    .as_deref()
+                    .is_none_or(|action| action == "send") =>
+        {
+            2
+        }
+        _ => 1,
+    }
+}
+
+/// Generated bodies the validator rejects, sent to a real worker: each answered once with its
+/// exit-code and a message that says what is wrong, nothing published to MQTT, and a good job
+/// after them answered 0 and received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_bodies_publish_nothing_and_the_worker_answers_a_good_job_after_them() {
+    let mosquitto = Mosquitto::plain();
+    // Every broker address the generator writes is pointed at this test's own Mosquitto: a
+    // body wrongly published would reach the subscriber, never a shared or outside broker.
+    let own = format!("127.0.0.1:{}", mosquitto.port());
+    let local = |body: Vec<u8>| -> Vec<u8> {
+        let mut text = String::from_utf8_lossy(&body).into_owned();
+        if text.as_bytes() != body.as_slice() {
+            return body; // Not UTF-8: no address to rewrite, and the bytes must stay as made.
+        }
+        for address in [
+            "127.0.0.1:1883",
+            "[::1]:1883",
+            "broker.example:8883",
+            "broker.example:443",
+        ] {
+            text = text.replace(address, &own);
+        }
+        text.into_bytes()
+    };
+    let count = (config().cases as usize / 10).clamp(20, 300);
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = job_body();
+    let mut bodies = Vec::with_capacity(count);
+    while bodies.len() < count {
+        let body = local(strategy.new_tree(&mut runner).expect("a body").current());
+        if judge(&body) == Verdict::Invalid {
+            bodies.push(body);
+        }
+    }
+    let mut subscriber = Subscriber::start(mosquitto.port(), "#", rumqttc::QoS::AtLeastOnce).await;
+    let mut bed = TestBed::new().await;
+    let started = std::time::Instant::now();
+    for (index, body) in bodies.iter().enumerate() {
+        bed.amqp
+            .send_job(
+                &bed.queue,
+                body,
+                Some(&bed.reply_queue),
+                Some(&index.to_string()),
+            )
+            .await;
+    }
+    let replies = bed
+        .replies
+        .expect_replies(bodies.len(), Duration::from_secs(30))
+        .await;
+    let mut answered = vec![0; bodies.len()];
+    for reply in &replies {
+        let index: usize = reply
+            .correlation_id
+            .as_deref()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("reply without our correlation id: {}", reply.body));
+        answered[index] += 1;
+        let body = &bodies[index];
+        let shown = String::from_utf8_lossy(body);
+        assert_eq!(
+            reply.exit_code(),
+            expected_code(body),
+            "{shown:?}: {}",
+            reply.body
+        );
+        if reply.exit_code() == 1 {
+            assert!(explains(body, reply.message()), "{shown:?}: {}", reply.body);
+        } else {
+            assert!(
+                reply.message().contains("unknown connector"),
+                "{}",
+                reply.body
+            );
+        }
+    }
+    assert!(
+        answered.iter().all(|&n| n == 1),
+        "answers per body: {answered:?}"
+    );
+    eprintln!(
+        "{} rejected bodies answered by the worker in {:?}",
+        bodies.len(),
+        started.elapsed()
+    );
+
+    let topic = common::unique_name("fuzz-after");
+    let reply = bed
+        .run(
+            job(&mosquitto.url(), &topic, "after"),
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(reply.exit_code(), 0, "{}", reply.body);
+    // The broker forwards each publish before it acknowledges it, and every reply above came
+    // before this job was sent: a rejected body published would have arrived first.
+    let first = subscriber.expect(Duration::from_secs(10)).await;
+    assert_eq!(
+        (first.topic.as_str(), first.payload_str().as_str()),
+        (topic.as_str(), "after")
+    );
+    assert_eq!(subscriber.drain(), vec![], "published besides the good job");
+    bed.wait_queue_empty(Duration::from_secs(10)).await;
+    bed.finish().await;
 }
