@@ -3,6 +3,7 @@
 //!
 //! - a broker killed (SIGKILL) in the middle of a burst of QoS 1 / QoS 2 jobs and restarted 2 s
 //!   later on the same port: every job answered exactly once, every job answered 0 received;
+//! - a working connection cut by a proxy mid-burst: every job 0 with at most one retry;
 //! - brokers that never answer, never acknowledge, or drop the connection after CONNACK: the
 //!   right exit-code within the job's timeout, and a worker process's open fds and RSS back to
 //!   (near) their baseline after 1,000 such jobs;
@@ -202,6 +203,131 @@ async fn broker_killed_mid_burst_qos2_no_job_lost() {
 
 /// The three brokers that misbehave in ways a real one cannot: each job ends with its code
 /// within its timeout (`duration-ms` ≤ timeout + 1 s), the three running at once.
+/// A connection that worked, cut under the worker with jobs in flight: the burst goes through a
+/// [`TcpProxy`] to a real Mosquitto, the proxy closes the connection once a fifth of it was
+/// received (so publishes were acknowledged on that connection), and new connections are let
+/// through at once. Every job is answered 0 exactly once, each retried at most once (on a new
+/// connection), and every message reaches the subscriber at least once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_with_jobs_in_flight_costs_each_job_at_most_one_retry() {
+    let jobs = 1000;
+    let mut broker = Mosquitto::plain();
+    reconfigure(&mut broker, UNLIMITED_QUEUES);
+    let proxy = TcpProxy::start(broker.port()).await;
+    let topic = unique_name("cut");
+    // The subscriber talks to the broker directly: only the worker's connection is cut.
+    let mut sub = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
+
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
+    let run = unique_name("run");
+    let client_id = unique_name("cut-client");
+    let bodies: Vec<(String, Vec<u8>)> = (0..jobs)
+        .map(|i| {
+            let body = json!({
+                "broker": format!("tcp://127.0.0.1:{}", proxy.port()), "client-id": client_id,
+                "topic": topic, "content": format!("{run}-{i}"), "qos": 1, "timeout": 15000,
+            });
+            (format!("{i}"), body.to_string().into_bytes())
+        })
+        .collect();
+    send_burst(&amqp, &queue, &reply_queue, &bodies).await;
+    let started = Instant::now();
+    let connectors = connectors_dir();
+    let worker = spawn_worker_with(worker_options(&queue, connectors.path())).await;
+
+    let mut received: HashMap<String, usize> = HashMap::new();
+    let deadline = Instant::now() + T;
+    while received.values().sum::<usize>() < jobs / 5 {
+        let got = tokio::time::timeout_at(deadline, sub.expect(T))
+            .await
+            .expect("a fifth of the burst received within 20 s");
+        *received.entry(got.payload_str()).or_default() += 1;
+    }
+    let before_cut = proxy.stats();
+    proxy.cut();
+    let cut_at = started.elapsed();
+
+    let answered = Replies::gather(
+        &mut replies,
+        jobs,
+        Duration::from_secs(45),
+        Duration::from_millis(500),
+    )
+    .await;
+    let all_answered = started.elapsed();
+    let twice = answered.answered_twice();
+    assert!(twice.is_empty(), "jobs answered twice: {twice:?}");
+    assert_eq!(answered.total(), jobs);
+    let codes = answered.codes();
+    assert_eq!(
+        codes.get(&0).copied().unwrap_or(0),
+        jobs,
+        "codes {codes:?}; examples: {:?} {:?}",
+        answered.examples(3, 2),
+        answered.examples(7, 2)
+    );
+    let attempts: Vec<u64> = answered
+        .by_id
+        .values()
+        .map(|r| r[0].body["attempts"].as_u64().unwrap_or(0))
+        .collect();
+    let most = attempts.iter().copied().max().unwrap_or(0);
+    let retried = attempts.iter().filter(|&&a| a >= 2).count();
+    let mut by_attempts = std::collections::BTreeMap::new();
+    for a in &attempts {
+        *by_attempts.entry(*a).or_insert(0) += 1;
+    }
+    let after = proxy.stats();
+    let deferred = common::worker::metric_sum(
+        &worker.metrics().await,
+        "mqtt_connector_jobs_deferred_total",
+    );
+
+    let deadline = Instant::now() + T;
+    while received.len() < jobs {
+        match tokio::time::timeout_at(deadline, sub.recv(T)).await {
+            Ok(Some(got)) => *received.entry(got.payload_str()).or_default() += 1,
+            _ => break,
+        }
+    }
+    let duplicates: usize = received.values().map(|n| n - 1).sum();
+    println!(
+        "cut at {cut_at:?} after {} received ({} connections before, {} after); all {jobs} \
+         answered at {all_answered:?}; codes {codes:?}; {retried} jobs retried, at most {most} \
+         attempts (jobs by attempts {by_attempts:?}); subscriber: {} distinct, {duplicates} \
+         duplicates; jobs_deferred_total {deferred}",
+        jobs / 5,
+        before_cut.total,
+        after.total,
+        received.len()
+    );
+    assert!(
+        retried > 0,
+        "the cut hit no job in flight (cut at {cut_at:?}): the test proved nothing"
+    );
+    assert!(
+        after.total > before_cut.total,
+        "no new connection after the cut: {after:?}"
+    );
+    assert!(
+        most <= 2,
+        "a job took {most} attempts: a cut connection costs each job one retry"
+    );
+    let missing: Vec<String> = (0..jobs)
+        .map(|i| format!("{run}-{i}"))
+        .filter(|p| !received.contains_key(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} jobs answered 0 never received, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(received.keys().all(|p| p.starts_with(&run)));
+    worker.stop().await;
+    amqp.delete_queue(&queue).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_servers_end_within_the_timeout() {
     let silent = SilentServer::start().await;
