@@ -1,6 +1,7 @@
 //! The connector store: named job defaults, one JSON file per connector in a folder,
 //! with `${ENV_NAME}` values taken from the worker's environment, and the keys a job naming
-//! the connector may set (`job-may-set`). Loaded whole or not at all.
+//! the connector may set (`job-may-set`). Loaded whole or not at all: every file that does not
+//! load is reported, not only the first.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,23 @@ pub enum ConnectorError {
         #[source]
         source: ConnectorFileError,
     },
+    /// More than one file does not load: each is listed, so one run shows every fix to make.
+    #[error("{} connector files do not load:{}", .0.len(), list(.0))]
+    Several(Vec<ConnectorError>),
+}
+
+fn list(errors: &[ConnectorError]) -> String {
+    errors.iter().map(|err| format!("\n  - {err}")).collect()
+}
+
+impl ConnectorError {
+    /// Each file's problem on its own (one for a single error).
+    pub fn each(&self) -> Vec<&ConnectorError> {
+        match self {
+            ConnectorError::Several(errors) => errors.iter().collect(),
+            other => vec![other],
+        }
+    }
 }
 
 /// All connectors of a folder, by name (the file name without `.json`).
@@ -88,6 +106,7 @@ impl ConnectorStore {
         }
         files.sort();
         let mut connectors = HashMap::new();
+        let mut errors = Vec::new();
         for file in files {
             let Some(name) = file
                 .file_stem()
@@ -96,17 +115,18 @@ impl ConnectorStore {
             else {
                 continue;
             };
-            let text = std::fs::read_to_string(&file).map_err(|source| ConnectorError::Read {
-                file: file.clone(),
-                source,
-            })?;
-            let connector = parse(&text, &env).map_err(|source| ConnectorError::Invalid {
-                file: file.clone(),
-                source,
-            })?;
-            connectors.insert(name, Arc::new(connector));
+            match load_file(&file, &env) {
+                Ok(connector) => {
+                    connectors.insert(name, Arc::new(connector));
+                }
+                Err(err) => errors.push(err),
+            }
         }
-        Ok(Self { connectors })
+        match errors.len() {
+            0 => Ok(Self { connectors }),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConnectorError::Several(errors)),
+        }
     }
 
     /// The connector of that name. Names are only ever looked up, never used as paths.
@@ -139,6 +159,20 @@ impl ConnectorStore {
     pub fn is_empty(&self) -> bool {
         self.connectors.is_empty()
     }
+}
+
+fn load_file(
+    file: &Path,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Connector, ConnectorError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConnectorError::Read {
+        file: file.to_owned(),
+        source,
+    })?;
+    parse(&text, env).map_err(|source| ConnectorError::Invalid {
+        file: file.to_owned(),
+        source,
+    })
 }
 
 /// What is wrong with one connector file's text; each names the key at fault.
@@ -341,6 +375,41 @@ mod tests {
         std::fs::write(dir.path().join("bad.json"), r#"{"qos": 1,"#).expect("write");
         let err = ConnectorStore::load_with_env(dir.path(), env).expect_err("bad file");
         assert!(err.to_string().contains("bad.json"), "{err}");
+    }
+
+    #[test]
+    fn every_file_that_does_not_load_is_reported_not_only_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a-broken.json"), r#"{"qos": 1,"#).expect("write");
+        std::fs::write(dir.path().join("b-good.json"), r#"{"qos": 1}"#).expect("write");
+        std::fs::write(
+            dir.path().join("c-unset.json"),
+            r#"{"password": "${NOPE}"}"#,
+        )
+        .expect("write");
+        std::fs::create_dir(dir.path().join("d-dir.json")).expect("mkdir");
+        let err = ConnectorStore::load_with_env(dir.path(), env).expect_err("bad files");
+        let each: Vec<String> = err.each().iter().map(|e| e.to_string()).collect();
+        assert_eq!(each.len(), 3, "{each:?}");
+        assert!(
+            each[0].contains("a-broken.json") && each[0].contains("JSON"),
+            "{each:?}"
+        );
+        assert!(
+            each[1].contains("c-unset.json") && each[1].contains("NOPE"),
+            "{each:?}"
+        );
+        assert!(
+            each[2].contains("d-dir.json") && each[2].contains("cannot read"),
+            "{each:?}"
+        );
+        let text = err.to_string();
+        assert!(text.starts_with("3 connector files do not load:"), "{text}");
+        assert!(
+            each.iter().all(|line| text.contains(line.as_str())),
+            "{text}"
+        );
+        assert!(!text.contains("b-good"), "{text}");
     }
 
     #[test]

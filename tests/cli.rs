@@ -309,6 +309,41 @@ async fn check_names_the_bad_file_and_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_every_file_that_does_not_load_not_only_the_first() {
+    let dir = good_and_bad_connectors(
+        "b-unset",
+        json!({"broker": "tcp://127.0.0.1:1883", "password": "${MQTT_CONNECTOR_TEST_UNSET_9F2}"}),
+    );
+    std::fs::write(dir.path().join("a-broken.json"), r#"{"qos": 1,"#).expect("write");
+    let out = run(&["check", "--connectors", path(dir.path())], &[]).await;
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("2 connector files do not load"), "{text}");
+    assert!(
+        text.contains("a-broken.json") && text.contains("not valid JSON"),
+        "reports the broken JSON: {text}"
+    );
+    assert!(
+        text.contains("b-unset.json") && text.contains("MQTT_CONNECTOR_TEST_UNSET_9F2"),
+        "reports the unset variable too: {text}"
+    );
+
+    // The worker refuses to start on the same folder and lists both as well.
+    let queue = unique_name("cli-refused-both");
+    let mut worker = start_worker(&queue, dir.path());
+    let code = worker.wait_exit(T).await.code();
+    let log = worker.output();
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exit {code:?}; log:\n{log}"
+    );
+    assert!(
+        log.contains("a-broken.json") && log.contains("b-unset.json"),
+        "names both files: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_missing_certificate_files() {
     let dir = connectors_dir();
     // The contract's AWS example, as it stands: none of its /certs files exist here.
