@@ -262,6 +262,28 @@ fn assert_rejection_explained(body: &[u8], err: JobError) {
     );
 }
 
+/// A connector file's error says what is wrong: not JSON, not an object, or (for an object) the
+/// key at fault, one of the file's keys or a job key.
+fn assert_connector_error_explained(text: &str, err: &connectors::ConnectorFileError) {
+    use connectors::ConnectorFileError as E;
+    let message = err.to_string();
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Err(_) => assert!(matches!(err, E::NotJson(_)), "{text:?}: {message}"),
+        Ok(serde_json::Value::Object(object)) => {
+            let names = |key: &str| {
+                message.contains(&format!("key {key:?}"))
+                    || message.contains(&format!("unknown field `{key}`"))
+            };
+            assert!(
+                object.keys().any(|key| names(key))
+                    || Params::default().keys().iter().any(|(key, _)| names(key)),
+                "{text:?}: {message}"
+            );
+        }
+        Ok(_) => assert!(matches!(err, E::NotAnObject), "{text:?}: {message}"),
+    }
+}
+
 /// What the validator made of one body.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
@@ -357,8 +379,8 @@ proptest! {
     fn any_connector_text_loads_or_names_a_problem(object in job_object(), junk in ".{0,40}") {
         let env = |name: &str| (name == "X").then(|| "value".to_owned());
         for text in [object.to_string(), junk] {
-            if let Err(message) = connectors::parse(&text, &env) {
-                prop_assert!(!message.to_string().is_empty());
+            if let Err(err) = connectors::parse(&text, &env) {
+                assert_connector_error_explained(&text, &err);
             }
         }
     }
