@@ -67,6 +67,14 @@ fn list(errors: &[ConnectorError]) -> String {
 }
 
 impl ConnectorError {
+    /// The connector file at fault, if the error is about one file.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            ConnectorError::Read { file, .. } | ConnectorError::Invalid { file, .. } => Some(file),
+            ConnectorError::Folder { .. } | ConnectorError::Several(_) => None,
+        }
+    }
+
     /// Each file's problem on its own (one for a single error).
     pub fn each(&self) -> Vec<&ConnectorError> {
         match self {
@@ -88,11 +96,26 @@ impl ConnectorStore {
         Self::load_with_env(dir, |name| std::env::var(name).ok())
     }
 
-    /// Loads every `*.json` file of `dir`, resolving `${NAME}` through `env`.
+    /// Loads every `*.json` file of `dir`, resolving `${NAME}` through `env`; every file that
+    /// does not load is reported (one error, or [`ConnectorError::Several`]).
     pub fn load_with_env(
         dir: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConnectorError> {
+        let (store, mut errors) = Self::load_all(dir, env)?;
+        match errors.len() {
+            0 => Ok(store),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConnectorError::Several(errors)),
+        }
+    }
+
+    /// The connectors that load, and why each other file does not (for `check`, which reports
+    /// both). Fails only when the folder itself cannot be read.
+    pub fn load_all(
+        dir: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(Self, Vec<ConnectorError>), ConnectorError> {
         let folder_error = |source| ConnectorError::Folder {
             dir: dir.to_owned(),
             source,
@@ -122,11 +145,7 @@ impl ConnectorStore {
                 Err(err) => errors.push(err),
             }
         }
-        match errors.len() {
-            0 => Ok(Self { connectors }),
-            1 => Err(errors.remove(0)),
-            _ => Err(ConnectorError::Several(errors)),
-        }
+        Ok((Self { connectors }, errors))
     }
 
     /// The connector of that name. Names are only ever looked up, never used as paths.

@@ -432,36 +432,20 @@ async fn submit(args: SubmitArgs) -> ExitCode {
 }
 
 fn check(args: CheckArgs) -> ExitCode {
-    let dir = &args.connectors.connectors;
-    let store = match ConnectorStore::load(dir) {
-        Ok(store) => store,
-        Err(err) => return fail(&err.to_string()),
-    };
     let allowed = match AllowedBrokers::parse(&args.allow_broker.patterns) {
         Ok(allowed) => allowed,
         Err(err) => return fail(&err.to_string()),
     };
-    let mut problems = 0;
-    for (name, connector) in store.iter() {
-        let notes = check::problems(connector, &allowed);
-        if notes.is_empty() {
-            println!("ok       {name}");
-        } else {
-            problems += 1;
-            for note in notes {
-                println!("problem  {name}: {note}");
+    match check::folder(&args.connectors.connectors, &allowed) {
+        Ok(report) => {
+            print!("{report}");
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
         }
-    }
-    println!(
-        "{} connector(s) in {}, {problems} with problems",
-        store.len(),
-        dir.display()
-    );
-    if problems == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+        Err(err) => fail(&err.to_string()),
     }
 }
 

@@ -318,15 +318,24 @@ async fn check_reports_every_file_that_does_not_load_not_only_the_first() {
     let out = run(&["check", "--connectors", path(dir.path())], &[]).await;
     let text = format!("{}{}", stdout(&out), stderr(&out));
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("2 connector files do not load"), "{text}");
+    let printed = stdout(&out);
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
     assert!(
-        text.contains("a-broken.json") && text.contains("not valid JSON"),
+        lines[0].starts_with("problem  a-broken: ") && lines[0].contains("not valid JSON"),
         "reports the broken JSON: {text}"
     );
     assert!(
-        text.contains("b-unset.json") && text.contains("MQTT_CONNECTOR_TEST_UNSET_9F2"),
+        lines[1].starts_with("problem  b-unset: ")
+            && lines[1].contains("MQTT_CONNECTOR_TEST_UNSET_9F2"),
         "reports the unset variable too: {text}"
     );
+    assert_eq!(
+        lines[2], "ok       good",
+        "and checks the connector that loads: {text}"
+    );
+    assert!(lines[3].ends_with(", 2 with problems"), "{text}");
+    assert!(lines[3].starts_with("3 connector(s) in "), "{text}");
 
     // The worker refuses to start on the same folder and lists both as well.
     let queue = unique_name("cli-refused-both");
