@@ -311,4 +311,23 @@ mod tests {
     fn a_message_without_properties_sends_none() {
         assert!(properties(&message(b"x", Properties::default())).is_none());
     }
+
+    #[test]
+    fn the_jobs_own_packet_size_matches_the_encoders_with_every_property() {
+        let all = Properties {
+            message_expiry: Some(5),
+            content_type: Some("application/json".into()),
+            user_properties: vec![("k".into(), "v".into()), ("site".into(), "north".into())],
+            response_topic: Some(Topic::parse("r/1".into()).expect("topic")),
+            correlation_data: Some(bytes::Bytes::from_static(b"id-7")),
+            payload_format: Some(crate::job::PayloadFormat::Utf8),
+        };
+        for properties in [Properties::default(), all] {
+            let mut message = message(b"hello", properties);
+            for qos in [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce] {
+                message.qos = qos;
+                assert_eq!(message.packet_size(true), packet_size(&message), "{qos:?}");
+            }
+        }
+    }
 }
