@@ -371,7 +371,14 @@ fn published(job: &Job, ack: Ack, attempts: u32) -> Outcome {
         target.client_id,
         ack.qos.level()
     );
-    if ack.qos < asked {
+    if let Some(max) = ack.lowered_to_max_qos {
+        message.push_str(&format!(
+            "; the broker's Maximum QoS is {}: published at QoS {} instead of {}",
+            max.level(),
+            max.level(),
+            asked.level()
+        ));
+    } else if ack.qos < asked {
         message.push_str(&format!(
             "; the broker acknowledged at QoS {} instead of {} (it has no QoS {}): delivered at least once",
             ack.qos.level(),
@@ -379,7 +386,7 @@ fn published(job: &Job, ack: Ack, attempts: u32) -> Outcome {
             asked.level()
         ));
     }
-    if asked == Qos::AtMostOnce {
+    if ack.qos == Qos::AtMostOnce {
         message.push_str("; QoS 0 has no acknowledgement: written to the connection");
     }
     if ack.no_subscribers {

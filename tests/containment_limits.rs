@@ -221,3 +221,27 @@ async fn a_job_the_encoder_would_refuse_answers_1_and_the_shared_connection_carr
     assert!(message(Kind::NulUserProperty).contains("user-properties"));
     assert!(message(Kind::LongCorrelationData).contains("65,535"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_2_job_to_a_broker_whose_maximum_qos_is_1_is_published_at_qos_1_and_says_so() {
+    // A listener option in Mosquitto 2.0: the harness writes it after its `listener` line.
+    let broker = Mosquitto::plain_with("max_qos 1\n");
+    let kinds: Vec<Kind> = (0..20)
+        .map(|i| if i % 4 == 1 { Kind::Qos2 } else { Kind::Good })
+        .collect();
+    let figures = run_stream(&broker, &kinds, 10_000).await;
+    check(&figures, &broker);
+    for (kind, reply, _) in figures.replies.values() {
+        if *kind == Kind::Qos2 {
+            assert_eq!(reply.body["attempts"], 1, "{}", reply.body);
+            assert!(
+                reply
+                    .message()
+                    .contains("published at QoS 1 instead of 2"),
+                "{}",
+                reply.body
+            );
+        }
+    }
+    assert!(!broker.log().contains("Too high QoS"), "{}", broker.log());
+}

@@ -22,6 +22,10 @@ use crate::metrics::Metrics;
 /// Requests the event loop takes from its channel per iteration (rumqttc's default is one).
 const REQUEST_BATCH: usize = 64;
 
+/// The default for [`ConnectionSettings::max_incoming_packet_bytes`]: acknowledgements are a few
+/// bytes; answers to requests (a later feature) need up to `--max-response-bytes` plus headers.
+pub const DEFAULT_MAX_INCOMING_PACKET_BYTES: usize = 1024 * 1024;
+
 /// How connections are opened; the same for every target.
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
@@ -29,8 +33,13 @@ pub struct ConnectionSettings {
     /// Publishes in flight on one connection before new ones wait (AWS IoT allows 100). With
     /// MQTT 5 the broker's Receive Maximum lowers it.
     pub inflight: u16,
-    /// Largest MQTT packet we send or accept.
+    /// Largest MQTT packet we send.
     pub max_packet_bytes: usize,
+    /// Largest MQTT packet we accept from a broker: any broker a job names could otherwise make
+    /// us buffer a huge packet. MQTT 5: rumqttc-v5 applies its own 10 KiB limit without
+    /// announcing it; a setting below that is announced in CONNECT (Maximum Packet Size), one
+    /// above it is not yet (see `v5::open`).
+    pub max_incoming_packet_bytes: usize,
     /// Appended to every client-id, so workers sharing a connector do not share a client-id
     /// (MQTT lets only one connection hold one). Empty: client-ids are used as written.
     pub client_id_suffix: String,
@@ -42,6 +51,7 @@ impl Default for ConnectionSettings {
             keep_alive: Duration::from_secs(30),
             inflight: 1000,
             max_packet_bytes: crate::job::DEFAULT_MAX_CONTENT_BYTES + 64 * 1024,
+            max_incoming_packet_bytes: DEFAULT_MAX_INCOMING_PACKET_BYTES,
             client_id_suffix: String::new(),
         }
     }
@@ -54,6 +64,9 @@ pub struct Ack {
     pub qos: Qos,
     /// MQTT 5: the broker said no client subscribes to the topic (PUBACK 0x10).
     pub no_subscribers: bool,
+    /// MQTT 5: the broker's Maximum QoS (CONNACK), when it was below the job's QoS and the
+    /// message was published at it instead.
+    pub lowered_to_max_qos: Option<Qos>,
 }
 
 /// How a publish ended, as a version's client reports it.
@@ -76,6 +89,8 @@ struct Opened {
     client: Client,
     /// MQTT 5: the broker's Maximum Packet Size from CONNACK (none: MQTT's own limit).
     max_packet: Option<u32>,
+    /// MQTT 5: the broker's Maximum QoS from CONNACK (none: QoS 2).
+    max_qos: Option<Qos>,
     /// Polls the event loop until the connection ends and records why; run in its own task.
     run: BoxFuture<'static, ()>,
 }
@@ -85,6 +100,9 @@ pub struct Connection {
     client: Client,
     broker: String,
     max_packet: Option<u32>,
+    /// MQTT 5: the highest QoS the broker accepts (CONNACK); a publish above it would be a
+    /// protocol error that ends the connection, so it is lowered to this.
+    max_qos: Option<Qos>,
     /// Set once, when the event loop has ended: why.
     ended: Arc<OnceLock<End>>,
     /// Publishes currently using this connection (the pool never closes a busy one).
@@ -141,6 +159,7 @@ impl Connection {
             client: opened.client,
             broker,
             max_packet: opened.max_packet,
+            max_qos: opened.max_qos,
             ended,
             in_use: AtomicUsize::new(0),
             last_used_ms: AtomicU64::new(0),
@@ -154,6 +173,7 @@ impl Connection {
     /// MQTT 5: a refusing reason code is [`MqttError::MessageRefused`], and a message over the
     /// broker's Maximum Packet Size is [`MqttError::TooLarge`] before anything is sent.
     pub async fn publish(&self, message: &Message) -> Result<Ack, MqttError> {
+        let (qos, lowered_to_max_qos) = lower_to(message.qos, self.max_qos);
         let acked = match &self.client {
             Client::V4(client) => v4::publish(client, message).await,
             Client::V5(client) => {
@@ -167,7 +187,7 @@ impl Connection {
                         });
                     }
                 }
-                v5::publish(client, message).await
+                v5::publish(client, message, qos).await
             }
         };
         // At least 1: 0 means "never used".
@@ -176,7 +196,10 @@ impl Connection {
         match acked {
             Acked::Ack(ack) => {
                 self.acked.store(true, Ordering::Relaxed);
-                Ok(ack)
+                Ok(Ack {
+                    lowered_to_max_qos,
+                    ..ack
+                })
             }
             // A refusal is an answer: the connection works.
             Acked::Refused(code) => Err(MqttError::MessageRefused {
@@ -251,6 +274,15 @@ impl Connection {
             broker: self.broker.clone(),
             reason,
         }
+    }
+}
+
+/// The QoS to publish at: the job's, or the broker's Maximum QoS when that is lower (then also
+/// returned, for the job's reply).
+fn lower_to(asked: Qos, max_qos: Option<Qos>) -> (Qos, Option<Qos>) {
+    match max_qos {
+        Some(max) if max < asked => (max, Some(max)),
+        _ => (asked, None),
     }
 }
 
@@ -336,4 +368,34 @@ fn rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a ru
         current = e.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_qos_above_the_brokers_maximum_is_lowered_to_it_and_says_so() {
+        assert_eq!(
+            lower_to(Qos::ExactlyOnce, Some(Qos::AtLeastOnce)),
+            (Qos::AtLeastOnce, Some(Qos::AtLeastOnce))
+        );
+        assert_eq!(
+            lower_to(Qos::AtLeastOnce, Some(Qos::AtMostOnce)),
+            (Qos::AtMostOnce, Some(Qos::AtMostOnce))
+        );
+    }
+
+    #[test]
+    fn a_qos_within_the_brokers_maximum_is_kept() {
+        assert_eq!(lower_to(Qos::ExactlyOnce, None), (Qos::ExactlyOnce, None));
+        assert_eq!(
+            lower_to(Qos::AtLeastOnce, Some(Qos::AtLeastOnce)),
+            (Qos::AtLeastOnce, None)
+        );
+        assert_eq!(
+            lower_to(Qos::AtMostOnce, Some(Qos::AtMostOnce)),
+            (Qos::AtMostOnce, None)
+        );
+    }
 }

@@ -28,7 +28,12 @@ pub(super) async fn open(
         .set_keep_alive(u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX))
         .set_clean_session(true)
         .set_inflight(settings.inflight.max(1));
-    options.set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes);
+    // A broker sends us acknowledgements only: it has no reason to send anything large, so
+    // what we accept is bounded far below what we may send.
+    options.set_max_packet_size(
+        settings.max_incoming_packet_bytes.max(1),
+        settings.max_packet_bytes,
+    );
     options.set_request_channel_capacity(usize::from(settings.inflight.max(1)) * 2);
     // Publishes queued together leave in one write instead of one write(2) each.
     options.set_max_request_batch(REQUEST_BATCH);
@@ -82,6 +87,7 @@ pub(super) async fn open(
     Ok(Opened {
         client: Client::V4(client),
         max_packet: None,
+        max_qos: None,
         run: run.boxed(),
     })
 }
@@ -98,6 +104,7 @@ pub(super) async fn publish(client: &AsyncClient, message: &Message) -> Acked {
         Ok(done) => Acked::Ack(Ack {
             qos: done.qos().into(),
             no_subscribers: false,
+            lowered_to_max_qos: None,
         }),
         Err(_) => Acked::Lost,
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use futures_util::FutureExt;
 use rumqttc5::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Packet,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, IncomingPacketSizeLimit, NetworkOptions, Packet,
     PublishNoticeError, PublishOptions, PublishProperties, PublishResult, StateError,
 };
 
@@ -16,6 +16,9 @@ use super::{
 };
 use crate::job::{Message, Qos, Target, Transport};
 use crate::mqtt::{MqttError, reason};
+
+/// rumqttc-v5's incoming packet limit when none is set (it is not sent to the broker).
+const UNANNOUNCED_INCOMING_LIMIT: usize = 10 * 1024;
 
 pub(super) async fn open(
     target: &Target,
@@ -36,8 +39,15 @@ pub(super) async fn open(
         .set_max_request_batch(REQUEST_BATCH);
     // CONNECT carries no properties: a 3.1.1-only broker then parses it far enough to answer
     // "unacceptable protocol version" (amqtt waits for ever on a CONNECT with properties).
-    // We never subscribe, so nothing large comes in; what we send is bounded by the broker's
-    // Maximum Packet Size (CONNACK).
+    // What we send is bounded by the broker's Maximum Packet Size (CONNACK). What comes in is
+    // bounded by rumqttc-v5's own 10 KiB limit, which it does not announce; only a lower
+    // setting is announced (Maximum Packet Size), since announcing one makes CONNECT carry a
+    // property. A setting above 10 KiB needs announcing too once something large is to come in
+    // (answers to requests), and then a 3.1.1-only broker must be recognised another way.
+    if settings.max_incoming_packet_bytes < UNANNOUNCED_INCOMING_LIMIT {
+        let limit = u32::try_from(settings.max_incoming_packet_bytes.max(1)).unwrap_or(u32::MAX);
+        options.set_incoming_packet_size_limit(IncomingPacketSizeLimit::Bytes(limit));
+    }
     if let Some(username) = &target.username {
         let password = target
             .password
@@ -68,10 +78,17 @@ pub(super) async fn open(
     };
     let properties = connack.properties.as_ref();
     let max_packet = properties.and_then(|p| p.max_packet_size);
+    // Only 0 and 1 may be sent (MQTT-3.2.2-9): absent, or anything else, means QoS 2.
+    let max_qos = match properties.and_then(|p| p.max_qos) {
+        Some(0) => Some(Qos::AtMostOnce),
+        Some(1) => Some(Qos::AtLeastOnce),
+        _ => None,
+    };
     tracing::debug!(
         broker,
         receive_maximum = properties.and_then(|p| p.receive_max),
         maximum_packet_size = max_packet,
+        maximum_qos = max_qos.map(Qos::level),
         "MQTT 5 connection accepted"
     );
 
@@ -96,6 +113,7 @@ pub(super) async fn open(
     Ok(Opened {
         client: Client::V5(client),
         max_packet,
+        max_qos,
         run: run.boxed(),
     })
 }
@@ -131,8 +149,9 @@ pub(super) fn packet_size(message: &Message) -> usize {
     publish.size()
 }
 
-pub(super) async fn publish(client: &AsyncClient, message: &Message) -> Acked {
-    let mut options = PublishOptions::new(message.qos.into()).retain(message.retain);
+/// Publishes `message` at `qos` (the job's, or lower: the broker's Maximum QoS).
+pub(super) async fn publish(client: &AsyncClient, message: &Message, qos: Qos) -> Acked {
+    let mut options = PublishOptions::new(qos.into()).retain(message.retain);
     if let Some(properties) = properties(message) {
         options = options.properties(properties);
     }
@@ -160,10 +179,12 @@ fn accepted(qos: Qos, code: u8) -> Acked {
         reason::AckVerdict::Accepted => Acked::Ack(Ack {
             qos,
             no_subscribers: false,
+            lowered_to_max_qos: None,
         }),
         reason::AckVerdict::NoSubscribers => Acked::Ack(Ack {
             qos,
             no_subscribers: true,
+            lowered_to_max_qos: None,
         }),
         reason::AckVerdict::RefusedForNow | reason::AckVerdict::Refused => Acked::Refused(code),
     }
