@@ -10,6 +10,7 @@ use rumqttc5::QoS;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The kinds of job in a stream, each with the answer it must get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -244,4 +245,89 @@ async fn a_qos_2_job_to_a_broker_whose_maximum_qos_is_1_is_published_at_qos_1_an
         }
     }
     assert!(!broker.log().contains("Too high QoS"), "{}", broker.log());
+}
+
+/// A scripted broker that accepts CONNECT and then sends a PUBLISH of `payload_len` bytes
+/// unasked. A real broker cannot be made to: it sends PUBLISH only on a subscription, and the
+/// worker never subscribes. Returns its port; connections it served count in `served`.
+async fn oversending_broker(
+    mqtt5: bool,
+    payload_len: usize,
+    served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> u16 {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = socket.read(&mut buf).await; // CONNECT
+                let connack: &[u8] = if mqtt5 {
+                    &[0x20, 0x03, 0x00, 0x00, 0x00]
+                } else {
+                    &[0x20, 0x02, 0x00, 0x00]
+                };
+                // PUBLISH QoS 0 on "big": topic, (MQTT 5: empty properties), payload.
+                let remaining = 2 + 3 + usize::from(mqtt5) + payload_len;
+                let mut packet = vec![0x30];
+                let mut x = remaining;
+                loop {
+                    let byte = u8::try_from(x % 128).expect("7 bits");
+                    x /= 128;
+                    packet.push(if x > 0 { byte | 0x80 } else { byte });
+                    if x == 0 {
+                        break;
+                    }
+                }
+                packet.extend_from_slice(&[0x00, 0x03, b'b', b'i', b'g']);
+                if mqtt5 {
+                    packet.push(0x00);
+                }
+                packet.resize(packet.len() + payload_len, b'x');
+                let _ = socket.write_all(connack).await;
+                let _ = socket.write_all(&packet).await;
+                // Never acknowledges: the job ends by the client's limit or by its timeout.
+                while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_sending_a_packet_over_the_incoming_limit_ends_the_connection_not_our_memory() {
+    let mut bed = TestBed::new().await;
+    // 3.1.1: the worker's setting (1 MiB by default); MQTT 5: rumqttc-v5's own 10 KiB.
+    for (mqtt5, len) in [(false, 2 * 1024 * 1024), (true, 20 * 1024)] {
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let port = oversending_broker(mqtt5, len, served.clone()).await;
+        let version = if mqtt5 { "5" } else { "3.1.1" };
+        let reply = bed
+            .run(
+                with(
+                    job(&format!("tcp://127.0.0.1:{port}"), "t", "x"),
+                    json!({"mqtt-version": version, "timeout": 3000}),
+                ),
+                Duration::from_secs(20),
+            )
+            .await;
+        println!(
+            "FIGURES: MQTT {version}, {len}-byte incoming PUBLISH: exit {} after {} connections: {}",
+            reply.exit_code(),
+            served.load(std::sync::atomic::Ordering::SeqCst),
+            reply.message()
+        );
+        // Without a limit the client would read the packet and wait for an ack: 6.
+        assert_eq!(reply.exit_code(), 7, "{}", reply.body);
+        assert!(
+            reply.message().contains("size limit exceeded")
+                || reply.message().contains("has been exceeded"),
+            "{}",
+            reply.body
+        );
+    }
+    bed.finish().await;
 }
