@@ -331,3 +331,96 @@ async fn a_broker_sending_a_packet_over_the_incoming_limit_ends_the_connection_n
     }
     bed.finish().await;
 }
+
+/// A job on `client_id` over `version` through `port`, with a generous timeout.
+fn job_on(port: u16, client_id: &str, version: &str, i: usize, timeout_ms: u64) -> serde_json::Value {
+    with(
+        job(&format!("tcp://127.0.0.1:{port}"), &format!("health/{i}"), "x"),
+        json!({"client-id": client_id, "mqtt-version": version, "timeout": timeout_ms}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_queued_behind_receive_maximum_through_a_10_s_silence_keep_their_connection() {
+    // Receive Maximum 1: with 20 jobs at once, 19 wait in the client for the one in flight.
+    let broker = Mosquitto::plain_with("max_inflight_messages 1\n");
+    let proxy = TcpProxy::start(broker.port()).await;
+    let mut bed = TestBed::new().await;
+    let client_id = unique_name("patient");
+    let first = bed
+        .run(job_on(proxy.port(), &client_id, "5", 0, 40_000), Duration::from_secs(20))
+        .await;
+    assert_eq!(first.exit_code(), 0, "{}", first.body);
+    proxy.stall();
+    let started = Instant::now();
+    for i in 1..=20 {
+        let body = job_on(proxy.port(), &client_id, "5", i, 40_000);
+        bed.amqp
+            .send_job(&bed.queue, body.to_string().as_bytes(), Some(&bed.reply_queue), None)
+            .await;
+    }
+    // Longer than the old fixed 8 s stall timer, shorter than the 30 s keep-alive.
+    bed.replies.expect_no_reply(Duration::from_secs(10)).await;
+    proxy.resume();
+    let replies = bed.replies.expect_replies(20, Duration::from_secs(40)).await;
+    let waited = started.elapsed();
+    for reply in &replies {
+        assert_eq!(reply.exit_code(), 0, "{}", reply.body);
+        assert_eq!(reply.body["attempts"], 1, "{}", reply.body);
+    }
+    println!(
+        "FIGURES: 20 publishes queued behind Receive Maximum 1 through a 10 s silence: all 0 at \
+         attempt 1 after {} ms, {} connection(s)",
+        waited.as_millis(),
+        proxy.stats().total
+    );
+    assert_eq!(proxy.stats().total, 1, "{:?}", proxy.stats());
+    bed.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_is_given_up_within_the_keep_alive_and_the_job_retried() {
+    // Frozen (SIGSTOP), the broker can close nothing: only the worker's own judgement ends the
+    // connection. The proxy (never stalled) counts the connections.
+    let mut broker = Mosquitto::plain();
+    let proxy = TcpProxy::start(broker.port()).await;
+    let keep_alive = Duration::from_secs(2);
+    let mut bed = TestBed::start_with(common::worker::connectors_dir(), |options| {
+        options.mqtt.keep_alive = keep_alive;
+    })
+    .await;
+    for version in ["3.1.1", "5"] {
+        let client_id = unique_name("silenced");
+        let first = bed
+            .run(job_on(proxy.port(), &client_id, version, 0, 20_000), Duration::from_secs(20))
+            .await;
+        assert_eq!(first.exit_code(), 0, "{}", first.body);
+        let before = proxy.stats().total;
+        broker.freeze();
+        let stalled = Instant::now();
+        let body = job_on(proxy.port(), &client_id, version, 1, 20_000);
+        bed.amqp
+            .send_job(&bed.queue, body.to_string().as_bytes(), Some(&bed.reply_queue), None)
+            .await;
+        // A new connection means the silent one was given up.
+        proxy
+            .wait_for(|s| s.total > before, Duration::from_secs(15))
+            .await;
+        let detected = stalled.elapsed();
+        broker.thaw();
+        let reply = bed.replies.expect_reply(Duration::from_secs(25)).await;
+        println!(
+            "FIGURES: MQTT {version}, keep-alive {} s: new connection {} ms after the broker froze (given up, then the pool's reconnect pause); job \
+             exit {} after {} attempts",
+            keep_alive.as_secs(),
+            detected.as_millis(),
+            reply.exit_code(),
+            reply.body["attempts"]
+        );
+        assert_eq!(reply.exit_code(), 0, "{}", reply.body);
+        assert!(reply.body["attempts"].as_i64() >= Some(2), "{}", reply.body);
+        // The keep-alive, the watchdog's 1 s tick, and slack for a loaded machine.
+        assert!(detected < keep_alive + Duration::from_secs(4), "{detected:?}");
+    }
+    bed.finish().await;
+}

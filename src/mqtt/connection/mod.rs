@@ -5,11 +5,12 @@
 //! A connection is never silently re-established: once it ends, it is closed for good and the
 //! pool opens a new one, so no publish is replayed behind a job's back.
 
+mod health;
 mod v4;
 mod v5;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -22,6 +23,19 @@ use crate::metrics::Metrics;
 /// Requests the event loop takes from its channel per iteration (rumqttc's default is one).
 const REQUEST_BATCH: usize = 64;
 
+/// How often a connection's watchdog asks [`health::Health`] for its verdict.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// A connection's health bookkeeping, shared by its event loop (which records) and its watchdog.
+type SharedHealth = Arc<Mutex<health::Health>>;
+
+/// Records what the event loop reported.
+fn record(health: &SharedHealth, seen: health::Seen) {
+    if let Ok(mut health) = health.lock() {
+        health.seen(seen, Instant::now());
+    }
+}
+
 /// The default for [`ConnectionSettings::max_incoming_packet_bytes`]: acknowledgements are a few
 /// bytes; answers to requests (a later feature) need up to `--max-response-bytes` plus headers.
 pub const DEFAULT_MAX_INCOMING_PACKET_BYTES: usize = 1024 * 1024;
@@ -29,6 +43,8 @@ pub const DEFAULT_MAX_INCOMING_PACKET_BYTES: usize = 1024 * 1024;
 /// How connections are opened; the same for every target.
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
+    /// MQTT keep-alive; also how long a broker may send nothing while it owes an answer to a
+    /// packet written (then the connection is given up: see [`health`]).
     pub keep_alive: Duration,
     /// Publishes in flight on one connection before new ones wait (AWS IoT allows 100). With
     /// MQTT 5 the broker's Receive Maximum lowers it.
@@ -105,8 +121,9 @@ pub struct Connection {
     max_qos: Option<Qos>,
     /// Set once, when the event loop has ended: why.
     ended: Arc<OnceLock<End>>,
-    /// Publishes currently using this connection (the pool never closes a busy one).
-    pub(crate) in_use: AtomicUsize,
+    /// Publishes currently using this connection (the pool never closes a busy one; the
+    /// watchdog looks for progress only while there are some).
+    pub(crate) in_use: Arc<AtomicUsize>,
     /// When the last publish finished, in milliseconds since `opened`.
     last_used_ms: AtomicU64,
     /// Whether the broker acknowledged any publish on this connection: one lost after that was
@@ -137,20 +154,37 @@ impl Connection {
     ) -> Result<Connection, MqttError> {
         let broker = target.broker.to_string();
         let ended = Arc::new(OnceLock::new());
+        let keep_alive = settings.keep_alive.max(Duration::from_secs(1));
+        let health = Arc::new(Mutex::new(health::Health::new(Instant::now(), keep_alive)));
         let opened = match target.version {
             MqttVersion::V3_1_1 => {
-                v4::open(target, settings, &broker, tls, Arc::clone(&ended)).await?
+                let (ended, health) = (Arc::clone(&ended), Arc::clone(&health));
+                v4::open(target, settings, &broker, tls, ended, health).await?
             }
-            MqttVersion::V5 => v5::open(target, settings, &broker, tls, Arc::clone(&ended)).await?,
+            MqttVersion::V5 => {
+                let (ended, health) = (Arc::clone(&ended), Arc::clone(&health));
+                v5::open(target, settings, &broker, tls, ended, health).await?
+            }
         };
+        let in_use = Arc::new(AtomicUsize::new(0));
 
         let gauge = metrics.mqtt_connections(&broker);
         gauge.inc();
         let run = opened.run;
+        let watch = watchdog(
+            broker.clone(),
+            health,
+            Arc::clone(&in_use),
+            Arc::clone(&ended),
+        );
         tokio::spawn(async move {
-            // The event loop is dropped when `run` ends: every publish still waiting has failed
-            // and the socket is closed; only then is its place in the pool free.
-            run.await;
+            // The event loop is dropped when `run` ends, or when the watchdog gives the
+            // connection up (having recorded why): every publish still waiting has failed and
+            // the socket is closed; only then is its place in the pool free.
+            tokio::select! {
+                () = run => {}
+                () = watch => {}
+            }
             gauge.dec();
             drop(place);
         });
@@ -161,7 +195,7 @@ impl Connection {
             max_packet: opened.max_packet,
             max_qos: opened.max_qos,
             ended,
-            in_use: AtomicUsize::new(0),
+            in_use,
             last_used_ms: AtomicU64::new(0),
             acked: AtomicBool::new(false),
             opened: Instant::now(),
@@ -273,6 +307,31 @@ impl Connection {
         MqttError::PublishLost {
             broker: self.broker.clone(),
             reason,
+        }
+    }
+}
+
+/// Resolves when the connection's health says to give it up, having recorded why in `ended`.
+async fn watchdog(
+    broker: String,
+    health: SharedHealth,
+    in_use: Arc<AtomicUsize>,
+    ended: Arc<OnceLock<End>>,
+) {
+    let mut tick = tokio::time::interval(HEALTH_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let busy = in_use.load(Ordering::Acquire) > 0;
+        let verdict = health
+            .lock()
+            .ok()
+            .and_then(|health| health.verdict(Instant::now(), busy));
+        if let Some(reason) = verdict {
+            tracing::warn!(broker, %reason, "MQTT connection stuck");
+            if ended.set(End::Lost(reason)).is_ok() {
+                return;
+            }
         }
     }
 }

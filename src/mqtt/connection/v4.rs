@@ -5,13 +5,14 @@ use std::sync::{Arc, OnceLock};
 
 use futures_util::FutureExt;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Packet, PublishOptions,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Outgoing, Packet, PublishOptions,
 };
 
 use super::{
-    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, closed_during_handshake,
-    rustls_error, transport_options, websocket_advice,
+    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth, closed_during_handshake,
+    record, rustls_error, transport_options, websocket_advice,
 };
+use super::health::Seen;
 use crate::job::{Message, Target, Transport};
 use crate::mqtt::MqttError;
 
@@ -21,6 +22,7 @@ pub(super) async fn open(
     broker: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
     ended: Arc<OnceLock<End>>,
+    health: SharedHealth,
 ) -> Result<Opened, MqttError> {
     let mut options: rumqttc::MqttOptions =
         transport_options!(rumqttc, target, settings, broker, tls)?;
@@ -70,7 +72,7 @@ pub(super) async fn open(
         // The only place this event loop is polled: poll() is never raced against anything.
         let end = loop {
             match eventloop.poll().await {
-                Ok(_) => {}
+                Ok(event) => record(&health, seen(&event)),
                 Err(ConnectionError::RequestsDone) => break End::Closed,
                 Err(err) if ended.get().is_some() => {
                     tracing::debug!(error = %err, "MQTT connection closed");
@@ -107,6 +109,20 @@ pub(super) async fn publish(client: &AsyncClient, message: &Message) -> Acked {
             lowered_to_max_qos: None,
         }),
         Err(_) => Acked::Lost,
+    }
+}
+
+/// What an event means for the connection's health.
+fn seen(event: &Event) -> Seen {
+    match event {
+        Event::Incoming(
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingResp,
+        ) => Seen::Answer,
+        Event::Incoming(_) => Seen::Incoming,
+        // Packet identifier 0: QoS 0, which nobody answers.
+        Event::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => Seen::Owed,
+        Event::Outgoing(Outgoing::PubRel(_) | Outgoing::PingReq) => Seen::Owed,
+        Event::Outgoing(_) => Seen::Outgoing,
     }
 }
 

@@ -6,14 +6,15 @@ use std::sync::{Arc, OnceLock};
 
 use futures_util::FutureExt;
 use rumqttc5::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, IncomingPacketSizeLimit, NetworkOptions, Packet,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, IncomingPacketSizeLimit, NetworkOptions, Outgoing, Packet,
     PublishNoticeError, PublishOptions, PublishProperties, PublishResult, StateError,
 };
 
 use super::{
-    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, closed_during_handshake,
-    rustls_error, transport_options, websocket_advice,
+    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth, closed_during_handshake,
+    record, rustls_error, transport_options, websocket_advice,
 };
+use super::health::Seen;
 use crate::job::{Message, Qos, Target, Transport};
 use crate::mqtt::{MqttError, reason};
 
@@ -26,6 +27,7 @@ pub(super) async fn open(
     broker: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
     ended: Arc<OnceLock<End>>,
+    health: SharedHealth,
 ) -> Result<Opened, MqttError> {
     let mut options: rumqttc5::MqttOptions =
         transport_options!(rumqttc5, target, settings, broker, tls)?;
@@ -96,7 +98,7 @@ pub(super) async fn open(
         // The only place this event loop is polled: poll() is never raced against anything.
         let end = loop {
             match eventloop.poll().await {
-                Ok(_) => {}
+                Ok(event) => record(&health, seen(&event)),
                 Err(ConnectionError::RequestsDone) => break End::Closed,
                 Err(err) if ended.get().is_some() => {
                     tracing::debug!(error = %err, "MQTT connection closed");
@@ -236,6 +238,22 @@ fn speaks_no_mqtt5(err: &ConnectionError) -> bool {
         ) => true,
         ConnectionError::Io(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
         _ => false,
+    }
+}
+
+/// What an event means for the connection's health.
+fn seen(event: &Event) -> Seen {
+    match event {
+        Event::Incoming(
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingResp,
+        ) => Seen::Answer,
+        Event::Incoming(_) => Seen::Incoming,
+        // Packet identifier 0: QoS 0, which nobody answers.
+        Event::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => Seen::Owed,
+        Event::Outgoing(Outgoing::PubRel(_) | Outgoing::PingReq) => Seen::Owed,
+        Event::Outgoing(_) => Seen::Outgoing,
+        // Enhanced authentication, which we never start; it is the broker speaking.
+        _ => Seen::Incoming,
     }
 }
 
