@@ -194,7 +194,10 @@ fn check(figures: &Figures, broker: &Mosquitto) {
          deferred {}; connections for the client-id {}; slowest answer per bad (or lowered) class: {slowest_bad:?}",
         figures.deferred, figures.connections
     );
-    assert_eq!(figures.deferred, 0.0, "a worker without siblings handed back");
+    assert_eq!(
+        figures.deferred, 0.0,
+        "a worker without siblings handed back"
+    );
     assert_eq!(figures.connections, 1, "{}", broker.log());
 }
 
@@ -239,9 +242,7 @@ async fn a_qos_2_job_to_a_broker_whose_maximum_qos_is_1_is_published_at_qos_1_an
         if *kind == Kind::Qos2 {
             assert_eq!(reply.body["attempts"], 1, "{}", reply.body);
             assert!(
-                reply
-                    .message()
-                    .contains("published at QoS 1 instead of 2"),
+                reply.message().contains("published at QoS 1 instead of 2"),
                 "{}",
                 reply.body
             );
@@ -336,9 +337,19 @@ async fn a_broker_sending_a_packet_over_the_incoming_limit_ends_the_connection_n
 }
 
 /// A job on `client_id` over `version` through `port`, with a generous timeout.
-fn job_on(port: u16, client_id: &str, version: &str, i: usize, timeout_ms: u64) -> serde_json::Value {
+fn job_on(
+    port: u16,
+    client_id: &str,
+    version: &str,
+    i: usize,
+    timeout_ms: u64,
+) -> serde_json::Value {
     with(
-        job(&format!("tcp://127.0.0.1:{port}"), &format!("health/{i}"), "x"),
+        job(
+            &format!("tcp://127.0.0.1:{port}"),
+            &format!("health/{i}"),
+            "x",
+        ),
         json!({"client-id": client_id, "mqtt-version": version, "timeout": timeout_ms}),
     )
 }
@@ -351,7 +362,10 @@ async fn publishes_queued_behind_receive_maximum_through_a_10_s_silence_keep_the
     let mut bed = TestBed::new().await;
     let client_id = unique_name("patient");
     let first = bed
-        .run(job_on(proxy.port(), &client_id, "5", 0, 40_000), Duration::from_secs(20))
+        .run(
+            job_on(proxy.port(), &client_id, "5", 0, 40_000),
+            Duration::from_secs(20),
+        )
         .await;
     assert_eq!(first.exit_code(), 0, "{}", first.body);
     proxy.stall();
@@ -359,13 +373,21 @@ async fn publishes_queued_behind_receive_maximum_through_a_10_s_silence_keep_the
     for i in 1..=20 {
         let body = job_on(proxy.port(), &client_id, "5", i, 40_000);
         bed.amqp
-            .send_job(&bed.queue, body.to_string().as_bytes(), Some(&bed.reply_queue), None)
+            .send_job(
+                &bed.queue,
+                body.to_string().as_bytes(),
+                Some(&bed.reply_queue),
+                None,
+            )
             .await;
     }
     // Longer than the old fixed 8 s stall timer, shorter than the 30 s keep-alive.
     bed.replies.expect_no_reply(Duration::from_secs(10)).await;
     proxy.resume();
-    let replies = bed.replies.expect_replies(20, Duration::from_secs(40)).await;
+    let replies = bed
+        .replies
+        .expect_replies(20, Duration::from_secs(40))
+        .await;
     let waited = started.elapsed();
     for reply in &replies {
         assert_eq!(reply.exit_code(), 0, "{}", reply.body);
@@ -395,7 +417,10 @@ async fn a_broker_that_stops_answering_is_given_up_within_the_keep_alive_and_the
     for version in ["3.1.1", "5"] {
         let client_id = unique_name("silenced");
         let first = bed
-            .run(job_on(proxy.port(), &client_id, version, 0, 20_000), Duration::from_secs(20))
+            .run(
+                job_on(proxy.port(), &client_id, version, 0, 20_000),
+                Duration::from_secs(20),
+            )
             .await;
         assert_eq!(first.exit_code(), 0, "{}", first.body);
         let before = proxy.stats().total;
@@ -403,7 +428,12 @@ async fn a_broker_that_stops_answering_is_given_up_within_the_keep_alive_and_the
         let stalled = Instant::now();
         let body = job_on(proxy.port(), &client_id, version, 1, 20_000);
         bed.amqp
-            .send_job(&bed.queue, body.to_string().as_bytes(), Some(&bed.reply_queue), None)
+            .send_job(
+                &bed.queue,
+                body.to_string().as_bytes(),
+                Some(&bed.reply_queue),
+                None,
+            )
             .await;
         // A new connection means the silent one was given up.
         proxy
@@ -423,11 +453,13 @@ async fn a_broker_that_stops_answering_is_given_up_within_the_keep_alive_and_the
         assert_eq!(reply.exit_code(), 0, "{}", reply.body);
         assert!(reply.body["attempts"].as_i64() >= Some(2), "{}", reply.body);
         // The keep-alive, the watchdog's 1 s tick, and slack for a loaded machine.
-        assert!(detected < keep_alive + Duration::from_secs(4), "{detected:?}");
+        assert!(
+            detected < keep_alive + Duration::from_secs(4),
+            "{detected:?}"
+        );
     }
     bed.finish().await;
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_5_broker_closing_before_connack_is_retried_and_the_job_succeeds_once_it_accepts() {
@@ -447,7 +479,12 @@ async fn an_mqtt_5_broker_closing_before_connack_is_retried_and_the_job_succeeds
         json!({"mqtt-version": "5", "timeout": 20_000}),
     );
     bed.amqp
-        .send_job(&bed.queue, body.to_string().as_bytes(), Some(&bed.reply_queue), None)
+        .send_job(
+            &bed.queue,
+            body.to_string().as_bytes(),
+            Some(&bed.reply_queue),
+            None,
+        )
         .await;
     // Closed before CONNACK for 3 s: retried, not answered.
     bed.replies.expect_no_reply(Duration::from_secs(3)).await;

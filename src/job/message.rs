@@ -109,8 +109,14 @@ impl Properties {
         self.payload_format.map_or(0, |_| 2)
             + self.message_expiry.map_or(0, |_| 5)
             + self.content_type.as_deref().map_or(0, string)
-            + self.response_topic.as_ref().map_or(0, |t| string(t.as_str()))
-            + self.correlation_data.as_ref().map_or(0, |d| 1 + 2 + d.len())
+            + self
+                .response_topic
+                .as_ref()
+                .map_or(0, |t| string(t.as_str()))
+            + self
+                .correlation_data
+                .as_ref()
+                .map_or(0, |d| 1 + 2 + d.len())
             + self
                 .user_properties
                 .iter()
@@ -316,6 +322,9 @@ mod tests {
         };
         let err = properties.check().expect_err("NUL");
         let text = err.to_string();
-        assert!(text.contains("user-properties") && !text.contains('\0'), "{text}");
+        assert!(
+            text.contains("user-properties") && !text.contains('\0'),
+            "{text}"
+        );
     }
 }

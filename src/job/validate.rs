@@ -10,8 +10,7 @@ use bytes::Bytes;
 
 use super::broker::Broker;
 use super::message::{
-    Message, PayloadFormat, Properties, Qos, Topic, check_field_length,
-    check_mqtt_string,
+    Message, PayloadFormat, Properties, Qos, Topic, check_field_length, check_mqtt_string,
 };
 use super::params::{Alpn, Params, VersionValue};
 use super::{JobError, invalid, quote_limited};
@@ -602,7 +601,10 @@ mod tests {
         let long = "x".repeat(65_536);
         for key in ["content-type", "correlation-data", "response-topic"] {
             let message = message_of(job(v5(json!({ key: long }))));
-            assert!(message.contains(key) && message.contains("65,535"), "{message}");
+            assert!(
+                message.contains(key) && message.contains("65,535"),
+                "{message}"
+            );
             assert!(job(v5(json!({ key: &long[1..] }))).is_ok(), "{key}");
         }
         let message = message_of(job(v5(json!({"user-properties": {"k": long}}))));
@@ -617,7 +619,10 @@ mod tests {
             ("username", json!("u\0")),
         ] {
             let message = message_of(job(with(key, value)));
-            assert!(message.contains(key) && message.contains("NUL"), "{message}");
+            assert!(
+                message.contains(key) && message.contains("NUL"),
+                "{message}"
+            );
         }
     }
 

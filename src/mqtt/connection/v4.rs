@@ -5,14 +5,15 @@ use std::sync::{Arc, OnceLock};
 
 use futures_util::FutureExt;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Outgoing, Packet, PublishOptions,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Outgoing, Packet,
+    PublishOptions,
 };
 
-use super::{
-    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth, closed_during_handshake,
-    record, rustls_error, transport_options, websocket_advice,
-};
 use super::health::Seen;
+use super::{
+    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth,
+    closed_during_handshake, record, rustls_error, transport_options, websocket_advice,
+};
 use crate::job::{Message, Target, Transport};
 use crate::mqtt::MqttError;
 

@@ -7,15 +7,16 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use rumqttc5::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, IncomingPacketSizeLimit, NetworkOptions, Outgoing, Packet,
-    PublishNoticeError, PublishOptions, PublishProperties, PublishResult, StateError,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, IncomingPacketSizeLimit,
+    NetworkOptions, Outgoing, Packet, PublishNoticeError, PublishOptions, PublishProperties,
+    PublishResult, StateError,
 };
 
-use super::{
-    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth, closed_during_handshake,
-    record, rustls_error, transport_options, websocket_advice,
-};
 use super::health::Seen;
+use super::{
+    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth,
+    closed_during_handshake, record, rustls_error, transport_options, websocket_advice,
+};
 use crate::job::{Message, Qos, Target, Transport};
 use crate::mqtt::{MqttError, reason};
 
@@ -315,7 +316,9 @@ async fn probe(host: &str, port: u16) -> Vec<u8> {
 fn bare_connect(client_id: &str) -> Vec<u8> {
     let id = client_id.as_bytes();
     let id_len = u16::try_from(id.len()).unwrap_or(u16::MAX);
-    let mut variable = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x0A, 0x00];
+    let mut variable = vec![
+        0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x0A, 0x00,
+    ];
     variable.extend_from_slice(&id_len.to_be_bytes());
     variable.extend_from_slice(&id[..usize::from(id_len)]);
     // A throwaway client-id keeps the packet under 128 bytes: one length byte.
