@@ -425,8 +425,10 @@ async fn a_broker_that_stops_answering_is_given_up_within_the_keep_alive_and_the
         assert_eq!(first.exit_code(), 0, "{}", first.body);
         let before = proxy.stats().total;
         broker.freeze();
-        let stalled = Instant::now();
-        let body = job_on(proxy.port(), &client_id, version, 1, 20_000);
+        let frozen = Instant::now();
+        // The job's timeout runs out while the broker is frozen, so its reply names the failure
+        // that ended its first attempt.
+        let body = job_on(proxy.port(), &client_id, version, 1, 8_000);
         bed.amqp
             .send_job(
                 &bed.queue,
@@ -439,24 +441,31 @@ async fn a_broker_that_stops_answering_is_given_up_within_the_keep_alive_and_the
         proxy
             .wait_for(|s| s.total > before, Duration::from_secs(15))
             .await;
-        let detected = stalled.elapsed();
-        broker.thaw();
+        let detected = frozen.elapsed();
         let reply = bed.replies.expect_reply(Duration::from_secs(25)).await;
+        broker.thaw();
         println!(
-            "FIGURES: MQTT {version}, keep-alive {} s: new connection {} ms after the broker froze (given up, then the pool's reconnect pause); job \
-             exit {} after {} attempts",
+            "FIGURES: MQTT {version}, keep-alive {} s: new connection {} ms after the broker froze \
+             (given up, then the pool's reconnect pause); job: {}",
             keep_alive.as_secs(),
             detected.as_millis(),
-            reply.exit_code(),
-            reply.body["attempts"]
+            reply.body
         );
-        assert_eq!(reply.exit_code(), 0, "{}", reply.body);
-        assert!(reply.body["attempts"].as_i64() >= Some(2), "{}", reply.body);
-        // The keep-alive, the watchdog's 1 s tick, and slack for a loaded machine.
+        assert_eq!(reply.exit_code(), 7, "{}", reply.body);
+        assert!(reply.message().contains("owed an answer"), "{}", reply.body);
+        // The keep-alive, the watchdog's 1 s tick, the pool's pause (up to 1.5 s), and slack.
         assert!(
-            detected < keep_alive + Duration::from_secs(4),
+            detected < keep_alive + Duration::from_secs(5),
             "{detected:?}"
         );
+        // Thawed, the same client-id works again.
+        let after = bed
+            .run(
+                job_on(proxy.port(), &client_id, version, 2, 20_000),
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(after.exit_code(), 0, "{}", after.body);
     }
     bed.finish().await;
 }
@@ -569,4 +578,41 @@ async fn three_hundred_good_jobs_on_one_client_id_pass_every_bad_class_mixed_in(
         started.elapsed().as_millis()
     );
     check(&figures, &broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_3_1_1_packet_over_the_workers_own_limit_is_refused_before_the_shared_connection() {
+    // The longest topic with content at the worker's limit makes a packet 8 bytes over
+    // "--max-content-bytes plus 64 KiB", which the 3.1.1 client would refuse in its event loop.
+    let broker = Mosquitto::plain();
+    let mut bed = TestBed::start_with(common::worker::connectors_dir(), |options| {
+        options.limits.max_content_bytes = 1000;
+        options.mqtt.max_packet_bytes = 1000 + 64 * 1024;
+    })
+    .await;
+    let client_id = unique_name("edge");
+    let on = |topic: &str, content: &str| {
+        with(
+            job(&broker.url(), topic, content),
+            json!({"client-id": client_id, "timeout": 10_000}),
+        )
+    };
+    let first = bed.run(on("edge/0", "x"), Duration::from_secs(20)).await;
+    assert_eq!(first.exit_code(), 0, "{}", first.body);
+    let long_topic = "t".repeat(65_535);
+    let reply = bed
+        .run(on(&long_topic, &"c".repeat(1000)), Duration::from_secs(20))
+        .await;
+    assert_eq!(reply.exit_code(), 1, "{}", reply.body);
+    assert!(reply.message().contains("worker's limit"), "{}", reply.body);
+    let after = bed.run(on("edge/1", "x"), Duration::from_secs(20)).await;
+    assert_eq!(after.exit_code(), 0, "{}", after.body);
+    assert_eq!(after.body["attempts"], 1, "{}", after.body);
+    let connections = broker
+        .log()
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains(&client_id))
+        .count();
+    assert_eq!(connections, 1, "{}", broker.log());
+    bed.finish().await;
 }

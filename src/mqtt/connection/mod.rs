@@ -116,6 +116,9 @@ pub struct Connection {
     client: Client,
     broker: String,
     max_packet: Option<u32>,
+    /// Our own limit on what we send ([`ConnectionSettings::max_packet_bytes`]): the 3.1.1
+    /// client refuses a larger packet inside its event loop, ending the connection.
+    max_outgoing: usize,
     /// MQTT 5: the highest QoS the broker accepts (CONNACK); a publish above it would be a
     /// protocol error that ends the connection, so it is lowered to this.
     max_qos: Option<Qos>,
@@ -194,6 +197,7 @@ impl Connection {
             broker,
             max_packet: opened.max_packet,
             max_qos: opened.max_qos,
+            max_outgoing: settings.max_packet_bytes,
             ended,
             in_use,
             last_used_ms: AtomicU64::new(0),
@@ -208,6 +212,13 @@ impl Connection {
     /// broker's Maximum Packet Size is [`MqttError::TooLarge`] before anything is sent.
     pub async fn publish(&self, message: &Message) -> Result<Ack, MqttError> {
         let (qos, lowered_to_max_qos) = lower_to(message.qos, self.max_qos);
+        let size = message.packet_size(matches!(self.client, Client::V5(_)));
+        if size > self.max_outgoing {
+            return Err(MqttError::OverWorkerLimit {
+                size,
+                max: self.max_outgoing,
+            });
+        }
         let acked = match &self.client {
             Client::V4(client) => v4::publish(client, message).await,
             Client::V5(client) => {
