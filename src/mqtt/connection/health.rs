@@ -63,9 +63,10 @@ impl Health {
     }
 
     /// Why the connection is to be given up, if it is: the broker owes an answer and has sent
-    /// nothing for the keep-alive; or publishes wait (`busy`) and the event loop has reported
-    /// nothing for twice the keep-alive (a write the broker stopped reading).
-    pub(super) fn verdict(&self, now: Instant, busy: bool) -> Option<String> {
+    /// nothing for the keep-alive; or publishes have waited since `busy_since` and the event
+    /// loop has reported nothing for twice the keep-alive (a write the broker stopped reading).
+    /// A connection idle for long and then given a publish is judged from that moment.
+    pub(super) fn verdict(&self, now: Instant, busy_since: Option<Instant>) -> Option<String> {
         let silent = now.saturating_duration_since(self.last_answer);
         if self.owed > 0 && silent >= self.answer_within {
             return Some(format!(
@@ -76,8 +77,10 @@ impl Health {
                 self.answer_within.as_secs()
             ));
         }
-        let stalled = now.saturating_duration_since(self.last_event);
-        if busy && stalled >= self.answer_within * 2 {
+        // Nothing waits: silence is idleness.
+        let busy_since = busy_since?;
+        let stalled = now.saturating_duration_since(self.last_event.max(busy_since));
+        if stalled >= self.answer_within * 2 {
             return Some(format!(
                 "nothing could be written or read for {} s while publishes waited \
                  (twice the keep-alive of {} s); the connection was closed",
@@ -104,8 +107,10 @@ mod tests {
         let start = Instant::now();
         let mut health = Health::new(start, KEEP_ALIVE);
         health.seen(Seen::Owed, at(start, 100));
-        assert_eq!(health.verdict(at(start, 129), true), None);
-        let reason = health.verdict(at(start, 130), true).expect("given up");
+        assert_eq!(health.verdict(at(start, 129), Some(start)), None);
+        let reason = health
+            .verdict(at(start, 130), Some(start))
+            .expect("given up");
         assert!(reason.contains("30 s"), "{reason}");
     }
 
@@ -117,7 +122,7 @@ mod tests {
         let mut health = Health::new(start, KEEP_ALIVE);
         for second in (0..600).step_by(20) {
             health.seen(Seen::Owed, at(start, second));
-            assert_eq!(health.verdict(at(start, second + 19), true), None);
+            assert_eq!(health.verdict(at(start, second + 19), Some(start)), None);
             health.seen(Seen::Answer, at(start, second + 19));
         }
     }
@@ -129,15 +134,15 @@ mod tests {
         health.seen(Seen::Owed, at(start, 0));
         health.seen(Seen::Owed, at(start, 1));
         health.seen(Seen::Answer, at(start, 25));
-        assert_eq!(health.verdict(at(start, 50), true), None);
-        assert!(health.verdict(at(start, 55), true).is_some());
+        assert_eq!(health.verdict(at(start, 50), Some(start)), None);
+        assert!(health.verdict(at(start, 55), Some(start)).is_some());
     }
 
     #[test]
     fn an_idle_connection_that_owes_nothing_is_healthy() {
         let start = Instant::now();
         let health = Health::new(start, KEEP_ALIVE);
-        assert_eq!(health.verdict(at(start, 3_600), false), None);
+        assert_eq!(health.verdict(at(start, 3_600), None), None);
     }
 
     #[test]
@@ -145,9 +150,19 @@ mod tests {
         let start = Instant::now();
         let mut health = Health::new(start, KEEP_ALIVE);
         health.seen(Seen::Outgoing, at(start, 10));
-        assert_eq!(health.verdict(at(start, 69), true), None);
-        assert!(health.verdict(at(start, 70), true).is_some());
-        assert_eq!(health.verdict(at(start, 70), false), None);
+        assert_eq!(health.verdict(at(start, 69), Some(start)), None);
+        assert!(health.verdict(at(start, 70), Some(start)).is_some());
+        assert_eq!(health.verdict(at(start, 70), None), None);
+    }
+
+    #[test]
+    fn a_connection_idle_for_an_hour_is_judged_from_when_a_publish_arrived() {
+        let start = Instant::now();
+        let health = Health::new(start, KEEP_ALIVE);
+        let busy = at(start, 3_600);
+        assert_eq!(health.verdict(at(start, 3_601), Some(busy)), None);
+        assert_eq!(health.verdict(at(start, 3_659), Some(busy)), None);
+        assert!(health.verdict(at(start, 3_660), Some(busy)).is_some());
     }
 
     #[test]
@@ -156,6 +171,6 @@ mod tests {
         let mut health = Health::new(start, KEEP_ALIVE);
         health.seen(Seen::Answer, at(start, 1));
         health.seen(Seen::Owed, at(start, 2));
-        assert!(health.verdict(at(start, 32), true).is_some());
+        assert!(health.verdict(at(start, 32), Some(start)).is_some());
     }
 }

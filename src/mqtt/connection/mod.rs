@@ -331,13 +331,20 @@ async fn watchdog(
 ) {
     let mut tick = tokio::time::interval(HEALTH_CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When publishes were first seen waiting since the connection was last idle.
+    let mut busy_since: Option<Instant> = None;
     loop {
         tick.tick().await;
-        let busy = in_use.load(Ordering::Acquire) > 0;
+        let now = Instant::now();
+        busy_since = match (in_use.load(Ordering::Acquire) > 0, busy_since) {
+            (false, _) => None,
+            (true, None) => Some(now),
+            (true, since) => since,
+        };
         let verdict = health
             .lock()
             .ok()
-            .and_then(|health| health.verdict(Instant::now(), busy));
+            .and_then(|health| health.verdict(now, busy_since));
         if let Some(reason) = verdict {
             tracing::warn!(broker, %reason, "MQTT connection stuck");
             if ended.set(End::Lost(reason)).is_ok() {
