@@ -33,9 +33,6 @@ struct Labels {
 /// A validated job, or why not; with the label it counts under either way.
 type Prepared<'a> = Result<(Job, &'a ConnectorMetrics), (JobError, &'a ConnectorMetrics)>;
 
-/// An acknowledgement later than this means the connection is stuck: it is closed and the
-/// publish retried on a new one (within the job's timeout, which bounds everything).
-const ACK_STALL: Duration = Duration::from_secs(8);
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
@@ -333,22 +330,10 @@ impl Pipeline {
         let connection = self.pool.lease(&job.target).await?;
         *phase = Phase::AwaitingAck;
         let sent = Instant::now();
-        let ack = match tokio::time::timeout(ACK_STALL, connection.publish(&job.message)).await {
-            Ok(result) => result?,
-            Err(_) => {
-                // The broker answers nothing on this connection any more (seen, rarely, right
-                // after a client-id takeover): drop it and publish again on a new one.
-                connection.close();
-                return Err(MqttError::NoAnswer {
-                    broker: job.target.broker.to_string(),
-                    reason: format!(
-                        "no acknowledgement within {} s on this connection; it was closed and \
-                         the publish retried on a new one",
-                        ACK_STALL.as_secs()
-                    ),
-                });
-            }
-        };
+        // No stall timer of our own: the connection gives itself up when the broker owes an
+        // answer and stays silent for the keep-alive (see mqtt::connection::health), which a
+        // large payload or a small Receive Maximum does not trip.
+        let ack = connection.publish(&job.message).await?;
         self.publish_latency[usize::from(ack.qos.level())].observe(sent.elapsed().as_secs_f64());
         Ok(ack)
     }
@@ -371,7 +356,14 @@ fn published(job: &Job, ack: Ack, attempts: u32) -> Outcome {
         target.client_id,
         ack.qos.level()
     );
-    if ack.qos < asked {
+    if let Some(max) = ack.lowered_to_max_qos {
+        message.push_str(&format!(
+            "; the broker's Maximum QoS is {}: published at QoS {} instead of {}",
+            max.level(),
+            max.level(),
+            asked.level()
+        ));
+    } else if ack.qos < asked {
         message.push_str(&format!(
             "; the broker acknowledged at QoS {} instead of {} (it has no QoS {}): delivered at least once",
             ack.qos.level(),
@@ -379,7 +371,7 @@ fn published(job: &Job, ack: Ack, attempts: u32) -> Outcome {
             asked.level()
         ));
     }
-    if asked == Qos::AtMostOnce {
+    if ack.qos == Qos::AtMostOnce {
         message.push_str("; QoS 0 has no acknowledgement: written to the connection");
     }
     if ack.no_subscribers {

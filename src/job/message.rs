@@ -50,6 +50,127 @@ impl Properties {
     }
 }
 
+/// MQTT's largest Remaining Length: no packet may carry more after its fixed header.
+pub const MQTT_MAX_REMAINING_LENGTH: usize = 268_435_455;
+
+/// The longest UTF-8 string or binary field MQTT can encode (a two-byte length prefix).
+const MAX_FIELD_BYTES: usize = u16::MAX as usize;
+
+/// Checks a value sent as an MQTT UTF-8 string: no U+0000 (MQTT-1.5.4-2; the encoder refuses it
+/// inside the connection's event loop, ending the connection and every publish on it) and at
+/// most 65,535 bytes. A Rust string is valid UTF-8 already.
+pub fn check_mqtt_string(key: &str, value: &str) -> Result<(), JobError> {
+    if value.contains('\0') {
+        return Err(invalid(format!(
+            "key {key:?} holds a NUL character (U+0000), which MQTT strings may not contain"
+        )));
+    }
+    check_field_length(key, value.len())
+}
+
+/// Checks the length of a value sent as an MQTT string or binary field.
+pub fn check_field_length(key: &str, len: usize) -> Result<(), JobError> {
+    if len > MAX_FIELD_BYTES {
+        return Err(invalid(format!(
+            "key {key:?} is {len} bytes, longer than MQTT's 65,535 bytes"
+        )));
+    }
+    Ok(())
+}
+
+impl Properties {
+    /// Checks every property the way the MQTT 5 encoder and a broker would: strings without
+    /// U+0000 and at most 65,535 bytes, binary data at most 65,535 bytes. The response topic
+    /// is checked as a [`Topic`] when it is parsed.
+    pub fn check(&self) -> Result<(), JobError> {
+        if let Some(content_type) = &self.content_type {
+            check_mqtt_string("content-type", content_type)?;
+        }
+        for (name, value) in &self.user_properties {
+            check_mqtt_string("user-properties", name)
+                .and_then(|()| check_mqtt_string("user-properties", value))
+                .map_err(|err| match err {
+                    JobError::Invalid(message) => invalid(format!(
+                        "{message} (in the property named {:?})",
+                        quote_limited(&name.replace('\0', "\\0"))
+                    )),
+                    other => other,
+                })?;
+        }
+        if let Some(data) = &self.correlation_data {
+            check_field_length("correlation-data", data.len())?;
+        }
+        Ok(())
+    }
+
+    /// The bytes these properties take in a PUBLISH packet, without the length in front.
+    fn encoded_len(&self) -> usize {
+        let string = |s: &str| 1 + 2 + s.len();
+        self.payload_format.map_or(0, |_| 2)
+            + self.message_expiry.map_or(0, |_| 5)
+            + self.content_type.as_deref().map_or(0, string)
+            + self
+                .response_topic
+                .as_ref()
+                .map_or(0, |t| string(t.as_str()))
+            + self
+                .correlation_data
+                .as_ref()
+                .map_or(0, |d| 1 + 2 + d.len())
+            + self
+                .user_properties
+                .iter()
+                .map(|(name, value)| 1 + 2 + name.len() + 2 + value.len())
+                .sum::<usize>()
+    }
+}
+
+impl Message {
+    /// The PUBLISH packet's Remaining Length (what follows the fixed header): topic, packet
+    /// identifier from QoS 1 on, MQTT 5 properties with their length, payload.
+    pub fn remaining_length(&self, mqtt5: bool) -> usize {
+        let properties = if mqtt5 {
+            let len = self.properties.encoded_len();
+            variable_int_len(len) + len
+        } else {
+            0
+        };
+        let packet_id = if self.qos == Qos::AtMostOnce { 0 } else { 2 };
+        2 + self.topic.as_str().len() + packet_id + properties + self.payload.len()
+    }
+
+    /// Checks the PUBLISH packet against MQTT's own limit (the encoder refuses a larger one
+    /// inside the event loop).
+    pub fn check_packet_size(&self, mqtt5: bool) -> Result<(), JobError> {
+        let remaining = self.remaining_length(mqtt5);
+        if remaining > MQTT_MAX_REMAINING_LENGTH {
+            return Err(invalid(format!(
+                "the message makes an MQTT packet of {remaining} bytes after its header, over \
+                 MQTT's limit of {MQTT_MAX_REMAINING_LENGTH} bytes (key \"content\" is {} bytes)",
+                self.payload.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The whole PUBLISH packet's size, fixed header included (what a broker's Maximum Packet
+    /// Size counts).
+    pub fn packet_size(&self, mqtt5: bool) -> usize {
+        let remaining = self.remaining_length(mqtt5);
+        1 + variable_int_len(remaining) + remaining
+    }
+}
+
+/// Bytes of MQTT's variable byte integer for `value` (values past the largest count as 4).
+fn variable_int_len(value: usize) -> usize {
+    match value {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
 /// The payload format indicator: what the payload is, as the subscriber is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PayloadFormat {
@@ -143,18 +264,67 @@ impl Topic {
                 quote_limited(&topic)
             )));
         }
-        if topic.contains('\0') {
-            return Err(invalid(format!("key {key:?} holds a NUL character")));
-        }
-        if topic.len() > usize::from(u16::MAX) {
-            return Err(invalid(format!(
-                "key {key:?} is longer than MQTT's 65,535 bytes"
-            )));
-        }
+        check_mqtt_string(key, &topic)?;
         Ok(Topic(topic))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(payload_len: usize, qos: Qos, properties: Properties) -> Message {
+        Message {
+            topic: Topic::parse("a/b".into()).expect("topic"),
+            // Zeroed pages are not touched: a 256 MiB payload costs nothing here.
+            payload: Bytes::from(vec![0; payload_len]),
+            qos,
+            retain: false,
+            properties,
+        }
+    }
+
+    #[test]
+    fn a_packet_over_mqtts_268435455_bytes_is_refused_and_one_at_the_limit_is_not() {
+        // Topic (2 + 3) and packet identifier (2) leave this much for the payload.
+        let fits = MQTT_MAX_REMAINING_LENGTH - 5 - 2;
+        assert!(
+            message(fits, Qos::AtLeastOnce, Properties::default())
+                .check_packet_size(false)
+                .is_ok()
+        );
+        let err = message(fits + 1, Qos::AtLeastOnce, Properties::default())
+            .check_packet_size(false)
+            .expect_err("over the limit");
+        assert!(err.to_string().contains("268435455"), "{err}");
+        // QoS 0 has no packet identifier; MQTT 5 adds at least the properties' length byte.
+        assert!(
+            message(fits + 2, Qos::AtMostOnce, Properties::default())
+                .check_packet_size(false)
+                .is_ok()
+        );
+        assert!(
+            message(fits + 2, Qos::AtMostOnce, Properties::default())
+                .check_packet_size(true)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_user_property_name_with_nul_is_named_without_the_raw_nul() {
+        let properties = Properties {
+            user_properties: vec![("a\0b".into(), "v".into())],
+            ..Properties::default()
+        };
+        let err = properties.check().expect_err("NUL");
+        let text = err.to_string();
+        assert!(
+            text.contains("user-properties") && !text.contains('\0'),
+            "{text}"
+        );
     }
 }

@@ -9,7 +9,9 @@ use base64::Engine as _;
 use bytes::Bytes;
 
 use super::broker::Broker;
-use super::message::{Message, PayloadFormat, Properties, Qos, Topic};
+use super::message::{
+    Message, PayloadFormat, Properties, Qos, Topic, check_field_length, check_mqtt_string,
+};
 use super::params::{Alpn, Params, VersionValue};
 use super::{JobError, invalid, quote_limited};
 use crate::secret::Secret;
@@ -122,6 +124,15 @@ impl Job {
         if client_id.is_empty() || client_id.len() > usize::from(u16::MAX) {
             return Err(invalid("key \"client-id\" must be 1 to 65,535 bytes"));
         }
+        // CONNECT's strings: what the encoder refuses would fail every connect of this target.
+        check_mqtt_string("client-id", &client_id)?;
+        if let Some(username) = &params.username {
+            check_mqtt_string("username", username)?;
+        }
+        if let Some(password) = &params.password {
+            // Binary data in CONNECT: only its length is limited (never quote it).
+            check_field_length("password", password.expose().len())?;
+        }
         let topic = Topic::parse(params.topic.ok_or_else(|| missing("topic"))?)?;
         let content = params.content.ok_or_else(|| missing("content"))?;
         let payload = payload(content, params.content_encoding.as_deref(), limits)?;
@@ -141,6 +152,7 @@ impl Job {
                 .map(PayloadFormat::parse)
                 .transpose()?,
         };
+        properties.check()?;
         if version == MqttVersion::V3_1_1
             && let Some(key) = properties.first_key_set()
         {
@@ -185,6 +197,14 @@ impl Job {
             params.use_certificate,
             params.alpn,
         )?;
+        let message = Message {
+            topic,
+            payload,
+            qos,
+            retain: params.retain.unwrap_or(false),
+            properties,
+        };
+        message.check_packet_size(version == MqttVersion::V5)?;
         Ok(Job {
             target: Target {
                 broker,
@@ -194,13 +214,7 @@ impl Job {
                 tls,
                 version,
             },
-            message: Message {
-                topic,
-                payload,
-                qos,
-                retain: params.retain.unwrap_or(false),
-                properties,
-            },
+            message,
             timeout,
         })
     }
@@ -564,5 +578,62 @@ mod tests {
         )
         .expect("valid");
         assert!(!format!("{job:?}").contains("s3cr3t-pw"));
+    }
+
+    #[test]
+    fn a_nul_in_any_mqtt_5_string_property_is_refused_naming_its_key() {
+        for (key, value) in [
+            ("content-type", json!("text/\0plain")),
+            ("user-properties", json!({"na\0me": "v"})),
+            ("user-properties", json!({"name": "va\0lue"})),
+            ("response-topic", json!("r/\0")),
+        ] {
+            let message = message_of(job(v5(json!({ key: value }))));
+            assert!(
+                message.contains(key) && message.contains("NUL"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_property_over_65535_bytes_is_refused_and_one_at_65535_is_accepted() {
+        let long = "x".repeat(65_536);
+        for key in ["content-type", "correlation-data", "response-topic"] {
+            let message = message_of(job(v5(json!({ key: long }))));
+            assert!(
+                message.contains(key) && message.contains("65,535"),
+                "{message}"
+            );
+            assert!(job(v5(json!({ key: &long[1..] }))).is_ok(), "{key}");
+        }
+        let message = message_of(job(v5(json!({"user-properties": {"k": long}}))));
+        assert!(message.contains("user-properties"), "{message}");
+    }
+
+    #[test]
+    fn the_topic_client_id_and_username_refuse_nul_in_mqtt_3_1_1_too() {
+        for (key, value) in [
+            ("topic", json!("a/\0")),
+            ("client-id", json!("c\0")),
+            ("username", json!("u\0")),
+        ] {
+            let message = message_of(job(with(key, value)));
+            assert!(
+                message.contains(key) && message.contains("NUL"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_username_or_password_over_65535_bytes_is_refused_without_quoting_it() {
+        let mut body = with("username", json!("x".repeat(65_536)));
+        assert!(message_of(job(body.clone())).contains("username"));
+        body["username"] = json!("u");
+        body["password"] = json!(format!("secret{}", "y".repeat(65_536)));
+        let message = message_of(job(body));
+        assert!(message.contains("password"), "{message}");
+        assert!(!message.contains("secret"), "{message}");
     }
 }

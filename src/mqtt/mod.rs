@@ -42,6 +42,13 @@ pub enum MqttError {
         size: usize,
         max: u32,
     },
+    /// The message is larger than this worker sends (its content limit plus room for the topic
+    /// and headers); nothing was sent.
+    #[error(
+        "the message is a {size}-byte MQTT packet, over this worker's limit of {max} bytes \
+         (--max-content-bytes plus 64 KiB for topic and headers); nothing was sent"
+    )]
+    OverWorkerLimit { size: usize, max: usize },
     /// Asked for MQTT 5, the broker answered as a 3.1.1-only broker does.
     #[error(
         "{broker} does not speak MQTT 5 ({reason}); use \"mqtt-version\": \"3.1.1\" for this broker"
@@ -76,7 +83,9 @@ impl MqttError {
             MqttError::PublishLost { .. }
             | MqttError::HeldElsewhere { .. }
             | MqttError::Internal { .. } => ExitCode::PublishFailed,
-            MqttError::BadOptions { .. } | MqttError::TooLarge { .. } => ExitCode::InvalidJob,
+            MqttError::BadOptions { .. }
+            | MqttError::TooLarge { .. }
+            | MqttError::OverWorkerLimit { .. } => ExitCode::InvalidJob,
             MqttError::MessageRefused { .. } => ExitCode::MessageRefused,
             MqttError::NoMqtt5 { .. } => ExitCode::NotAuthorized,
         }

@@ -5,11 +5,12 @@
 //! A connection is never silently re-established: once it ends, it is closed for good and the
 //! pool opens a new one, so no publish is replayed behind a job's back.
 
+mod health;
 mod v4;
 mod v5;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -22,15 +23,39 @@ use crate::metrics::Metrics;
 /// Requests the event loop takes from its channel per iteration (rumqttc's default is one).
 const REQUEST_BATCH: usize = 64;
 
+/// How often a connection's watchdog asks [`health::Health`] for its verdict.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// A connection's health bookkeeping, shared by its event loop (which records) and its watchdog.
+type SharedHealth = Arc<Mutex<health::Health>>;
+
+/// Records what the event loop reported.
+fn record(health: &SharedHealth, seen: health::Seen) {
+    if let Ok(mut health) = health.lock() {
+        health.seen(seen, Instant::now());
+    }
+}
+
+/// The default for [`ConnectionSettings::max_incoming_packet_bytes`]: acknowledgements are a few
+/// bytes; answers to requests (a later feature) need up to `--max-response-bytes` plus headers.
+pub const DEFAULT_MAX_INCOMING_PACKET_BYTES: usize = 1024 * 1024;
+
 /// How connections are opened; the same for every target.
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
+    /// MQTT keep-alive; also how long a broker may send nothing while it owes an answer to a
+    /// packet written (then the connection is given up: see [`health`]).
     pub keep_alive: Duration,
     /// Publishes in flight on one connection before new ones wait (AWS IoT allows 100). With
     /// MQTT 5 the broker's Receive Maximum lowers it.
     pub inflight: u16,
-    /// Largest MQTT packet we send or accept.
+    /// Largest MQTT packet we send.
     pub max_packet_bytes: usize,
+    /// Largest MQTT packet we accept from a broker: any broker a job names could otherwise make
+    /// us buffer a huge packet. MQTT 5: rumqttc-v5 applies its own 10 KiB limit without
+    /// announcing it; a setting below that is announced in CONNECT (Maximum Packet Size), one
+    /// above it is not yet (see `v5::open`).
+    pub max_incoming_packet_bytes: usize,
     /// Appended to every client-id, so workers sharing a connector do not share a client-id
     /// (MQTT lets only one connection hold one). Empty: client-ids are used as written.
     pub client_id_suffix: String,
@@ -42,6 +67,7 @@ impl Default for ConnectionSettings {
             keep_alive: Duration::from_secs(30),
             inflight: 1000,
             max_packet_bytes: crate::job::DEFAULT_MAX_CONTENT_BYTES + 64 * 1024,
+            max_incoming_packet_bytes: DEFAULT_MAX_INCOMING_PACKET_BYTES,
             client_id_suffix: String::new(),
         }
     }
@@ -54,6 +80,9 @@ pub struct Ack {
     pub qos: Qos,
     /// MQTT 5: the broker said no client subscribes to the topic (PUBACK 0x10).
     pub no_subscribers: bool,
+    /// MQTT 5: the broker's Maximum QoS (CONNACK), when it was below the job's QoS and the
+    /// message was published at it instead.
+    pub lowered_to_max_qos: Option<Qos>,
 }
 
 /// How a publish ended, as a version's client reports it.
@@ -76,6 +105,8 @@ struct Opened {
     client: Client,
     /// MQTT 5: the broker's Maximum Packet Size from CONNACK (none: MQTT's own limit).
     max_packet: Option<u32>,
+    /// MQTT 5: the broker's Maximum QoS from CONNACK (none: QoS 2).
+    max_qos: Option<Qos>,
     /// Polls the event loop until the connection ends and records why; run in its own task.
     run: BoxFuture<'static, ()>,
 }
@@ -85,10 +116,17 @@ pub struct Connection {
     client: Client,
     broker: String,
     max_packet: Option<u32>,
+    /// Our own limit on what we send ([`ConnectionSettings::max_packet_bytes`]): the 3.1.1
+    /// client refuses a larger packet inside its event loop, ending the connection.
+    max_outgoing: usize,
+    /// MQTT 5: the highest QoS the broker accepts (CONNACK); a publish above it would be a
+    /// protocol error that ends the connection, so it is lowered to this.
+    max_qos: Option<Qos>,
     /// Set once, when the event loop has ended: why.
     ended: Arc<OnceLock<End>>,
-    /// Publishes currently using this connection (the pool never closes a busy one).
-    pub(crate) in_use: AtomicUsize,
+    /// Publishes currently using this connection (the pool never closes a busy one; the
+    /// watchdog looks for progress only while there are some).
+    pub(crate) in_use: Arc<AtomicUsize>,
     /// When the last publish finished, in milliseconds since `opened`.
     last_used_ms: AtomicU64,
     /// Whether the broker acknowledged any publish on this connection: one lost after that was
@@ -119,20 +157,37 @@ impl Connection {
     ) -> Result<Connection, MqttError> {
         let broker = target.broker.to_string();
         let ended = Arc::new(OnceLock::new());
+        let keep_alive = settings.keep_alive.max(Duration::from_secs(1));
+        let health = Arc::new(Mutex::new(health::Health::new(Instant::now(), keep_alive)));
         let opened = match target.version {
             MqttVersion::V3_1_1 => {
-                v4::open(target, settings, &broker, tls, Arc::clone(&ended)).await?
+                let (ended, health) = (Arc::clone(&ended), Arc::clone(&health));
+                v4::open(target, settings, &broker, tls, ended, health).await?
             }
-            MqttVersion::V5 => v5::open(target, settings, &broker, tls, Arc::clone(&ended)).await?,
+            MqttVersion::V5 => {
+                let (ended, health) = (Arc::clone(&ended), Arc::clone(&health));
+                v5::open(target, settings, &broker, tls, ended, health).await?
+            }
         };
+        let in_use = Arc::new(AtomicUsize::new(0));
 
         let gauge = metrics.mqtt_connections(&broker);
         gauge.inc();
         let run = opened.run;
+        let watch = watchdog(
+            broker.clone(),
+            health,
+            Arc::clone(&in_use),
+            Arc::clone(&ended),
+        );
         tokio::spawn(async move {
-            // The event loop is dropped when `run` ends: every publish still waiting has failed
-            // and the socket is closed; only then is its place in the pool free.
-            run.await;
+            // The event loop is dropped when `run` ends, or when the watchdog gives the
+            // connection up (having recorded why): every publish still waiting has failed and
+            // the socket is closed; only then is its place in the pool free.
+            tokio::select! {
+                () = run => {}
+                () = watch => {}
+            }
             gauge.dec();
             drop(place);
         });
@@ -141,8 +196,10 @@ impl Connection {
             client: opened.client,
             broker,
             max_packet: opened.max_packet,
+            max_qos: opened.max_qos,
+            max_outgoing: settings.max_packet_bytes,
             ended,
-            in_use: AtomicUsize::new(0),
+            in_use,
             last_used_ms: AtomicU64::new(0),
             acked: AtomicBool::new(false),
             opened: Instant::now(),
@@ -154,6 +211,14 @@ impl Connection {
     /// MQTT 5: a refusing reason code is [`MqttError::MessageRefused`], and a message over the
     /// broker's Maximum Packet Size is [`MqttError::TooLarge`] before anything is sent.
     pub async fn publish(&self, message: &Message) -> Result<Ack, MqttError> {
+        let (qos, lowered_to_max_qos) = lower_to(message.qos, self.max_qos);
+        let size = message.packet_size(matches!(self.client, Client::V5(_)));
+        if size > self.max_outgoing {
+            return Err(MqttError::OverWorkerLimit {
+                size,
+                max: self.max_outgoing,
+            });
+        }
         let acked = match &self.client {
             Client::V4(client) => v4::publish(client, message).await,
             Client::V5(client) => {
@@ -167,7 +232,7 @@ impl Connection {
                         });
                     }
                 }
-                v5::publish(client, message).await
+                v5::publish(client, message, qos).await
             }
         };
         // At least 1: 0 means "never used".
@@ -176,7 +241,10 @@ impl Connection {
         match acked {
             Acked::Ack(ack) => {
                 self.acked.store(true, Ordering::Relaxed);
-                Ok(ack)
+                Ok(Ack {
+                    lowered_to_max_qos,
+                    ..ack
+                })
             }
             // A refusal is an answer: the connection works.
             Acked::Refused(code) => Err(MqttError::MessageRefused {
@@ -251,6 +319,47 @@ impl Connection {
             broker: self.broker.clone(),
             reason,
         }
+    }
+}
+
+/// Resolves when the connection's health says to give it up, having recorded why in `ended`.
+async fn watchdog(
+    broker: String,
+    health: SharedHealth,
+    in_use: Arc<AtomicUsize>,
+    ended: Arc<OnceLock<End>>,
+) {
+    let mut tick = tokio::time::interval(HEALTH_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When publishes were first seen waiting since the connection was last idle.
+    let mut busy_since: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        busy_since = match (in_use.load(Ordering::Acquire) > 0, busy_since) {
+            (false, _) => None,
+            (true, None) => Some(now),
+            (true, since) => since,
+        };
+        let verdict = health
+            .lock()
+            .ok()
+            .and_then(|health| health.verdict(now, busy_since));
+        if let Some(reason) = verdict {
+            tracing::warn!(broker, %reason, "MQTT connection stuck");
+            if ended.set(End::Lost(reason)).is_ok() {
+                return;
+            }
+        }
+    }
+}
+
+/// The QoS to publish at: the job's, or the broker's Maximum QoS when that is lower (then also
+/// returned, for the job's reply).
+fn lower_to(asked: Qos, max_qos: Option<Qos>) -> (Qos, Option<Qos>) {
+    match max_qos {
+        Some(max) if max < asked => (max, Some(max)),
+        _ => (asked, None),
     }
 }
 
@@ -336,4 +445,34 @@ fn rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a ru
         current = e.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_qos_above_the_brokers_maximum_is_lowered_to_it_and_says_so() {
+        assert_eq!(
+            lower_to(Qos::ExactlyOnce, Some(Qos::AtLeastOnce)),
+            (Qos::AtLeastOnce, Some(Qos::AtLeastOnce))
+        );
+        assert_eq!(
+            lower_to(Qos::AtLeastOnce, Some(Qos::AtMostOnce)),
+            (Qos::AtMostOnce, Some(Qos::AtMostOnce))
+        );
+    }
+
+    #[test]
+    fn a_qos_within_the_brokers_maximum_is_kept() {
+        assert_eq!(lower_to(Qos::ExactlyOnce, None), (Qos::ExactlyOnce, None));
+        assert_eq!(
+            lower_to(Qos::AtLeastOnce, Some(Qos::AtLeastOnce)),
+            (Qos::AtLeastOnce, None)
+        );
+        assert_eq!(
+            lower_to(Qos::AtMostOnce, Some(Qos::AtMostOnce)),
+            (Qos::AtMostOnce, None)
+        );
+    }
 }

@@ -5,12 +5,14 @@ use std::sync::{Arc, OnceLock};
 
 use futures_util::FutureExt;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Packet, PublishOptions,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Outgoing, Packet,
+    PublishOptions,
 };
 
+use super::health::Seen;
 use super::{
-    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, closed_during_handshake,
-    rustls_error, transport_options, websocket_advice,
+    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth,
+    closed_during_handshake, record, rustls_error, transport_options, websocket_advice,
 };
 use crate::job::{Message, Target, Transport};
 use crate::mqtt::MqttError;
@@ -21,6 +23,7 @@ pub(super) async fn open(
     broker: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
     ended: Arc<OnceLock<End>>,
+    health: SharedHealth,
 ) -> Result<Opened, MqttError> {
     let mut options: rumqttc::MqttOptions =
         transport_options!(rumqttc, target, settings, broker, tls)?;
@@ -28,7 +31,12 @@ pub(super) async fn open(
         .set_keep_alive(u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX))
         .set_clean_session(true)
         .set_inflight(settings.inflight.max(1));
-    options.set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes);
+    // A broker sends us acknowledgements only: it has no reason to send anything large, so
+    // what we accept is bounded far below what we may send.
+    options.set_max_packet_size(
+        settings.max_incoming_packet_bytes.max(1),
+        settings.max_packet_bytes,
+    );
     options.set_request_channel_capacity(usize::from(settings.inflight.max(1)) * 2);
     // Publishes queued together leave in one write instead of one write(2) each.
     options.set_max_request_batch(REQUEST_BATCH);
@@ -65,7 +73,7 @@ pub(super) async fn open(
         // The only place this event loop is polled: poll() is never raced against anything.
         let end = loop {
             match eventloop.poll().await {
-                Ok(_) => {}
+                Ok(event) => record(&health, seen(&event)),
                 Err(ConnectionError::RequestsDone) => break End::Closed,
                 Err(err) if ended.get().is_some() => {
                     tracing::debug!(error = %err, "MQTT connection closed");
@@ -82,6 +90,7 @@ pub(super) async fn open(
     Ok(Opened {
         client: Client::V4(client),
         max_packet: None,
+        max_qos: None,
         run: run.boxed(),
     })
 }
@@ -98,8 +107,23 @@ pub(super) async fn publish(client: &AsyncClient, message: &Message) -> Acked {
         Ok(done) => Acked::Ack(Ack {
             qos: done.qos().into(),
             no_subscribers: false,
+            lowered_to_max_qos: None,
         }),
         Err(_) => Acked::Lost,
+    }
+}
+
+/// What an event means for the connection's health.
+fn seen(event: &Event) -> Seen {
+    match event {
+        Event::Incoming(
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingResp,
+        ) => Seen::Answer,
+        Event::Incoming(_) => Seen::Incoming,
+        // Packet identifier 0: QoS 0, which nobody answers.
+        Event::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => Seen::Owed,
+        Event::Outgoing(Outgoing::PubRel(_) | Outgoing::PingReq) => Seen::Owed,
+        Event::Outgoing(_) => Seen::Outgoing,
     }
 }
 

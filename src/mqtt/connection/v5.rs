@@ -3,19 +3,25 @@
 //! kept for the jobs it ends), and a tracked publish with its properties and reason code.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use rumqttc5::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Packet,
-    PublishNoticeError, PublishOptions, PublishProperties, PublishResult, StateError,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, IncomingPacketSizeLimit,
+    NetworkOptions, Outgoing, Packet, PublishNoticeError, PublishOptions, PublishProperties,
+    PublishResult, StateError,
 };
 
+use super::health::Seen;
 use super::{
-    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, closed_during_handshake,
-    rustls_error, transport_options, websocket_advice,
+    Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth,
+    closed_during_handshake, record, rustls_error, transport_options, websocket_advice,
 };
 use crate::job::{Message, Qos, Target, Transport};
 use crate::mqtt::{MqttError, reason};
+
+/// rumqttc-v5's incoming packet limit when none is set (it is not sent to the broker).
+const UNANNOUNCED_INCOMING_LIMIT: usize = 10 * 1024;
 
 pub(super) async fn open(
     target: &Target,
@@ -23,6 +29,7 @@ pub(super) async fn open(
     broker: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
     ended: Arc<OnceLock<End>>,
+    health: SharedHealth,
 ) -> Result<Opened, MqttError> {
     let mut options: rumqttc5::MqttOptions =
         transport_options!(rumqttc5, target, settings, broker, tls)?;
@@ -36,8 +43,15 @@ pub(super) async fn open(
         .set_max_request_batch(REQUEST_BATCH);
     // CONNECT carries no properties: a 3.1.1-only broker then parses it far enough to answer
     // "unacceptable protocol version" (amqtt waits for ever on a CONNECT with properties).
-    // We never subscribe, so nothing large comes in; what we send is bounded by the broker's
-    // Maximum Packet Size (CONNACK).
+    // What we send is bounded by the broker's Maximum Packet Size (CONNACK). What comes in is
+    // bounded by rumqttc-v5's own 10 KiB limit, which it does not announce; only a lower
+    // setting is announced (Maximum Packet Size), since announcing one makes CONNECT carry a
+    // property. A setting above 10 KiB needs announcing too once something large is to come in
+    // (answers to requests), and then a 3.1.1-only broker must be recognised another way.
+    if settings.max_incoming_packet_bytes < UNANNOUNCED_INCOMING_LIMIT {
+        let limit = u32::try_from(settings.max_incoming_packet_bytes.max(1)).unwrap_or(u32::MAX);
+        options.set_incoming_packet_size_limit(IncomingPacketSizeLimit::Bytes(limit));
+    }
     if let Some(username) = &target.username {
         let password = target
             .password
@@ -63,15 +77,25 @@ pub(super) async fn open(
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => break connack,
             Ok(_) => {}
+            Err(err) if closed_before_connack(&err) => {
+                return Err(closed_early(target, broker, &err).await);
+            }
             Err(err) => return Err(connect_error(broker, target.broker.transport, &err)),
         }
     };
     let properties = connack.properties.as_ref();
     let max_packet = properties.and_then(|p| p.max_packet_size);
+    // Only 0 and 1 may be sent (MQTT-3.2.2-9): absent, or anything else, means QoS 2.
+    let max_qos = match properties.and_then(|p| p.max_qos) {
+        Some(0) => Some(Qos::AtMostOnce),
+        Some(1) => Some(Qos::AtLeastOnce),
+        _ => None,
+    };
     tracing::debug!(
         broker,
         receive_maximum = properties.and_then(|p| p.receive_max),
         maximum_packet_size = max_packet,
+        maximum_qos = max_qos.map(Qos::level),
         "MQTT 5 connection accepted"
     );
 
@@ -79,7 +103,7 @@ pub(super) async fn open(
         // The only place this event loop is polled: poll() is never raced against anything.
         let end = loop {
             match eventloop.poll().await {
-                Ok(_) => {}
+                Ok(event) => record(&health, seen(&event)),
                 Err(ConnectionError::RequestsDone) => break End::Closed,
                 Err(err) if ended.get().is_some() => {
                     tracing::debug!(error = %err, "MQTT connection closed");
@@ -96,6 +120,7 @@ pub(super) async fn open(
     Ok(Opened {
         client: Client::V5(client),
         max_packet,
+        max_qos,
         run: run.boxed(),
     })
 }
@@ -131,8 +156,9 @@ pub(super) fn packet_size(message: &Message) -> usize {
     publish.size()
 }
 
-pub(super) async fn publish(client: &AsyncClient, message: &Message) -> Acked {
-    let mut options = PublishOptions::new(message.qos.into()).retain(message.retain);
+/// Publishes `message` at `qos` (the job's, or lower: the broker's Maximum QoS).
+pub(super) async fn publish(client: &AsyncClient, message: &Message, qos: Qos) -> Acked {
+    let mut options = PublishOptions::new(qos.into()).retain(message.retain);
     if let Some(properties) = properties(message) {
         options = options.properties(properties);
     }
@@ -160,10 +186,12 @@ fn accepted(qos: Qos, code: u8) -> Acked {
         reason::AckVerdict::Accepted => Acked::Ack(Ack {
             qos,
             no_subscribers: false,
+            lowered_to_max_qos: None,
         }),
         reason::AckVerdict::NoSubscribers => Acked::Ack(Ack {
             qos,
             no_subscribers: true,
+            lowered_to_max_qos: None,
         }),
         reason::AckVerdict::RefusedForNow | reason::AckVerdict::Refused => Acked::Refused(code),
     }
@@ -199,22 +227,129 @@ fn connack_code(code: ConnectReturnCode) -> u8 {
 }
 
 /// Whether the broker answered an MQTT 5 CONNECT the way a 3.1.1-only broker does: MQTT 5's
-/// CONNACK 0x84 unsupported protocol version, a 3.1.1 CONNACK refusing the protocol version
-/// (code 1, no MQTT 5 reason code), or closing the connection without a CONNACK. amqtt 0.12
-/// sends the 3.1.1 CONNACK and closes at once: two bytes too short for an MQTT 5 CONNACK, so
-/// the client sees the close.
+/// CONNACK 0x84 unsupported protocol version, or a 3.1.1 CONNACK refusing the protocol version
+/// (code 1, no MQTT 5 reason code). A close without a CONNACK is not an answer: see
+/// [`closed_early`].
 fn speaks_no_mqtt5(err: &ConnectionError) -> bool {
-    match err {
+    matches!(
+        err,
         ConnectionError::ConnectionRefused(
             ConnectReturnCode::UnsupportedProtocolVersion
-            | ConnectReturnCode::RefusedProtocolVersion,
-        )
-        | ConnectionError::MqttState(
-            StateError::ConnectionAborted
-            | StateError::Deserialization(rumqttc5::Error::InvalidConnectReturnCode(1)),
-        ) => true,
+                | ConnectReturnCode::RefusedProtocolVersion,
+        ) | ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc5::Error::InvalidConnectReturnCode(1)
+        ))
+    )
+}
+
+/// The connection closed before CONNACK with nothing the client could read as an answer.
+fn closed_before_connack(err: &ConnectionError) -> bool {
+    match err {
+        ConnectionError::MqttState(StateError::ConnectionAborted) => true,
         ConnectionError::Io(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
         _ => false,
+    }
+}
+
+/// How long the probe of [`closed_early`] waits for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A close before CONNACK: usually transient (a broker at its connection limit or restarting,
+/// a load balancer without a backend): 3, retried. But amqtt 0.12, which speaks only 3.1.1,
+/// answers an MQTT 5 CONNECT with a 3.1.1 CONNACK (code 1) and closes at once, and rumqttc-v5
+/// reports that as the same close. So over plain TCP the broker is asked once more, by hand,
+/// with a throwaway client-id (never the job's: that could take a sibling's session over), and
+/// only a 3.1.1 CONNACK refusing the protocol version or MQTT 5's 0x84 makes it "does not speak
+/// MQTT 5". Over TLS and websockets it is a connect failure (3).
+async fn closed_early(target: &Target, broker: &str, err: &ConnectionError) -> MqttError {
+    let broker = broker.to_owned();
+    if target.broker.transport == Transport::Tcp {
+        let answer = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            probe(&target.broker.host, target.broker.port),
+        )
+        .await
+        .unwrap_or_default();
+        if answers_as_3_1_1_only(&answer) {
+            return MqttError::NoMqtt5 {
+                broker,
+                reason: "it closed the connection on an MQTT 5 CONNECT, and answered another \
+                         with MQTT 3.1.1's CONNACK \"unacceptable protocol version\""
+                    .into(),
+            };
+        }
+    }
+    MqttError::Connect {
+        broker,
+        reason: format!(
+            "{} before CONNACK (a broker at its connection limit or restarting, or a load \
+             balancer without a backend?)",
+            describe(err)
+        ),
+    }
+}
+
+/// Sends a bare MQTT 5 CONNECT (no properties, a throwaway client-id) and returns the first
+/// bytes of the answer (empty when the connection closed or failed first); disconnects politely.
+async fn probe(host: &str, port: u16) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut socket) = tokio::net::TcpStream::connect((host, port)).await else {
+        return Vec::new();
+    };
+    let client_id = format!("mqtt-connector-probe-{}", uuid::Uuid::new_v4().simple());
+    if socket.write_all(&bare_connect(&client_id)).await.is_err() {
+        return Vec::new();
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 64];
+    while answer.len() < 4 {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = socket.write_all(&[0xE0, 0x00]).await;
+    answer
+}
+
+/// An MQTT 5 CONNECT: clean start, keep-alive 10 s, no properties, no credentials.
+fn bare_connect(client_id: &str) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    let id_len = u16::try_from(id.len()).unwrap_or(u16::MAX);
+    let mut variable = vec![
+        0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x0A, 0x00,
+    ];
+    variable.extend_from_slice(&id_len.to_be_bytes());
+    variable.extend_from_slice(&id[..usize::from(id_len)]);
+    // A throwaway client-id keeps the packet under 128 bytes: one length byte.
+    let mut packet = vec![0x10, u8::try_from(variable.len()).unwrap_or(0x7F)];
+    packet.extend_from_slice(&variable);
+    packet
+}
+
+/// Whether the first bytes of an answer to an MQTT 5 CONNECT say "not MQTT 5": a 3.1.1 CONNACK
+/// (remaining length 2) with code 1, or an MQTT 5 CONNACK with reason 0x84.
+fn answers_as_3_1_1_only(answer: &[u8]) -> bool {
+    match answer {
+        [0x20, 0x02, _, 0x01, ..] => true,
+        [0x20, len, _, 0x84, ..] => *len >= 3,
+        _ => false,
+    }
+}
+
+/// What an event means for the connection's health.
+fn seen(event: &Event) -> Seen {
+    match event {
+        Event::Incoming(
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingResp,
+        ) => Seen::Answer,
+        Event::Incoming(_) => Seen::Incoming,
+        // Packet identifier 0: QoS 0, which nobody answers.
+        Event::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => Seen::Owed,
+        Event::Outgoing(Outgoing::PubRel(_) | Outgoing::PingReq) => Seen::Owed,
+        Event::Outgoing(_) => Seen::Outgoing,
+        // Enhanced authentication, which we never start; it is the broker speaking.
+        _ => Seen::Incoming,
     }
 }
 
@@ -265,7 +400,7 @@ fn describe(err: &ConnectionError) -> String {
             rumqttc5::Error::InvalidConnectReturnCode(1),
         )) => "it answered CONNACK code 1, MQTT 3.1.1's \"unacceptable protocol version\"".into(),
         ConnectionError::MqttState(StateError::ConnectionAborted) => {
-            "it closed the connection on an MQTT 5 CONNECT without an MQTT 5 CONNACK".into()
+            "the broker closed the connection".into()
         }
         ConnectionError::Timeout(_) => "no CONNACK within the connection timeout".into(),
         ConnectionError::Websocket(_) | ConnectionError::ResponseValidation(_)
@@ -310,5 +445,45 @@ mod tests {
     #[test]
     fn a_message_without_properties_sends_none() {
         assert!(properties(&message(b"x", Properties::default())).is_none());
+    }
+
+    #[test]
+    fn the_jobs_own_packet_size_matches_the_encoders_with_every_property() {
+        let all = Properties {
+            message_expiry: Some(5),
+            content_type: Some("application/json".into()),
+            user_properties: vec![("k".into(), "v".into()), ("site".into(), "north".into())],
+            response_topic: Some(Topic::parse("r/1".into()).expect("topic")),
+            correlation_data: Some(bytes::Bytes::from_static(b"id-7")),
+            payload_format: Some(crate::job::PayloadFormat::Utf8),
+        };
+        for properties in [Properties::default(), all] {
+            let mut message = message(b"hello", properties);
+            for qos in [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce] {
+                message.qos = qos;
+                assert_eq!(message.packet_size(true), packet_size(&message), "{qos:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_a_3_1_1_refusal_or_0x84_says_the_broker_does_not_speak_mqtt_5() {
+        assert!(answers_as_3_1_1_only(&[0x20, 0x02, 0x00, 0x01]));
+        assert!(answers_as_3_1_1_only(&[0x20, 0x03, 0x00, 0x84, 0x00]));
+        // Closed with nothing, an MQTT 5 acceptance, a 3.1.1 acceptance, other refusals.
+        assert!(!answers_as_3_1_1_only(&[]));
+        assert!(!answers_as_3_1_1_only(&[0x20, 0x03, 0x00, 0x00, 0x00]));
+        assert!(!answers_as_3_1_1_only(&[0x20, 0x02, 0x00, 0x00]));
+        assert!(!answers_as_3_1_1_only(&[0x20, 0x03, 0x00, 0x89, 0x00]));
+        assert!(!answers_as_3_1_1_only(&[0x20, 0x02]));
+    }
+
+    #[test]
+    fn the_probes_connect_is_a_well_formed_mqtt_5_connect() {
+        let packet = bare_connect("mqtt-connector-probe-0123");
+        assert_eq!(packet[0], 0x10);
+        assert_eq!(usize::from(packet[1]), packet.len() - 2);
+        assert_eq!(&packet[2..9], &[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05]);
+        assert!(packet.ends_with(b"mqtt-connector-probe-0123"));
     }
 }
