@@ -11,7 +11,6 @@ use lapin::tcp::{AsyncTcpStream, RustlsConnector};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 
-use super::redact_url;
 use super::tls::{TlsError, TlsFiles};
 
 /// Bounds one connection attempt (TCP, TLS, AMQP handshake), so a node that never answers
