@@ -397,14 +397,21 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 async fn send(args: SendArgs) -> ExitCode {
-    let store = match ConnectorStore::load(&args.connectors.connectors) {
-        Ok(store) => store,
+    let job = match job_args::job_object(args.job.connector.as_deref(), &args.job.sets) {
+        Ok(job) => job,
         Err(err) => return fail(&err.to_string()),
     };
-    let body = match job_args::job_body(args.job.connector.as_deref(), &args.job.sets) {
-        Ok(body) => body,
-        Err(err) => return fail(&err.to_string()),
+    // The connectors folder only matters when the job names a connector (`--connector` or
+    // `--set connector=`): a job that says everything runs from any folder.
+    let store = if job.contains_key("connector") {
+        match ConnectorStore::load(&args.connectors.connectors) {
+            Ok(store) => store,
+            Err(err) => return fail(&err.to_string()),
+        }
+    } else {
+        ConnectorStore::default()
     };
+    let body = serde_json::Value::Object(job).to_string().into_bytes();
     let metrics = Metrics::new();
     let pool = Pool::new(
         ConnectionSettings::default(),
