@@ -724,7 +724,11 @@ mod tests {
         std::os::unix::fs::symlink(root.path().join("elsewhere"), dir.join("sub"))
             .expect("symlink");
         let err = read(&admitted).expect_err("refused beneath the folder");
-        assert_eq!(err.raw_os_error(), Some(rustix::io::Errno::XDEV.raw_os_error()), "{err}");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(rustix::io::Errno::XDEV.raw_os_error()),
+            "{err}"
+        );
         // A path outside every --job-files folder (a connector's) is read as written.
         assert_eq!(
             read(&root.path().join("elsewhere/ca.pem")).expect("read"),

@@ -7,9 +7,9 @@
 
 mod common;
 
+use common::proxy::TcpProxy;
 use common::worker::{connectors_dir, job, with};
 use common::*;
-use common::proxy::TcpProxy;
 use serde_json::json;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -32,8 +32,13 @@ async fn one_job(amqp: &Amqp, queue: &str, broker: &Mosquitto) -> (i64, String) 
     let (reply_queue, mut replies) = amqp.reply_queue().await;
     let topic = unique_name("amqp-urls");
     let body = with(job(&broker.url(), &topic, "hi"), json!({"timeout": 10_000}));
-    amqp.send_job(queue, body.to_string().as_bytes(), Some(&reply_queue), Some("one"))
-        .await;
+    amqp.send_job(
+        queue,
+        body.to_string().as_bytes(),
+        Some(&reply_queue),
+        Some("one"),
+    )
+    .await;
     let reply = replies.expect_reply(T).await;
     (reply.exit_code(), reply.message().to_owned())
 }
@@ -73,7 +78,10 @@ async fn a_worker_given_an_ipv6_node_consumes_through_that_address() {
     let mut worker = ChildWorker::command(&url, &queue, connectors.path())
         .start()
         .await;
-    assert!(proxy.stats().total >= 1, "the worker is ready but never connected through [::1]");
+    assert!(
+        proxy.stats().total >= 1,
+        "the worker is ready but never connected through [::1]"
+    );
     let (code, message) = one_job(&amqp, &queue, &broker).await;
     assert_eq!(code, 0, "{message}");
     let log = worker.stderr();
@@ -107,13 +115,22 @@ async fn an_ipv6_node_where_nothing_listens_is_never_replaced_by_localhost() {
     let node = format!("[::1]:{port}");
     wait_log(
         &mut worker,
-        |log| log.lines().filter(|l| l.contains(&node) && l.contains("refused")).count() >= 2,
+        |log| {
+            log.lines()
+                .filter(|l| l.contains(&node) && l.contains("refused"))
+                .count()
+                >= 2
+        },
         T,
     )
     .await;
     worker.check_running();
     assert_eq!(readyz(&worker).await, 503, "{}", worker.tail(20));
-    assert_eq!(proxy.stats().total, 0, "the worker reached 127.0.0.1:{port}");
+    assert_eq!(
+        proxy.stats().total,
+        0,
+        "the worker reached 127.0.0.1:{port}"
+    );
     let log = worker.stderr();
     assert!(!log.contains("guest:guest"), "{log}");
     worker.terminate().await;
@@ -169,7 +186,9 @@ async fn a_password_with_a_comma_written_percent_2c_logs_in_and_appears_in_no_lo
     let leaks = |text: &str| text.contains(&head) || text.contains(&tail);
 
     // Written as a list with %2C: logs in, and the job is answered.
-    let url = format!("amqp://{user}:{head}%2C{tail}@127.0.0.1:{port}/%2f,amqp://guest:x@127.0.0.1:1/%2f");
+    let url = format!(
+        "amqp://{user}:{head}%2C{tail}@127.0.0.1:{port}/%2f,amqp://guest:x@127.0.0.1:1/%2f"
+    );
     let mut worker = ChildWorker::command(&url, &queue, connectors.path())
         .env("RUST_LOG", "debug")
         .start()
@@ -179,7 +198,11 @@ async fn a_password_with_a_comma_written_percent_2c_logs_in_and_appears_in_no_lo
     let exit = worker.terminate().await;
     assert!(exit.success(), "{exit}: {}", worker.tail(20));
     let log = worker.output();
-    assert!(log.contains(&user), "the log names the user: {}", worker.tail(20));
+    assert!(
+        log.contains(&user),
+        "the log names the user: {}",
+        worker.tail(20)
+    );
     assert!(!leaks(&log), "a part of the password is in the log:\n{log}");
 
     // Written with a raw comma: refused at start, naming %2C, printing no part of it.

@@ -29,7 +29,10 @@ fn run_bounded(args: &[&str], envs: &[(&str, &str)], within: Duration) -> Output
     command
         .args(args)
         .env_remove("RUST_LOG")
-        .env("MQTT_CONNECTOR_AMQP_URL", format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port()))
+        .env(
+            "MQTT_CONNECTOR_AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port()),
+        )
         .env("MQTT_CONNECTOR_QUEUE", unique_name("extremes"))
         .env("MQTT_CONNECTOR_CONNECTORS", connectors.path())
         .envs(envs.iter().copied())
@@ -64,10 +67,22 @@ const NUMERIC_OPTIONS: [(&str, &str, &str); 8] = [
     ("worker", "--prefetch", "MQTT_CONNECTOR_PREFETCH"),
     ("worker", "--idle-timeout", "MQTT_CONNECTOR_IDLE_TIMEOUT"),
     ("worker", "--grace-period", "MQTT_CONNECTOR_GRACE_PERIOD"),
-    ("worker", "--max-content-bytes", "MQTT_CONNECTOR_MAX_CONTENT_BYTES"),
+    (
+        "worker",
+        "--max-content-bytes",
+        "MQTT_CONNECTOR_MAX_CONTENT_BYTES",
+    ),
     ("worker", "--mqtt-inflight", "MQTT_CONNECTOR_MQTT_INFLIGHT"),
-    ("worker", "--max-connections", "MQTT_CONNECTOR_MAX_CONNECTIONS"),
-    ("worker", "--delivery-limit", "MQTT_CONNECTOR_DELIVERY_LIMIT"),
+    (
+        "worker",
+        "--max-connections",
+        "MQTT_CONNECTOR_MAX_CONNECTIONS",
+    ),
+    (
+        "worker",
+        "--delivery-limit",
+        "MQTT_CONNECTOR_DELIVERY_LIMIT",
+    ),
     ("submit", "--wait-timeout", "MQTT_CONNECTOR_WAIT_TIMEOUT"),
 ];
 
@@ -130,7 +145,11 @@ async fn worker_with_bounds_serves_and_stops(args: &[&str]) {
     let started = Instant::now();
     let exit = worker.terminate().await;
     assert!(exit.success(), "{args:?}: {exit}\n{}", worker.tail(30));
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(!worker.output().contains("panicked"), "{}", worker.tail(30));
     amqp.delete_queue(&queue).await;
 }
@@ -176,7 +195,13 @@ enum Expect {
 
 /// Every numeric job key with each of [`EXTREMES`] (as JSON for a body, as text for `--set`),
 /// with the keys the case also needs, and what it must give.
-fn job_key_cases() -> Vec<(&'static str, serde_json::Value, &'static str, serde_json::Value, Expect)> {
+fn job_key_cases() -> Vec<(
+    &'static str,
+    serde_json::Value,
+    &'static str,
+    serde_json::Value,
+    Expect,
+)> {
     let json_values: [serde_json::Value; 5] = [
         json!(0),
         json!(-1),
@@ -221,7 +246,10 @@ async fn every_numeric_job_key_at_an_extreme_through_send_set_is_refused_naming_
             format!("{key}={text}"),
         ];
         for (extra_key, extra_value) in extra.as_object().expect("object") {
-            sets.push(format!("{extra_key}={}", extra_value.as_str().unwrap_or_default()));
+            sets.push(format!(
+                "{extra_key}={}",
+                extra_value.as_str().unwrap_or_default()
+            ));
         }
         let mut args = vec!["send"];
         for set in &sets {
@@ -230,7 +258,12 @@ async fn every_numeric_job_key_at_an_extreme_through_send_set_is_refused_naming_
         let output = tokio::task::block_in_place(|| run_bounded(&args, &[], T));
         let stdout = String::from_utf8_lossy(&output.stdout);
         let reply: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-            .unwrap_or_else(|e| panic!("{key}={text}: not a JSON result ({e}): {stdout} {}", String::from_utf8_lossy(&output.stderr)));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{key}={text}: not a JSON result ({e}): {stdout} {}",
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            });
         match expect {
             Expect::Refused => {
                 assert_eq!(reply["exit-code"], 1, "{key}={text}: {reply}");
@@ -245,14 +278,29 @@ async fn every_numeric_job_key_at_an_extreme_through_send_set_is_refused_naming_
         }
     }
     // A last job, published after every other: once it arrives, all before it have.
-    let (broker_set, topic_set) = (format!("broker={}", broker.url()), format!("topic={prefix}/end"));
+    let (broker_set, topic_set) = (
+        format!("broker={}", broker.url()),
+        format!("topic={prefix}/end"),
+    );
     let client_set = format!("client-id={prefix}-end");
     let end = [
-        "send", "--set", &broker_set, "--set", &topic_set, "--set", &client_set, "--set",
+        "send",
+        "--set",
+        &broker_set,
+        "--set",
+        &topic_set,
+        "--set",
+        &client_set,
+        "--set",
         "content=end",
     ];
     let output = tokio::task::block_in_place(|| run_bounded(&end, &[], T));
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stdout));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     let mut received = Vec::new();
     loop {
         let message = subscriber.expect(T).await.payload_str();
@@ -280,7 +328,11 @@ async fn every_numeric_job_key_at_an_extreme_in_a_job_body_is_refused_naming_it(
         match expect {
             Expect::Refused => {
                 assert_eq!(reply.exit_code(), 1, "{key}={text}: {}", reply.body);
-                assert!(reply.message().contains(key), "{key}={text}: {}", reply.body);
+                assert!(
+                    reply.message().contains(key),
+                    "{key}={text}: {}",
+                    reply.body
+                );
             }
             Expect::Published => {
                 assert_eq!(reply.exit_code(), 0, "{key}={text}: {}", reply.body);
@@ -321,7 +373,15 @@ async fn send_without_a_connector_works_outside_the_repository() {
             .current_dir(cwd.path())
             .env_remove("MQTT_CONNECTOR_CONNECTORS")
             .env_remove("MQTT_CONNECTOR_CONNECTOR")
-            .args(["send", "--set", &broker_set, "--set", &topic_set, "--set", &client_set])
+            .args([
+                "send",
+                "--set",
+                &broker_set,
+                "--set",
+                &topic_set,
+                "--set",
+                &client_set,
+            ])
             .args(extra)
             .stdin(Stdio::null());
         tokio::task::block_in_place(|| command.output()).expect("run send")

@@ -24,7 +24,9 @@ pub enum NodesError {
     Empty,
     // The URL itself is never shown: a list split inside a password (a raw comma) would print
     // the password's halves. Its position in the list is enough to find it.
-    #[error("--amqp-url: URL {item} of {count} is not a valid AMQP URL: {reason} (not shown: it may hold a password; a comma in a password is written %2C)")]
+    #[error(
+        "--amqp-url: URL {item} of {count} is not a valid AMQP URL: {reason} (not shown: it may hold a password; a comma in a password is written %2C)"
+    )]
     BadUrl {
         item: usize,
         count: usize,
@@ -47,7 +49,9 @@ pub enum BadUrl {
     Userinfo,
     #[error("the virtual host is not valid percent-encoded UTF-8")]
     Vhost,
-    #[error("a query parameter is not valid (frame_max, channel_max, heartbeat, connection_timeout: numbers; auth_mechanism: plain, amqplain, external, anonymous)")]
+    #[error(
+        "a query parameter is not valid (frame_max, channel_max, heartbeat, connection_timeout: numbers; auth_mechanism: plain, amqplain, external, anonymous)"
+    )]
     Query,
 }
 
@@ -124,10 +128,12 @@ fn parse_node(text: &str) -> Result<Node, BadUrl> {
     // The query parameters as amq-protocol-uri reads them, from the query alone: its errors
     // hold no part of the URL, and a URL without userinfo holds no password.
     let query = match url.query() {
-        Some(query) => format!("amqp://h/?{query}")
-            .parse::<AMQPUri>()
-            .map_err(|_| BadUrl::Query)?
-            .query,
+        Some(query) => {
+            format!("amqp://h/?{query}")
+                .parse::<AMQPUri>()
+                .map_err(|_| BadUrl::Query)?
+                .query
+        }
         None => Default::default(),
     };
     let port = url.port().unwrap_or_else(|| scheme.default_port());
@@ -348,7 +354,10 @@ mod tests {
         .expect_err("bad port");
         let text = err.to_string();
         assert!(text.contains("URL 2 of 2"), "{text}");
-        assert!(!text.contains("hunter2") && !text.contains("guest"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("guest"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -397,7 +406,10 @@ mod tests {
         .expect("parse");
         assert_eq!(nodes.len(), 2);
         let info = &nodes.nodes[0].uri.authority.userinfo;
-        assert_eq!((info.username.as_str(), info.password.as_str()), ("u@x", "pa,ss:w"));
+        assert_eq!(
+            (info.username.as_str(), info.password.as_str()),
+            ("u@x", "pa,ss:w")
+        );
         assert_eq!(nodes.nodes[0].uri.query.heartbeat, Some(7));
         assert!(!nodes.shown_all().contains("pa"), "{}", nodes.shown_all());
     }
@@ -420,7 +432,11 @@ mod tests {
 
     #[test]
     fn a_bad_query_or_scheme_is_refused_without_echoing_it() {
-        for urls in ["amqp://h/?heartbeat=zzz", "http://u:zzz@h/", "amqp://h/?auth_mechanism=zzz"] {
+        for urls in [
+            "amqp://h/?heartbeat=zzz",
+            "http://u:zzz@h/",
+            "amqp://h/?auth_mechanism=zzz",
+        ] {
             let text = Nodes::parse(urls, &TlsFiles::default())
                 .expect_err(urls)
                 .to_string();
