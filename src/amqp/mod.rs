@@ -31,10 +31,19 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// A comma-separated list of URLs fit for logs (see [`redact_url`]).
+/// A comma-separated list of URLs fit for logs (see [`redact_url`]). If any part does not
+/// parse, none is shown: a list split at a raw comma inside a password leaves its first half
+/// in a part that parses (`amqp://user:123` reads as host `user`, port 123).
 pub fn redact_urls(urls: &str) -> String {
-    urls.split(',')
+    let parts: Vec<&str> = urls
+        .split(',')
         .filter(|url| !url.trim().is_empty())
+        .collect();
+    if parts.iter().any(|url| url::Url::parse(url.trim()).is_err()) {
+        return format!("({} URLs, not all parse: none shown)", parts.len());
+    }
+    parts
+        .into_iter()
         .map(redact_url)
         .collect::<Vec<_>>()
         .join(",")
@@ -67,6 +76,16 @@ mod tests {
             "amqp://guest:***@h:5672/%2f"
         );
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
+    }
+
+    #[test]
+    fn a_list_split_inside_a_password_shows_none_of_it() {
+        let shown = redact_urls("amqp://guest:123,456@h:5672/%2f");
+        assert!(!shown.contains("123") && !shown.contains("456"), "{shown}");
+        assert_eq!(
+            redact_urls("amqp://u:p@a/%2f,amqp://b"),
+            "amqp://u:***@a/%2f,amqp://b"
+        );
     }
 
     #[test]
