@@ -128,38 +128,39 @@ struct WorkerArgs {
     amqp: AmqpArgs,
     #[command(flatten)]
     connectors: ConnectorsArg,
-    /// Jobs in flight at once (RabbitMQ prefetch).
-    #[arg(long, env = "MQTT_CONNECTOR_PREFETCH", default_value_t = 256)]
-    prefetch: u16,
+    /// Jobs in flight at once (RabbitMQ prefetch), 1 to 65535.
+    #[arg(long, env = "MQTT_CONNECTOR_PREFETCH", default_value_t = 256, value_name = "N", allow_negative_numbers = true, value_parser = bounded::<1, 65_535>)]
+    prefetch: u64,
     /// Where to serve /metrics, /healthz and /readyz, e.g. 0.0.0.0:9090.
     #[arg(long, env = "MQTT_CONNECTOR_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
-    /// Close MQTT connections unused for this many seconds.
-    #[arg(long, env = "MQTT_CONNECTOR_IDLE_TIMEOUT", default_value_t = 300)]
+    /// Close MQTT connections unused for this many seconds, 1 to 604800 (a week).
+    #[arg(long, env = "MQTT_CONNECTOR_IDLE_TIMEOUT", default_value_t = 300, value_name = "SECONDS", allow_negative_numbers = true, value_parser = bounded::<1, 604_800>)]
     idle_timeout: u64,
     /// Seconds the jobs in flight may take to finish after SIGTERM; those still running then
-    /// are cancelled (no reply, not acked: RabbitMQ redelivers them).
-    #[arg(long, env = "MQTT_CONNECTOR_GRACE_PERIOD", default_value_t = 30)]
+    /// are cancelled (no reply, not acked: RabbitMQ redelivers them). 0 to 3600.
+    #[arg(long, env = "MQTT_CONNECTOR_GRACE_PERIOD", default_value_t = 30, value_name = "SECONDS", allow_negative_numbers = true, value_parser = bounded::<0, 3_600>)]
     grace_period: u64,
-    /// Largest `content` accepted, in bytes.
-    #[arg(long, env = "MQTT_CONNECTOR_MAX_CONTENT_BYTES", default_value_t = mqtt_connector::job::DEFAULT_MAX_CONTENT_BYTES)]
-    max_content_bytes: usize,
+    /// Largest `content` accepted, in bytes: 1 to 268435456 (256 MiB, about MQTT's largest
+    /// packet).
+    #[arg(long, env = "MQTT_CONNECTOR_MAX_CONTENT_BYTES", default_value_t = MAX_CONTENT_BYTES, value_name = "BYTES", allow_negative_numbers = true, value_parser = bounded::<1, MAX_CONTENT_BYTES>)]
+    max_content_bytes: u64,
     /// Appended to every MQTT client-id, so several workers can share a connector; `auto`
     /// means `-HOSTNAME-PID`. Empty (default): client-ids are used as written.
     #[arg(long, env = "MQTT_CONNECTOR_CLIENT_ID_SUFFIX", default_value = "")]
     client_id_suffix: String,
-    /// Publishes in flight on one MQTT connection.
-    #[arg(long, env = "MQTT_CONNECTOR_MQTT_INFLIGHT", default_value_t = 1000)]
-    mqtt_inflight: u16,
+    /// Publishes in flight on one MQTT connection, 1 to 65535.
+    #[arg(long, env = "MQTT_CONNECTOR_MQTT_INFLIGHT", default_value_t = 1000, value_name = "N", allow_negative_numbers = true, value_parser = bounded::<1, 65_535>)]
+    mqtt_inflight: u64,
     #[command(flatten)]
     allow_broker: AllowBrokerArg,
     /// Folder whose files (certificates, keys) job bodies may name; without it, jobs name none.
     #[arg(long, env = "MQTT_CONNECTOR_JOB_FILES")]
     job_files: Option<PathBuf>,
     /// MQTT connections this worker holds open at most; at the bound the least recently used
-    /// idle one is closed.
-    #[arg(long, env = "MQTT_CONNECTOR_MAX_CONNECTIONS", default_value_t = 1000)]
-    max_connections: usize,
+    /// idle one is closed. 1 to 100000.
+    #[arg(long, env = "MQTT_CONNECTOR_MAX_CONNECTIONS", default_value_t = 1000, value_name = "N", allow_negative_numbers = true, value_parser = bounded::<1, 100_000>)]
+    max_connections: u64,
     #[command(flatten)]
     request_queue: RequestQueueArgs,
 }
@@ -183,8 +184,9 @@ struct RequestQueueArgs {
     #[arg(long, env = "MQTT_CONNECTOR_QUEUE_TYPE", value_enum, default_value_t = QueueTypeArg::Classic)]
     queue_type: QueueTypeArg,
     /// Quorum queue: a job whose worker died this many times is dead-lettered, not redelivered.
-    #[arg(long, env = "MQTT_CONNECTOR_DELIVERY_LIMIT")]
-    delivery_limit: Option<u32>,
+    /// 1 to 1000000.
+    #[arg(long, env = "MQTT_CONNECTOR_DELIVERY_LIMIT", value_name = "N", allow_negative_numbers = true, value_parser = bounded::<1, 1_000_000>)]
+    delivery_limit: Option<u64>,
     /// Declared with a missing request queue, which dead-letters into it (through the default
     /// exchange): jobs over the delivery limit and jobs that can never succeed.
     #[arg(long, env = "MQTT_CONNECTOR_DEAD_LETTER_QUEUE", value_name = "NAME")]
@@ -206,8 +208,8 @@ struct SubmitArgs {
     /// Wait for the reply, print it and exit with its exit-code.
     #[arg(long)]
     wait: bool,
-    /// Seconds to wait for the reply.
-    #[arg(long, env = "MQTT_CONNECTOR_WAIT_TIMEOUT", default_value_t = 60)]
+    /// Seconds to wait for the reply, 1 to 86400.
+    #[arg(long, env = "MQTT_CONNECTOR_WAIT_TIMEOUT", default_value_t = 60, value_name = "SECONDS", allow_negative_numbers = true, value_parser = bounded::<1, 86_400>)]
     wait_timeout: u64,
     #[command(flatten)]
     amqp: AmqpArgs,
@@ -219,6 +221,48 @@ struct CheckArgs {
     connectors: ConnectorsArg,
     #[command(flatten)]
     allow_broker: AllowBrokerArg,
+}
+
+/// `--max-content-bytes` at most, also its default: 256 MiB, about MQTT's largest packet
+/// (268,435,455 bytes); no larger content could be published.
+const MAX_CONTENT_BYTES: u64 = 256 * 1024 * 1024;
+const _: () = assert!(MAX_CONTENT_BYTES == mqtt_connector::job::DEFAULT_MAX_CONTENT_BYTES as u64);
+
+/// A whole number from `MIN` to `MAX`, for clap: every duration and count is bounded where it
+/// is parsed, so no later arithmetic on it (`Instant + Duration`, allocation sizes) can
+/// overflow. clap's error names the option and the value; this says what is expected.
+fn bounded<const MIN: u64, const MAX: u64>(value: &str) -> Result<u64, String> {
+    let expected = || format!("expected a whole number from {MIN} to {MAX}");
+    let digits = value.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(expected());
+    }
+    match digits.parse::<u64>() {
+        Ok(number) if (MIN..=MAX).contains(&number) => Ok(number),
+        _ => Err(expected()),
+    }
+}
+
+/// A value [`bounded`] to fit in `T`, converted (saturating, which a bound makes unreachable).
+fn fit<T: TryFrom<u64> + Bounded>(value: u64) -> T {
+    T::try_from(value).unwrap_or(T::MAX)
+}
+
+/// The largest value of an integer type, for [`fit`].
+trait Bounded {
+    const MAX: Self;
+}
+
+impl Bounded for u16 {
+    const MAX: Self = u16::MAX;
+}
+
+impl Bounded for u32 {
+    const MAX: Self = u32::MAX;
+}
+
+impl Bounded for usize {
+    const MAX: Self = usize::MAX;
 }
 
 fn main() -> ExitCode {
@@ -273,23 +317,23 @@ async fn worker(args: WorkerArgs) -> ExitCode {
         QueueTypeArg::Classic => QueueType::Classic,
         QueueTypeArg::Quorum => QueueType::Quorum,
     };
-    options.delivery_limit = args.request_queue.delivery_limit;
+    options.delivery_limit = args.request_queue.delivery_limit.map(fit::<u32>);
     options.dead_letter_queue = args.request_queue.dead_letter_queue;
-    options.prefetch = args.prefetch.max(1);
+    options.prefetch = fit::<u16>(args.prefetch);
     options.metrics_addr = args.metrics_addr;
-    options.idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
+    options.idle_timeout = Duration::from_secs(args.idle_timeout);
     options.grace_period = Duration::from_secs(args.grace_period);
     options.limits = Limits {
-        max_content_bytes: args.max_content_bytes,
+        max_content_bytes: fit::<usize>(args.max_content_bytes),
     };
     options.policy = match policy(&args.allow_broker, args.job_files.as_deref()) {
         Ok(policy) => policy,
         Err(err) => return fail(&err.to_string()),
     };
-    options.max_connections = args.max_connections.max(1);
+    options.max_connections = fit::<usize>(args.max_connections);
     options.mqtt = ConnectionSettings {
-        inflight: args.mqtt_inflight.max(1),
-        max_packet_bytes: args.max_content_bytes.saturating_add(64 * 1024),
+        inflight: fit::<u16>(args.mqtt_inflight),
+        max_packet_bytes: fit::<usize>(args.max_content_bytes).saturating_add(64 * 1024),
         client_id_suffix: client_id_suffix(&args.client_id_suffix),
         ..ConnectionSettings::default()
     };
@@ -353,14 +397,21 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 async fn send(args: SendArgs) -> ExitCode {
-    let store = match ConnectorStore::load(&args.connectors.connectors) {
-        Ok(store) => store,
+    let job = match job_args::job_object(args.job.connector.as_deref(), &args.job.sets) {
+        Ok(job) => job,
         Err(err) => return fail(&err.to_string()),
     };
-    let body = match job_args::job_body(args.job.connector.as_deref(), &args.job.sets) {
-        Ok(body) => body,
-        Err(err) => return fail(&err.to_string()),
+    // The connectors folder only matters when the job names a connector (`--connector` or
+    // `--set connector=`): a job that says everything runs from any folder.
+    let store = if job.contains_key("connector") {
+        match ConnectorStore::load(&args.connectors.connectors) {
+            Ok(store) => store,
+            Err(err) => return fail(&err.to_string()),
+        }
+    } else {
+        ConnectorStore::default()
     };
+    let body = serde_json::Value::Object(job).to_string().into_bytes();
     let metrics = Metrics::new();
     let pool = Pool::new(
         ConnectionSettings::default(),

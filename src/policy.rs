@@ -6,7 +6,8 @@
 //! - the files a job body may name ([`JobFiles`]).
 //!
 //! Decisions are pure functions of the job, the connector and the worker's options; only
-//! [`JobFiles::resolve`] touches the file system (to resolve symlinks and `..`).
+//! [`JobFiles::resolve`] and [`open_file`] touch the file system: a job's file is opened beneath
+//! `--job-files` in one step (`openat2` with `RESOLVE_BENEATH`), at admission and when read.
 
 use std::path::{Path, PathBuf};
 
@@ -268,14 +269,17 @@ pub enum JobFiles {
 }
 
 impl JobFiles {
-    /// `--job-files DIR`: the folder must exist.
+    /// `--job-files DIR`: the folder must exist. It is remembered for the process, so that a
+    /// job's file beneath it is read beneath it too ([`open_file`]).
     pub fn inside(dir: &Path) -> Result<JobFiles, PolicyError> {
-        dir.canonicalize()
-            .map(JobFiles::Inside)
+        let dir = dir
+            .canonicalize()
             .map_err(|source| PolicyError::JobFilesDir {
                 dir: dir.to_owned(),
                 source,
-            })
+            })?;
+        register_job_files_dir(&dir);
+        Ok(JobFiles::Inside(dir))
     }
 
     /// Whether the job names any file at all (most do not: no file system work for them).
@@ -283,9 +287,10 @@ impl JobFiles {
         job.root_ca_crt.is_some() || job.certificate.is_some() || job.private_key.is_some()
     }
 
-    /// The job's file paths, resolved inside the allowed folder, or the same refusal whether
-    /// the file exists or not (the worker's disk is no oracle). Blocking: resolving follows
-    /// symlinks on disk.
+    /// The job's file paths, opened beneath the allowed folder in one step (no symlink or `..`
+    /// leads out), or the same refusal whatever the file system holds (the worker's disk is no
+    /// oracle). A file inside that does not exist yet is allowed (it may be mounted later) and
+    /// reported when read. Blocking: opens files.
     pub fn resolve(&self, mut job: Params) -> Result<Params, JobError> {
         let dir = match self {
             JobFiles::Any => return Ok(job),
@@ -317,24 +322,106 @@ fn file_refused(key: &str, have_dir: bool) -> JobError {
     })
 }
 
-/// The canonical path of `given` (relative to `dir` when relative), if it lies inside `dir`.
-/// A file that does not exist yet is resolved through its parent folder.
+/// The path a job's file is read from, if it lies inside `dir` (canonical): the real path of
+/// the file opened beneath `dir`, or for a file not there yet the path as written beneath it.
+/// An absolute path must be written under `dir`'s real path; relative ones are taken from it.
 fn resolve_inside(dir: &Path, given: &Path) -> Option<PathBuf> {
+    if dir == Path::new("/") {
+        // Everything is beneath `/`; nothing to enforce.
+        return Some(dir.join(given));
+    }
     let joined = dir.join(given);
-    let resolved = match joined.canonicalize() {
-        Ok(path) => path,
-        Err(_) => joined
-            .parent()?
-            .canonicalize()
-            .ok()?
-            .join(joined.file_name()?),
-    };
-    inside(dir, &resolved).then_some(resolved)
+    let relative = beneath(dir, &joined)?;
+    match open_beneath(dir, relative) {
+        Ok(file) => {
+            let real = real_path(&file).ok()?;
+            inside(dir, &real).then_some(real)
+        }
+        // Missing, not escaping (an escape is EXDEV or ELOOP, however the target stands).
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Some(dir.join(relative)),
+        Err(_) => None,
+    }
+}
+
+/// `path`'s part beneath `dir`, written without a way up; `None` if it is not lexically
+/// beneath it.
+fn beneath<'p>(dir: &Path, path: &'p Path) -> Option<&'p Path> {
+    let relative = path.strip_prefix(dir).ok()?;
+    (!relative.as_os_str().is_empty()).then_some(relative)
 }
 
 /// `path` (canonical) lies strictly inside `dir` (canonical).
 fn inside(dir: &Path, path: &Path) -> bool {
     path.starts_with(dir) && path != dir
+}
+
+/// Every `--job-files` folder of this process (canonical). A worker usually has one; tests run
+/// several in one process, and a file beneath any of them is read beneath it.
+static JOB_FILES_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn register_job_files_dir(dir: &Path) {
+    if dir == Path::new("/") {
+        return;
+    }
+    let mut dirs = JOB_FILES_DIRS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !dirs.iter().any(|known| known == dir) {
+        dirs.push(dir.to_owned());
+    }
+}
+
+/// Opens a certificate or key file for reading. A file beneath a `--job-files` folder is
+/// opened beneath it in one step (`openat2` with `RESOLVE_BENEATH`): a symlink swapped in
+/// after the job was admitted cannot lead out of the folder. Other paths (connectors, `send`)
+/// are opened as written. Blocking.
+pub fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let dirs = JOB_FILES_DIRS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    // The deepest folder holding the path decides (folders may nest).
+    let holder = dirs
+        .iter()
+        .filter_map(|dir| beneath(dir, path).map(|relative| (dir, relative)))
+        .max_by_key(|(dir, _)| dir.as_os_str().len());
+    match holder {
+        Some((dir, relative)) => open_beneath(dir, relative),
+        None => std::fs::File::open(path),
+    }
+}
+
+/// `relative` opened read-only beneath `dir`; a path that would leave it (`..`, an absolute
+/// or escaping symlink, a magic link) fails with EXDEV or ELOOP.
+fn open_beneath(dir: &Path, relative: &Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+    let mut attempts = 0;
+    loop {
+        match rustix::fs::openat2(
+            &dir,
+            relative,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+            resolve,
+        ) {
+            Ok(fd) => return Ok(std::fs::File::from(fd)),
+            // The kernel asks for a retry when a rename raced the lookup.
+            Err(rustix::io::Errno::AGAIN) if attempts < 8 => attempts += 1,
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// The real path of an open file (its `/proc/self/fd` link).
+fn real_path(file: &std::fs::File) -> std::io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 #[cfg(test)]
@@ -581,6 +668,72 @@ mod tests {
             "{refusals:?}"
         );
         assert!(refusals[0].contains("--job-files"), "{}", refusals[0]);
+    }
+
+    #[test]
+    fn a_dangling_symlink_out_is_refused_like_a_live_one() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("certs");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(root.path().join("outside.pem"), "x").expect("write");
+        std::os::unix::fs::symlink(root.path().join("outside.pem"), dir.join("live.pem"))
+            .expect("symlink");
+        std::os::unix::fs::symlink(root.path().join("gone.pem"), dir.join("dangling.pem"))
+            .expect("symlink");
+        std::os::unix::fs::symlink("../gone.pem", dir.join("dangling-relative.pem"))
+            .expect("symlink");
+        let files = JobFiles::inside(&dir).expect("dir");
+        let resolve = |name: &str| {
+            message(files.resolve(Params {
+                root_ca_crt: Some(dir.join(name)),
+                ..Params::default()
+            }))
+        };
+        let live = resolve("live.pem");
+        assert!(live.contains("--job-files"), "{live}");
+        assert_eq!(resolve("dangling.pem"), live);
+        assert_eq!(resolve("dangling-relative.pem"), live);
+    }
+
+    #[test]
+    fn a_symlink_swapped_in_after_admission_does_not_lead_out_when_the_file_is_read() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("certs");
+        std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+        std::fs::write(dir.join("sub/ca.pem"), "inside").expect("write");
+        std::fs::create_dir(root.path().join("elsewhere")).expect("mkdir");
+        std::fs::write(root.path().join("elsewhere/ca.pem"), "outside").expect("write");
+        let files = JobFiles::inside(&dir).expect("dir");
+        let admitted = files
+            .resolve(Params {
+                root_ca_crt: Some("sub/ca.pem".into()),
+                ..Params::default()
+            })
+            .expect("inside")
+            .root_ca_crt
+            .expect("path");
+        let read = |path: &Path| {
+            open_file(path).and_then(|mut file| {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut file, &mut text).map(|_| text)
+            })
+        };
+        assert_eq!(read(&admitted).expect("read"), "inside");
+        // The folder on the admitted path becomes a symlink out, after admission.
+        std::fs::rename(dir.join("sub"), dir.join("old")).expect("rename");
+        std::os::unix::fs::symlink(root.path().join("elsewhere"), dir.join("sub"))
+            .expect("symlink");
+        let err = read(&admitted).expect_err("refused beneath the folder");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(rustix::io::Errno::XDEV.raw_os_error()),
+            "{err}"
+        );
+        // A path outside every --job-files folder (a connector's) is read as written.
+        assert_eq!(
+            read(&root.path().join("elsewhere/ca.pem")).expect("read"),
+            "outside"
+        );
     }
 
     #[test]

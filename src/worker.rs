@@ -120,9 +120,8 @@ impl WorkerOptions {
 /// The AMQP URL's password stays out of any debug output.
 impl std::fmt::Debug for WorkerOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let urls: Vec<String> = self.amqp_url.split(',').map(amqp::redact_url).collect();
         f.debug_struct("WorkerOptions")
-            .field("amqp_url", &urls.join(","))
+            .field("amqp_url", &amqp::redact_urls(&self.amqp_url))
             .field("amqp_tls", &self.amqp_tls)
             .field("queue", &self.queue)
             .field("queue_type", &self.queue_type)

@@ -560,3 +560,37 @@ async fn metric_labels_stay_bounded_over_a_thousand_brokers() {
     assert!(labels.contains("job"), "{labels:?}");
     bed.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dangling_symlink_out_of_the_job_files_folder_is_refused_like_a_live_one() {
+    let certs = Certs::shared();
+    let broker = Mosquitto::tls(certs);
+    let root = tempfile::tempdir().expect("tempdir");
+    let allowed = root.path().join("job-files");
+    std::fs::create_dir(&allowed).expect("mkdir");
+    std::fs::copy(&certs.ca_crt, root.path().join("outside.crt")).expect("copy ca");
+    let link = |name: &str, target: std::path::PathBuf| {
+        std::os::unix::fs::symlink(target, allowed.join(name)).expect("symlink");
+    };
+    link("live.crt", root.path().join("outside.crt"));
+    link("dangling.crt", root.path().join("gone.crt"));
+    link("dangling-relative.crt", "../gone.crt".into());
+    let files = JobFiles::inside(&allowed).expect("job files dir");
+    let mut bed = TestBed::start_with(connectors_dir(), |options| {
+        options.policy.job_files = files;
+    })
+    .await;
+    let mut messages = Vec::new();
+    for name in ["live.crt", "dangling.crt", "dangling-relative.crt"] {
+        let body = with(
+            job(&broker.url(), "t/dangling", "x"),
+            json!({"root-ca-crt": allowed.join(name), "timeout": 3000}),
+        );
+        let reply = bed.run(body, T).await;
+        assert_eq!(reply.exit_code(), 1, "{name}: {}", reply.body);
+        messages.push(reply.message().to_owned());
+    }
+    assert!(messages.iter().all(|m| *m == messages[0]), "{messages:#?}");
+    assert!(messages[0].contains("--job-files"), "{}", messages[0]);
+    bed.finish().await;
+}

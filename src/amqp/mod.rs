@@ -16,20 +16,37 @@ pub const DEFAULT_QUEUE: &str = "mqtt-connector.send";
 /// The default RabbitMQ URL.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// A URL fit for logs: the password replaced by `***`.
+/// A URL fit for logs: the password replaced by `***`; a text that does not parse as a URL
+/// (a fragment of a list split inside a password, say) is not shown at all.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _password)) => {
-                    format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
-                }
-                None => url.to_owned(),
+    match url::Url::parse(url.trim()) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                // Cannot fail for a URL with a host, which a password implies.
+                let _ = parsed.set_password(Some("***"));
             }
+            parsed.to_string()
         }
-        _ => url.to_owned(),
+        Err(_) => "(a URL that does not parse, not shown)".to_owned(),
     }
+}
+
+/// A comma-separated list of URLs fit for logs (see [`redact_url`]). If any part does not
+/// parse, none is shown: a list split at a raw comma inside a password leaves its first half
+/// in a part that parses (`amqp://user:123` reads as host `user`, port 123).
+pub fn redact_urls(urls: &str) -> String {
+    let parts: Vec<&str> = urls
+        .split(',')
+        .filter(|url| !url.trim().is_empty())
+        .collect();
+    if parts.iter().any(|url| url::Url::parse(url.trim()).is_err()) {
+        return format!("({} URLs, not all parse: none shown)", parts.len());
+    }
+    parts
+        .into_iter()
+        .map(redact_url)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// An error and its sources in one line (`a: b: c`), for logs: a source whose text its parent
@@ -59,6 +76,16 @@ mod tests {
             "amqp://guest:***@h:5672/%2f"
         );
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
+    }
+
+    #[test]
+    fn a_list_split_inside_a_password_shows_none_of_it() {
+        let shown = redact_urls("amqp://guest:123,456@h:5672/%2f");
+        assert!(!shown.contains("123") && !shown.contains("456"), "{shown}");
+        assert_eq!(
+            redact_urls("amqp://u:p@a/%2f,amqp://b"),
+            "amqp://u:***@a/%2f,amqp://b"
+        );
     }
 
     #[test]

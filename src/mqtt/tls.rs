@@ -189,14 +189,21 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
 }
 
 fn read(path: &Path, key: &str) -> Result<Vec<u8>, TlsFileError> {
-    if path.is_dir() {
+    let cannot = |err: std::io::Error| {
+        TlsFileError(format!("{key} {}: cannot be read: {err}", path.display()))
+    };
+    // Beneath its --job-files folder when it lies in one (no symlink swapped in since the job
+    // was admitted leads out); the checks and the bytes come from that one open handle.
+    let mut file = crate::policy::open_file(path).map_err(cannot)?;
+    if file.metadata().map_err(cannot)?.is_dir() {
         return Err(TlsFileError(format!(
             "{key} {}: is a directory, not a file",
             path.display()
         )));
     }
-    std::fs::read(path)
-        .map_err(|err| TlsFileError(format!("{key} {}: cannot be read: {err}", path.display())))
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(cannot)?;
+    Ok(bytes)
 }
 
 /// The PEM error without echoing file contents (a key must never reach a message).

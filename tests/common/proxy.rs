@@ -44,9 +44,15 @@ impl TcpProxy {
     /// Listens on a free port and forwards each connection to `127.0.0.1:upstream_port`
     /// (a connection whose upstream connect fails is closed).
     pub async fn start(upstream_port: u16) -> TcpProxy {
-        let listener = TcpListener::bind(("127.0.0.1", 0))
+        TcpProxy::start_on("127.0.0.1", 0, upstream_port).await
+    }
+
+    /// [`start`](Self::start) listening on `host:port` (a loopback address, e.g. `::1`; port 0
+    /// for a free one).
+    pub async fn start_on(host: &str, port: u16, upstream_port: u16) -> TcpProxy {
+        let listener = TcpListener::bind((host, port))
             .await
-            .expect("bind proxy");
+            .unwrap_or_else(|e| panic!("bind proxy on {host}:{port}: {e}"));
         let port = listener.local_addr().expect("local_addr").port();
         let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
