@@ -6,8 +6,8 @@ use std::sync::{Arc, OnceLock};
 
 use futures_util::FutureExt;
 use rumqttc5::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Packet,
-    PublishNoticeError, PublishOptions, PublishProperties, PublishResult, StateError,
+    AsyncClient, ConnectReturnCode, ConnectionError, DisconnectReasonCode, Event, NetworkOptions,
+    Packet, PublishNoticeError, PublishOptions, PublishProperties, PublishResult, StateError,
 };
 
 use super::{
@@ -85,6 +85,12 @@ pub(super) async fn open(
                     tracing::debug!(error = %err, "MQTT connection closed");
                     break End::Closed;
                 }
+                Err(
+                    err @ ConnectionError::MqttState(StateError::ServerDisconnect {
+                        reason_code: DisconnectReasonCode::SessionTakenOver,
+                        ..
+                    }),
+                ) => break End::TakenOver(describe(&err)),
                 Err(err) => break End::Lost(describe(&err)),
             }
         };
