@@ -350,8 +350,6 @@ async fn a_broker_restarted_twice_mid_burst_costs_a_single_worker_no_job_and_no_
     let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let mut options = WorkerOptions::new(amqp_url(), queue.clone(), connectors.path());
     options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
-    // A slower pace than the worker's best, so both restarts fall inside the burst.
-    options.prefetch = 16;
     let worker = spawn_worker_with(options).await;
     let run = unique_name("run");
     let bodies: Vec<(String, Vec<u8>)> = (0..JOBS)
@@ -360,12 +358,26 @@ async fn a_broker_restarted_twice_mid_burst_costs_a_single_worker_no_job_and_no_
             (i.to_string(), body.to_string().into_bytes())
         })
         .collect();
+    // The burst goes out in 5 batches of 400, one every 2.5 s; the broker is restarted as soon
+    // as batches 1 and 3 are on the queue, with their jobs in flight, 5 s apart (restarts are;
+    // two losses within 3 s of a reconnect while the broker's port answers look like a
+    // sibling's takeover under 3.1.1).
     let started = Instant::now();
-    send_burst(&amqp, &queue, &reply_queue, &bodies).await;
     let mut answered: HashMap<String, Vec<Reply>> = HashMap::new();
-    let mut restarts = 0;
     let mut answered_at_restart = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(50);
+    for (n, batch) in bodies.chunks(JOBS / 5).enumerate() {
+        send_burst(&amqp, &queue, &reply_queue, batch).await;
+        if n == 1 || n == 3 {
+            broker.restart();
+            while let Some(reply) = replies.try_reply(Duration::from_millis(5)).await {
+                let id = reply.correlation_id.clone().expect("correlation id");
+                answered.entry(id).or_default().push(reply);
+            }
+            answered_at_restart.push(answered.len());
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
     while answered.len() < JOBS {
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(reply) = replies.try_reply(left).await else {
@@ -373,12 +385,6 @@ async fn a_broker_restarted_twice_mid_burst_costs_a_single_worker_no_job_and_no_
         };
         let id = reply.correlation_id.clone().expect("correlation id");
         answered.entry(id).or_default().push(reply);
-        // Restart at a third and at two thirds of the burst, while jobs are in flight.
-        if restarts < 2 && answered.len() >= (restarts + 1) * JOBS / 3 {
-            answered_at_restart.push(answered.len());
-            broker.restart();
-            restarts += 1;
-        }
     }
     let elapsed = started.elapsed();
     while let Some(reply) = replies.try_reply(Duration::from_millis(500)).await {
@@ -396,11 +402,10 @@ async fn a_broker_restarted_twice_mid_burst_costs_a_single_worker_no_job_and_no_
     let reconnects = metric_sum(&metrics, "mqtt_connector_mqtt_reconnects_total");
     let twice = answered.values().filter(|r| r.len() > 1).count();
     println!(
-        "broker restarted twice (after {answered_at_restart:?} answers): {JOBS} jobs in \
+        "broker restarted twice (answers just after: {answered_at_restart:?}): {JOBS} jobs in \
          {elapsed:?}; codes {codes:?}; {retried} retried; hand-backs {deferred}; reconnects \
          {reconnects}; answered twice {twice}"
     );
-    assert_eq!(restarts, 2);
     assert_eq!(twice, 0, "jobs answered twice");
     assert_eq!(codes, [(0, JOBS)].into_iter().collect());
     assert_eq!(deferred, 0.0, "a single worker handed jobs back");

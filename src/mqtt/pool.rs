@@ -41,7 +41,9 @@ type Opening = Shared<ConnectFuture>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection lost sooner than this after opening counts as a quick loss: the next one to the
 /// same target waits first (two workers sharing a client-id take the connection from each other).
-const QUICK_LOSS: Duration = Duration::from_secs(10);
+/// Short: siblings fighting over a client-id kick each other within a reconnect pause (0.5-1.5
+/// s), while a broker restarted twice, or a link that drops twice, seldom does it that fast.
+const QUICK_LOSS: Duration = Duration::from_secs(3);
 /// How long a worker first stops competing for a client-id that another connection took over
 /// from a working one; doubled each time it happens again, up to [`MAX_YIELD`]. Short: the
 /// holder may be a CLI `send` gone a moment later, and a yield delays that client-id's jobs.
