@@ -220,6 +220,8 @@ impl Pipeline {
     /// ([`Finished::requeue_after`]) instead of waiting, while `siblings` says other workers
     /// consume the queue.
     pub fn deferring(mut self, siblings: Siblings) -> Self {
+        // The pool yields a client-id only while there is a sibling to yield it to.
+        self.pool.follow_siblings(siblings.clone());
         self.siblings = Some(siblings);
         self
     }

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -30,6 +30,7 @@ use super::tls::TlsConfigs;
 use crate::backoff::Backoff;
 use crate::job::{Broker, MqttVersion, Target};
 use crate::metrics::Metrics;
+use crate::pipeline::Siblings;
 
 /// The contract's default for `--max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
@@ -108,6 +109,9 @@ struct Inner {
     tls: TlsConfigs,
     /// The gate of each target some job holds (see [`Gate`]).
     gates: Mutex<HashMap<Target, Weak<Gate>>>,
+    /// Whether other workers consume the queue; unset (`send`) counts as none. Without a
+    /// sibling to yield to, a client-id taken over is taken back after a pause.
+    siblings: OnceLock<Siblings>,
 }
 
 /// Who publishes on a target's connection: ordinary publishes together, a suspect alone.
@@ -247,6 +251,7 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             tls: TlsConfigs::default(),
             gates: Mutex::new(HashMap::new()),
+            siblings: OnceLock::new(),
         });
         tokio::spawn(reap_idle(Arc::downgrade(&inner), idle_timeout));
         Pool { inner }
@@ -266,6 +271,11 @@ impl Pool {
         let gate = Arc::new(Gate::new());
         gates.insert(target.clone(), Arc::downgrade(&gate));
         gate
+    }
+
+    /// Yield client-ids taken over only while `siblings` says other workers consume the queue.
+    pub fn follow_siblings(&self, siblings: Siblings) {
+        let _ = self.inner.siblings.set(siblings);
     }
 
     /// The client-id the broker sees for `target` (with the worker's suffix).
@@ -368,6 +378,7 @@ impl Pool {
                     quick: connection.age() < QUICK_LOSS,
                     worked: connection.has_worked(),
                     attributed: connection.was_alone(),
+                    may_yield: self.inner.siblings.get().is_some_and(Siblings::present),
                 };
                 match after_loss(slot, target, loss, seen) {
                     AfterLoss::Pause(state) => {
@@ -540,6 +551,8 @@ struct Seen {
     worked: bool,
     /// A suspect's publish was alone on it: the loss is that job's doing.
     attributed: bool,
+    /// Another worker consumes the queue: there is someone to yield the client-id to.
+    may_yield: bool,
 }
 
 /// What follows the end of a connection.
@@ -569,7 +582,17 @@ fn after_loss(slot: &mut Slot, target: &Target, loss: Option<Loss>, seen: Seen) 
             slot.yields = 0;
             return AfterLoss::Reconnect;
         }
-        Some(Loss::TakenOver) => return AfterLoss::Yield,
+        Some(Loss::TakenOver) if seen.may_yield => return AfterLoss::Yield,
+        Some(Loss::TakenOver) => {
+            tracing::warn!(
+                client_id = %target.client_id,
+                broker = %target.broker,
+                "another connection took this client-id over (MQTT 5 DISCONNECT 0x8E); no \
+                 sibling worker consumes the queue, so this worker takes it back after a pause"
+            );
+            let delay = rand::rng().random_range(BLIP_PAUSE_MIN..=BLIP_PAUSE_MAX);
+            return AfterLoss::Pause(pause(target, "session taken over", 0, delay));
+        }
         Some(Loss::Lost(reason)) => reason,
     };
     if seen.attributed {
@@ -587,7 +610,11 @@ fn after_loss(slot: &mut Slot, target: &Target, loss: Option<Loss>, seen: Seen) 
     // Twice in a row, a working client-id is being taken from us. Once may be a blip (a
     // connection cut on the way): reconnect after a moment, spread so that workers kicked
     // together do not all come back together. MQTT 5 brokers say so (0x8E) instead.
-    if target.version == MqttVersion::V3_1_1 && slot.worked && slot.quick_losses > 1 {
+    if seen.may_yield
+        && target.version == MqttVersion::V3_1_1
+        && slot.worked
+        && slot.quick_losses > 1
+    {
         return AfterLoss::ProbeThenReconnect;
     }
     let delay = if slot.worked {
@@ -761,6 +788,7 @@ mod tests {
         quick: true,
         worked: true,
         attributed: false,
+        may_yield: true,
     };
 
     #[test]
@@ -856,6 +884,28 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_without_siblings_never_yields_and_takes_its_client_id_back() {
+        let alone = Seen {
+            may_yield: false,
+            ..QUICK_WORKING
+        };
+        for version in [MqttVersion::V3_1_1, MqttVersion::V5] {
+            let mut slot = slot();
+            for _ in 0..5 {
+                assert!(matches!(
+                    after_loss(&mut slot, &target(version), lost(), alone),
+                    AfterLoss::Pause(..)
+                ));
+            }
+            assert!(matches!(
+                after_loss(&mut slot, &target(version), Some(Loss::TakenOver), alone),
+                AfterLoss::Pause(..)
+            ));
+            assert_eq!(slot.yields, 0);
+        }
+    }
+
+    #[test]
     fn yields_are_short_double_and_stay_bounded() {
         assert!(yield_delay(1) >= FIRST_YIELD / 2 && yield_delay(1) <= FIRST_YIELD);
         assert!(yield_delay(1) <= Duration::from_secs(5));
@@ -874,6 +924,7 @@ mod tests {
             waiting: AtomicUsize::new(0),
             tls: TlsConfigs::default(),
             gates: Mutex::new(HashMap::new()),
+            siblings: OnceLock::new(),
         };
         let v4 = target(MqttVersion::V3_1_1);
         let opening = Slot {
