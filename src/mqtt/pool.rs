@@ -359,7 +359,11 @@ impl Pool {
                 rest: Rest::Pause,
                 ..
             } if Instant::now() < *until => Step::Sleep(*until),
-            State::Resting { until, error, .. } if Instant::now() < *until => {
+            // A yield ends early once no sibling consumes the queue: nobody to yield to.
+            State::Resting { until, error, .. }
+                if Instant::now() < *until
+                    && self.inner.siblings.get().is_some_and(Siblings::present) =>
+            {
                 Step::Fail(error.clone())
             }
             State::Resting { .. } => Step::Wait(self.reopen(slot, target, false)),
