@@ -357,13 +357,24 @@ impl Pipeline {
             attempts += 1;
             let mut phase = Phase::Connecting;
             let alone = suspect.is_some();
-            let attempt = timeout_at(deadline, self.attempt(job, &gate, alone, &mut phase)).await;
+            // The loss the pool pauses after, while this attempt waits for it to reconnect.
+            let mut paused = None;
+            let attempt = timeout_at(
+                deadline,
+                self.attempt(job, &gate, alone, &mut phase, &mut paused),
+            )
+            .await;
             let failure = match attempt {
                 Ok(Ok(ack)) => return Ok(published(job, ack, attempts, &self.pool)),
                 Ok(Err(Failed { error, .. })) if error.is_permanent() => {
                     return Ok(Outcome::new(error.exit_code(), error.to_string(), attempts));
                 }
-                Ok(Err(Failed { error, blame })) => {
+                Ok(Err(Failed { error, mut blame })) => {
+                    // A broker on which nothing ever worked drops every connection: no job's
+                    // doing.
+                    if blame == Blame::Alone && !self.pool.has_worked(&job.target) {
+                        blame = Blame::None;
+                    }
                     match blame {
                         Blame::Shared => suspect = suspect.or_else(|| Some(gate.suspect())),
                         Blame::Alone => alone_losses += 1,
@@ -378,7 +389,7 @@ impl Pipeline {
                     return Ok(timed_out(
                         job,
                         phase,
-                        last_failure,
+                        last_failure.or(paused),
                         attempts,
                         started.elapsed(),
                     ));
@@ -420,13 +431,14 @@ impl Pipeline {
         gate: &Gate,
         alone: bool,
         phase: &mut Phase,
+        paused: &mut Option<MqttError>,
     ) -> Result<Ack, Failed> {
         let (_alone_turn, _turn) = if alone {
             (Some(gate.alone().await), None)
         } else {
             (None, Some(gate.ordinary().await))
         };
-        let connection = self.pool.lease(&job.target).await?;
+        let connection = self.pool.lease_noting_pauses(&job.target, paused).await?;
         *phase = Phase::AwaitingAck;
         let sent = Instant::now();
         connection.set_alone(alone);

@@ -227,8 +227,8 @@ enum Step {
     Ready(Lease),
     Wait(Opening),
     Fail(MqttError),
-    /// The slot pauses before reconnecting: try again then.
-    Sleep(Instant),
+    /// The slot pauses before reconnecting (after this loss): try again then.
+    Sleep(Instant, MqttError),
 }
 
 impl Pool {
@@ -289,14 +289,32 @@ impl Pool {
     /// A live connection to `target`, opening one if needed; while the slot pauses before
     /// reconnecting, waits for the new connection.
     pub async fn lease(&self, target: &Target) -> Result<Lease, MqttError> {
+        self.lease_noting_pauses(target, &mut None).await
+    }
+
+    /// [`Pool::lease`], noting in `paused` the loss a pause follows while it waits (the job's
+    /// answer if its timeout runs out there).
+    pub async fn lease_noting_pauses(
+        &self,
+        target: &Target,
+        paused: &mut Option<MqttError>,
+    ) -> Result<Lease, MqttError> {
         loop {
             match self.lease_step(target) {
-                Step::Sleep(until) => {
+                Step::Sleep(until, loss) => {
+                    *paused = Some(loss);
                     tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
                 }
                 step => return self.finish_lease(step).await,
             }
         }
+    }
+
+    /// Whether a connection to `target` ever carried an acknowledged publish.
+    pub fn has_worked(&self, target: &Target) -> bool {
+        self.lock().get(target).is_some_and(|slot| {
+            slot.worked || matches!(&slot.state, State::Open(c) if c.has_worked())
+        })
     }
 
     fn lease_step(&self, target: &Target) -> Step {
@@ -326,7 +344,7 @@ impl Pool {
         match step {
             Step::Ready(lease) => Ok(lease),
             Step::Fail(error) => Err(error),
-            Step::Sleep(_) => Err(MqttError::Internal {
+            Step::Sleep(..) => Err(MqttError::Internal {
                 broker: String::new(),
                 reason: "a pause was not waited for".into(),
             }),
@@ -356,9 +374,9 @@ impl Pool {
             },
             State::Resting {
                 until,
+                error,
                 rest: Rest::Pause,
-                ..
-            } if Instant::now() < *until => Step::Sleep(*until),
+            } if Instant::now() < *until => Step::Sleep(*until, error.clone()),
             // A yield ends early once no sibling consumes the queue: nobody to yield to.
             State::Resting { until, error, .. }
                 if Instant::now() < *until
@@ -386,11 +404,12 @@ impl Pool {
                 };
                 match after_loss(slot, target, loss, seen) {
                     AfterLoss::Pause(state) => {
-                        let State::Resting { until, .. } = state else {
+                        let State::Resting { until, error, .. } = &state else {
                             return Step::Wait(self.reopen(slot, target, false));
                         };
+                        let step = Step::Sleep(*until, error.clone());
                         slot.state = state;
-                        Step::Sleep(until)
+                        step
                     }
                     AfterLoss::Yield => {
                         Step::Fail(yield_slot(slot, target, &self.client_id(target)))
