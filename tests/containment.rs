@@ -258,11 +258,13 @@ async fn poison_among_good(workers: usize, good: usize) {
 
     let mut good_codes: BTreeMap<i64, usize> = BTreeMap::new();
     let mut retried = 0;
+    let mut retried_twice = 0;
     let mut most_attempts = 0;
     for i in 0..good {
         let (reply, _) = answers.first(&i.to_string());
         *good_codes.entry(reply.exit_code()).or_default() += 1;
         retried += usize::from(attempts(reply) > 1);
+        retried_twice += usize::from(attempts(reply) > 2);
         most_attempts = most_attempts.max(attempts(reply));
     }
     let poison: Vec<(i64, f64, String)> = (0..3)
@@ -285,7 +287,7 @@ async fn poison_among_good(workers: usize, good: usize) {
     let (connects, takeovers, closes) = server.seen(|s| (s.connects, s.takeovers, s.poison_closes));
     println!(
         "{workers} worker(s), {good} good + 3 poison jobs on one client-id: good codes \
-         {good_codes:?}, {retried} good retried (most attempts {most_attempts}), {received} \
+         {good_codes:?}, {retried} good retried, {retried_twice} more than once (most attempts {most_attempts}), {received} \
          good received by the server; poison (code, seconds after the burst was sent) {:?}; \
          hand-backs {deferred}; connects {connects}, takeovers {takeovers}, poison closes \
          {closes}; answered twice {}",
@@ -294,10 +296,19 @@ async fn poison_among_good(workers: usize, good: usize) {
     );
     assert_eq!(answers.twice(), 0, "jobs answered twice");
     assert_eq!(good_codes, [(0, good)].into_iter().collect(), "good jobs");
-    assert!(
-        most_attempts <= 2,
-        "a good job took {most_attempts} attempts"
-    );
+    if workers == 1 {
+        assert!(
+            most_attempts <= 2,
+            "a good job took {most_attempts} attempts"
+        );
+    } else {
+        // Workers sharing a client-id take it from each other at start (the takeovers above):
+        // a publish in flight then is retried too, so a few good jobs may need one more.
+        assert!(
+            retried_twice * 20 <= good,
+            "{retried_twice} good jobs retried more than once"
+        );
+    }
     assert_eq!(
         received, good,
         "good jobs answered 0 that the server never got"
