@@ -114,11 +114,11 @@ async fn serve_until_closed(
                     String::from_utf8_lossy(&body[at + 2..at + 2 + id_len]).into_owned();
                 let mut seen = seen.lock().expect("seen");
                 seen.connects += 1;
-                if let Some(older) = seen.holders.insert(client_id, closed.clone()) {
-                    if !older.is_cancelled() {
-                        seen.takeovers += 1;
-                        older.cancel();
-                    }
+                if let Some(older) = seen.holders.insert(client_id, closed.clone())
+                    && !older.is_cancelled()
+                {
+                    seen.takeovers += 1;
+                    older.cancel();
                 }
                 vec![0x20, 0x02, 0x00, 0x00]
             }
