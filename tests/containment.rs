@@ -315,14 +315,22 @@ async fn poison_among_good(workers: usize, good: usize) {
     );
     for (code, secs, message) in &poison {
         assert_eq!(*code, 7, "poison job: {message}");
+        // Within its 20 s timeout, counted from when a worker first took it (a few seconds
+        // for the reply).
         assert!(
             *secs < 25.0,
             "poison job answered after {secs} s: {message}"
         );
-        assert!(
-            message.contains("closed the connection each time"),
-            "{message}"
-        );
+        // One worker finds the culprit; in a fleet, hand-backs between the workers may take
+        // a poison job to its deadline first (its losses are not carried across).
+        if workers == 1 {
+            assert!(
+                message.contains("closed the connection each time"),
+                "{message}"
+            );
+        } else {
+            assert!(message.contains("connection"), "{message}");
+        }
     }
     if workers == 1 {
         assert_eq!(deferred, 0.0, "a single worker handed jobs back");

@@ -54,6 +54,8 @@ const MAX_YIELD: Duration = Duration::from_secs(60);
 /// connection.
 const BLIP_PAUSE_MIN: Duration = Duration::from_millis(500);
 const BLIP_PAUSE_MAX: Duration = Duration::from_millis(1500);
+/// Connects to one target after a loss attributed to a job are at least this far apart.
+const CONNECT_SPACING: Duration = Duration::from_secs(1);
 /// How long the probe of a broker's port may take (see [`after_loss`]).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -397,6 +399,7 @@ impl Pool {
                         .mqtt_reconnect(&target.broker.to_string());
                 }
                 let seen = Seen {
+                    age: connection.age(),
                     quick: connection.age() < QUICK_LOSS,
                     worked: connection.has_worked(),
                     attributed: connection.was_alone(),
@@ -568,6 +571,8 @@ enum Loss {
 /// What the pool saw of the connection that ended.
 #[derive(Debug, Clone, Copy)]
 struct Seen {
+    /// How long it lived.
+    age: Duration,
     /// Lost within [`QUICK_LOSS`] of opening.
     quick: bool,
     /// The broker acknowledged a publish on it.
@@ -620,8 +625,12 @@ fn after_loss(slot: &mut Slot, target: &Target, loss: Option<Loss>, seen: Seen) 
     };
     if seen.attributed {
         slot.quick_losses = 0;
-        // A short pause all the same: brokers limit connects per client-id (AWS IoT: 1/s).
-        let delay = rand::rng().random_range(BLIP_PAUSE_MIN..=BLIP_PAUSE_MAX);
+        // No rest for a job's doing, only connects kept a second apart: brokers limit them
+        // per client-id (AWS IoT: one a second).
+        let delay = CONNECT_SPACING.saturating_sub(seen.age);
+        if delay.is_zero() {
+            return AfterLoss::Reconnect;
+        }
         return AfterLoss::Pause(pause(target, &reason, 0, delay));
     }
     if !seen.quick {
@@ -808,6 +817,7 @@ mod tests {
     }
 
     const QUICK_WORKING: Seen = Seen {
+        age: Duration::from_millis(100),
         quick: true,
         worked: true,
         attributed: false,
@@ -926,6 +936,43 @@ mod tests {
             ));
             assert_eq!(slot.yields, 0);
         }
+    }
+
+    #[test]
+    fn a_loss_attributed_to_a_job_only_keeps_connects_a_second_apart() {
+        let v4 = target(MqttVersion::V3_1_1);
+        let attributed = |age| Seen {
+            age,
+            attributed: true,
+            ..QUICK_WORKING
+        };
+        let mut slot = slot();
+        match after_loss(
+            &mut slot,
+            &v4,
+            lost(),
+            attributed(Duration::from_millis(300)),
+        ) {
+            AfterLoss::Pause(State::Resting { until, rest, .. }) => {
+                assert_eq!(rest, Rest::Pause);
+                assert!(until <= Instant::now() + Duration::from_millis(700));
+            }
+            _ => panic!("expected a short pause"),
+        }
+        assert!(matches!(
+            after_loss(&mut slot, &v4, lost(), attributed(Duration::from_secs(2))),
+            AfterLoss::Reconnect
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_client_id_used_carries_the_workers_suffix() {
+        let settings = ConnectionSettings {
+            client_id_suffix: "-host-42".into(),
+            ..ConnectionSettings::default()
+        };
+        let pool = Pool::new(settings, Duration::from_secs(60), 10, Metrics::new());
+        assert_eq!(pool.client_id(&target(MqttVersion::V5)), "c-host-42");
     }
 
     #[test]
