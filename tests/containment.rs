@@ -435,3 +435,115 @@ async fn a_broker_restarted_twice_mid_burst_costs_a_single_worker_no_job_and_no_
     worker.stop().await;
     amqp.delete_queue(&queue).await;
 }
+
+/// A scripted MQTT 5 server that answers CONNECT with CONNACK and every PUBLISH with
+/// DISCONNECT 0x8E, *session taken over*, then closes: a fake, because the broker at hand
+/// (Mosquitto 2.0.11) closes a v5 connection taken over without sending that DISCONNECT.
+async fn taken_over_server() -> (u16, CancellationToken) {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let stop = CancellationToken::new();
+    let accept_stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let mut stream = tokio::select! {
+                _ = accept_stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+            };
+            tokio::spawn(async move {
+                while let Some((kind, _)) = read_packet(&mut stream).await {
+                    let answer: &[u8] = match kind >> 4 {
+                        1 => &[0x20, 0x03, 0x00, 0x00, 0x00],
+                        3 => &[0xE0, 0x02, 0x8E, 0x00],
+                        12 => &[0xD0, 0x00],
+                        _ => &[],
+                    };
+                    if stream.write_all(answer).await.is_err() || kind >> 4 == 3 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, stop)
+}
+
+/// MQTT 5's DISCONNECT 0x8E (session taken over) is evidence of another holder: a worker with
+/// siblings on its queue yields the client-id and hands the job back, naming it; one without
+/// never hands back: the job retries within its timeout and ends with the takeover as its
+/// reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_5_takeover_hands_the_job_back_only_with_siblings() {
+    use mqtt_connector::connectors::ConnectorStore;
+    use mqtt_connector::job::Limits;
+    use mqtt_connector::metrics::Metrics;
+    use mqtt_connector::mqtt::connection::ConnectionSettings;
+    use mqtt_connector::mqtt::pool::Pool;
+    use mqtt_connector::pipeline::{Pipeline, Siblings, Taken};
+    use mqtt_connector::policy::Policy;
+
+    mqtt_connector::install_crypto_provider();
+    let (port, _stop) = taken_over_server().await;
+    let client_id = unique_name("taken");
+    let empty = connectors_dir();
+    let pipeline = |siblings: &Siblings| {
+        let metrics = Metrics::new();
+        let pool = Pool::new(
+            ConnectionSettings::default(),
+            Duration::from_secs(60),
+            10,
+            metrics.clone(),
+        );
+        let store = ConnectorStore::load(empty.path()).expect("an empty connectors folder");
+        Pipeline::new(
+            Arc::new(store),
+            pool,
+            metrics,
+            Limits::default(),
+            Policy::for_send(),
+        )
+        .deferring(siblings.clone())
+    };
+    let body = json!({"broker": format!("tcp://127.0.0.1:{port}"), "client-id": client_id,
+                      "topic": "t", "qos": 1, "mqtt-version": 5, "timeout": 3000,
+                      "content": "x"})
+    .to_string()
+    .into_bytes();
+
+    let alone = Siblings::default();
+    alone.set(false);
+    let started = Instant::now();
+    let without = pipeline(&alone).run(&body, Taken::now()).await;
+    let without_took = started.elapsed();
+
+    let siblings = Siblings::default();
+    siblings.set(true);
+    let with = pipeline(&siblings).run(&body, Taken::now()).await;
+    println!(
+        "MQTT 5 DISCONNECT 0x8E: alone {:?} after {without_took:?}; with siblings {:?}, \
+         handed back after {:?}",
+        without.outcome, with.outcome, with.requeue_after
+    );
+    assert!(
+        without.requeue_after.is_none(),
+        "handed back without siblings"
+    );
+    assert_eq!(without.outcome.exit_code.code(), 7, "{:?}", without.outcome);
+    assert!(without.outcome.attempts >= 2, "{:?}", without.outcome);
+    assert!(
+        without.outcome.message.contains("0x8E"),
+        "{:?}",
+        without.outcome
+    );
+    assert!(without_took < Duration::from_secs(5), "{without_took:?}");
+    assert!(with.requeue_after.is_some(), "{:?}", with.outcome);
+    assert!(
+        with.outcome.message.contains(&client_id)
+            && with.outcome.message.contains("held by another connection"),
+        "{:?}",
+        with.outcome
+    );
+}
