@@ -443,8 +443,10 @@ impl Pipeline {
         let sent = Instant::now();
         connection.set_alone(alone);
         let ack = match tokio::time::timeout(ACK_STALL, connection.publish(&job.message)).await {
+            // The client may fail its publishes before the event loop has recorded why the
+            // connection ended: only a close of ours or a takeover is no loss of this job's.
             Ok(Err(error @ MqttError::PublishLost { .. }))
-                if matches!(connection.end(), Some(End::Lost(_))) =>
+                if !matches!(connection.end(), Some(End::Closed | End::TakenOver(_))) =>
             {
                 // Left marked alone: the pool attributes the loss to this job.
                 let blame = if alone { Blame::Alone } else { Blame::Shared };
