@@ -320,24 +320,22 @@ impl Pool {
     }
 
     fn lease_step(&self, target: &Target) -> Step {
-        {
-            let mut slots = self.lock();
-            match slots.get_mut(target) {
-                Some(slot) => self.step(slot, target),
-                None => {
-                    let (id, future) = self.open(target, false);
-                    let state = opening(id, &future);
-                    slots.insert(
-                        target.clone(),
-                        Slot {
-                            state,
-                            quick_losses: 0,
-                            yields: 0,
-                            worked: false,
-                        },
-                    );
-                    Step::Wait(future)
-                }
+        let mut slots = self.lock();
+        match slots.get_mut(target) {
+            Some(slot) => self.step(slot, target),
+            None => {
+                let (id, future) = self.open(target, false);
+                let state = opening(id, &future);
+                slots.insert(
+                    target.clone(),
+                    Slot {
+                        state,
+                        quick_losses: 0,
+                        yields: 0,
+                        worked: false,
+                    },
+                );
+                Step::Wait(future)
             }
         }
     }
@@ -405,6 +403,15 @@ impl Pool {
                     attributed: connection.was_alone(),
                     may_yield: self.inner.siblings.get().is_some_and(Siblings::present),
                 };
+                if matches!(loss, Some(Loss::TakenOver)) && !seen.may_yield {
+                    tracing::warn!(
+                        client_id = %self.client_id(target),
+                        broker = %target.broker,
+                        "another connection took this client-id over (MQTT 5 DISCONNECT 0x8E); \
+                         no sibling worker consumes the queue, so this worker takes it back \
+                         after a pause"
+                    );
+                }
                 match after_loss(slot, target, loss, seen) {
                     AfterLoss::Pause(state) => {
                         let State::Resting { until, error, .. } = &state else {
@@ -612,12 +619,6 @@ fn after_loss(slot: &mut Slot, target: &Target, loss: Option<Loss>, seen: Seen) 
         }
         Some(Loss::TakenOver) if seen.may_yield => return AfterLoss::Yield,
         Some(Loss::TakenOver) => {
-            tracing::warn!(
-                client_id = %target.client_id,
-                broker = %target.broker,
-                "another connection took this client-id over (MQTT 5 DISCONNECT 0x8E); no \
-                 sibling worker consumes the queue, so this worker takes it back after a pause"
-            );
             let delay = rand::rng().random_range(BLIP_PAUSE_MIN..=BLIP_PAUSE_MAX);
             return AfterLoss::Pause(pause(target, "session taken over", 0, delay));
         }
