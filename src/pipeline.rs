@@ -1,6 +1,12 @@
 //! One job from body to outcome: decode, hold it to the trust boundary, merge with its
 //! connector, validate, then publish through the pool with retries and backoff, all inside the
 //! job's timeout. Used by the worker for every delivery and by `send` directly.
+//!
+//! One job cannot harm another: a job whose publish was lost with a connection becomes a
+//! *suspect* and retries alone on the next one (the pool's [`Gate`]), so a broker that closes
+//! the connection on one message costs the others on it one retry each, and the job lost again
+//! while alone is the culprit: it ends 7 after [`CULPRIT_LOSSES`] such losses. The job's
+//! deadline counts from when a worker first took it ([`Taken`]), across hand-backs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,8 +22,8 @@ use crate::connectors::{Connector, ConnectorStore};
 use crate::job::{Job, JobError, Limits, Params, Qos};
 use crate::metrics::{ConnectorMetrics, Metrics};
 use crate::mqtt::MqttError;
-use crate::mqtt::connection::Ack;
-use crate::mqtt::pool::Pool;
+use crate::mqtt::connection::{Ack, End};
+use crate::mqtt::pool::{Gate, Pool, Suspect};
 use crate::outcome::{ExitCode, Outcome};
 use crate::policy::{self, JobFiles, Policy};
 
@@ -35,6 +41,11 @@ type Prepared<'a> = Result<(Job, &'a ConnectorMetrics), (JobError, &'a Connector
 
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Connections lost while this job's publish was alone on them before it is the culprit: one
+/// may be a coincidence (a broker restart), two are the broker refusing this message.
+const CULPRIT_LOSSES: u32 = 2;
+/// A `first_taken` further back than this is not believed: it counts as now.
+const ABSURD_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Everything a job needs, shared by all jobs of a worker.
 #[derive(Clone)]
@@ -110,10 +121,14 @@ enum Next {
     GiveUp,
     /// Hand the job back to the queue (a sibling worker holds its client-id).
     Defer,
+    /// Its client-id was held elsewhere until the job's deadline: answer 6.
+    HeldTooLong,
 }
 
 /// The retry decision, pure: a client-id held elsewhere is deferred where deferring is
-/// possible; otherwise retry after `delay` unless that passes the deadline.
+/// possible (siblings on the queue) and the job would come back before its deadline;
+/// otherwise retry after `delay` unless that passes the deadline, where a client-id still
+/// held elsewhere is its own answer.
 fn next_after(
     failure: &MqttError,
     may_defer: bool,
@@ -121,12 +136,53 @@ fn next_after(
     deadline: tokio::time::Instant,
     delay: Duration,
 ) -> Next {
-    if may_defer && matches!(failure, MqttError::HeldElsewhere { .. }) {
+    let held = matches!(failure, MqttError::HeldElsewhere { .. });
+    if held && may_defer && now + DEFER_MAX < deadline {
         Next::Defer
     } else if now + delay >= deadline {
-        Next::GiveUp
+        if held {
+            Next::HeldTooLong
+        } else {
+            Next::GiveUp
+        }
     } else {
         Next::Retry(delay)
+    }
+}
+
+/// How much of the job's timeout is left at `now` (wall clock), counted from when a worker
+/// first took it. A `first_taken` in the future, or absurdly far back, counts as now.
+fn time_left(first_taken: SystemTime, now: SystemTime, timeout: Duration) -> Duration {
+    match now.duration_since(first_taken) {
+        Ok(age) if age <= ABSURD_AGE => timeout.saturating_sub(age),
+        _ => timeout,
+    }
+}
+
+/// What an attempt's failure says about the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blame {
+    /// Nothing: the attempt failed before publishing, or not because the broker or the
+    /// network ended the connection.
+    None,
+    /// The connection was lost with this publish and others on it.
+    Shared,
+    /// The connection was lost while this publish was alone on it.
+    Alone,
+}
+
+/// A failed attempt and what it says about the job.
+struct Failed {
+    error: MqttError,
+    blame: Blame,
+}
+
+impl From<MqttError> for Failed {
+    fn from(error: MqttError) -> Self {
+        Self {
+            error,
+            blame: Blame::None,
+        }
     }
 }
 
@@ -161,6 +217,8 @@ impl Pipeline {
     /// ([`Finished::requeue_after`]) instead of waiting, while `siblings` says other workers
     /// consume the queue.
     pub fn deferring(mut self, siblings: Siblings) -> Self {
+        // The pool yields a client-id only while there is a sibling to yield it to.
+        self.pool.follow_siblings(siblings.clone());
         self.siblings = Some(siblings);
         self
     }
@@ -172,10 +230,9 @@ impl Pipeline {
     /// Runs one job body to its final outcome and records it in the metrics. `taken` says when
     /// a worker first took the job (its timeout counts from then) and how often it was handed back.
     pub async fn run(&self, body: &[u8], taken: Taken) -> Finished {
-        let _ = taken; // TODO(containment): deadline from taken.first_taken
         let started = Instant::now();
         let (result, label) = match self.prepare(body).await {
-            Ok((job, label)) => (self.publish(&job, label).await, label),
+            Ok((job, label)) => (self.publish(&job, label, taken).await, label),
             Err((err, label)) => (Ok(Outcome::from(err)), label),
         };
         let connector = Arc::clone(&label.name);
@@ -274,27 +331,62 @@ impl Pipeline {
 
     /// Publishes until the broker acknowledges, a permanent failure, or the job's timeout;
     /// `Err` when the job is to go back to the queue (its why as an outcome, for the log).
-    async fn publish(&self, job: &Job, label: &ConnectorMetrics) -> Result<Outcome, Outcome> {
+    async fn publish(
+        &self,
+        job: &Job,
+        label: &ConnectorMetrics,
+        taken: Taken,
+    ) -> Result<Outcome, Outcome> {
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + job.timeout;
+        let left = time_left(taken.first_taken, SystemTime::now(), job.timeout);
+        let deadline = tokio::time::Instant::now() + left;
+        if left.is_zero() && taken.handbacks > 0 {
+            return Ok(held_too_long(job, &self.pool, taken, 0));
+        }
+        let gate = self.pool.gate(&job.target);
+        // Set once the job's publish was lost with a connection: from then on it goes alone.
+        let mut suspect: Option<Suspect> = None;
+        let mut alone_losses = 0;
         let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
         let mut last_failure: Option<MqttError> = None;
         let mut attempts = 0;
         loop {
             attempts += 1;
             let mut phase = Phase::Connecting;
-            let attempt = timeout_at(deadline, self.attempt(job, &mut phase)).await;
+            let alone = suspect.is_some();
+            // The loss the pool pauses after, while this attempt waits for it to reconnect.
+            let mut paused = None;
+            let attempt = timeout_at(
+                deadline,
+                self.attempt(job, &gate, alone, &mut phase, &mut paused),
+            )
+            .await;
             let failure = match attempt {
-                Ok(Ok(ack)) => return Ok(published(job, ack, attempts)),
-                Ok(Err(err)) if err.is_permanent() => {
-                    return Ok(Outcome::new(err.exit_code(), err.to_string(), attempts));
+                Ok(Ok(ack)) => return Ok(published(job, ack, attempts, &self.pool)),
+                Ok(Err(Failed { error, .. })) if error.is_permanent() => {
+                    return Ok(Outcome::new(error.exit_code(), error.to_string(), attempts));
                 }
-                Ok(Err(err)) => err,
+                Ok(Err(Failed { error, mut blame })) => {
+                    // A broker on which nothing ever worked drops every connection: no job's
+                    // doing.
+                    if blame == Blame::Alone && !self.pool.has_worked(&job.target) {
+                        blame = Blame::None;
+                    }
+                    match blame {
+                        Blame::Shared => suspect = suspect.or_else(|| Some(gate.suspect())),
+                        Blame::Alone => alone_losses += 1,
+                        Blame::None => {}
+                    }
+                    if alone_losses >= CULPRIT_LOSSES {
+                        return Ok(culprit(job, &error, attempts, started.elapsed()));
+                    }
+                    error
+                }
                 Err(_elapsed) => {
                     return Ok(timed_out(
                         job,
                         phase,
-                        last_failure,
+                        last_failure.or(paused),
                         attempts,
                         started.elapsed(),
                     ));
@@ -316,6 +408,9 @@ impl Pipeline {
                     ));
                 }
                 Next::GiveUp => return Ok(gave_up(job, &failure, attempts, started.elapsed())),
+                Next::HeldTooLong => {
+                    return Ok(held_too_long(job, &self.pool, taken, attempts));
+                }
                 Next::Retry(delay) => {
                     tracing::debug!(attempt = attempts, error = %failure, ?delay, "publish failed, will retry");
                     label.retry();
@@ -326,14 +421,42 @@ impl Pipeline {
         }
     }
 
-    async fn attempt(&self, job: &Job, phase: &mut Phase) -> Result<Ack, MqttError> {
-        let connection = self.pool.lease(&job.target).await?;
+    /// One publish: a turn at the gate (alone for a suspect), a lease, the acknowledgement.
+    async fn attempt(
+        &self,
+        job: &Job,
+        gate: &Gate,
+        alone: bool,
+        phase: &mut Phase,
+        paused: &mut Option<MqttError>,
+    ) -> Result<Ack, Failed> {
+        let (_alone_turn, _turn) = if alone {
+            (Some(gate.alone().await), None)
+        } else {
+            (None, Some(gate.ordinary().await))
+        };
+        let connection = self.pool.lease_noting_pauses(&job.target, paused).await?;
         *phase = Phase::AwaitingAck;
         let sent = Instant::now();
         // No stall timer of our own: the connection gives itself up when the broker owes an
         // answer and stays silent for the keep-alive (see mqtt::connection::health), which a
         // large payload or a small Receive Maximum does not trip.
-        let ack = connection.publish(&job.message).await?;
+        connection.set_alone(alone);
+        let ack = match connection.publish(&job.message).await {
+            // The client may fail its publishes before the event loop has recorded why the
+            // connection ended: only a close of ours or a takeover is no loss of this job's.
+            Err(error @ MqttError::PublishLost { .. })
+                if !matches!(connection.end(), Some(End::Closed | End::TakenOver(_))) =>
+            {
+                // Left marked alone: the pool attributes the loss to this job.
+                let blame = if alone { Blame::Alone } else { Blame::Shared };
+                return Err(Failed { error, blame });
+            }
+            result => {
+                connection.set_alone(false);
+                result?
+            }
+        };
         self.publish_latency[usize::from(ack.qos.level())].observe(sent.elapsed().as_secs_f64());
         Ok(ack)
     }
@@ -346,14 +469,14 @@ enum Phase {
     AwaitingAck,
 }
 
-fn published(job: &Job, ack: Ack, attempts: u32) -> Outcome {
+fn published(job: &Job, ack: Ack, attempts: u32, pool: &Pool) -> Outcome {
     let asked = job.message.qos;
     let target = &job.target;
     let mut message = format!(
         "published to {} on {} as {} (qos {})",
         job.message.topic.as_str(),
         target.broker,
-        target.client_id,
+        pool.client_id(target),
         ack.qos.level()
     );
     if let Some(max) = ack.lowered_to_max_qos {
@@ -405,6 +528,38 @@ fn timed_out(
             )
         }
     }
+}
+
+/// The job whose publish the broker answered by closing the connection, each time, also alone.
+fn culprit(job: &Job, failure: &MqttError, attempts: u32, elapsed: Duration) -> Outcome {
+    Outcome::new(
+        ExitCode::PublishFailed,
+        format!(
+            "the broker closed the connection each time this message was published, also with \
+             nothing else in flight on it ({attempts} attempts in {} ms): {} refuses this \
+             message (a topic or payload its policy denies?); the other jobs went on. Last: {failure}",
+            elapsed.as_millis(),
+            job.target.broker
+        ),
+        attempts,
+    )
+}
+
+/// The job whose client-id another connection held until the job's deadline.
+fn held_too_long(job: &Job, pool: &Pool, taken: Taken, attempts: u32) -> Outcome {
+    let handbacks = taken.handbacks;
+    let s = if handbacks == 1 { "" } else { "s" };
+    Outcome::new(
+        ExitCode::Timeout,
+        format!(
+            "the client-id {} on {} was held by another connection for the job's whole \
+             timeout of {} ms ({handbacks} hand-back{s})",
+            pool.client_id(&job.target),
+            job.target.broker,
+            job.timeout.as_millis()
+        ),
+        attempts,
+    )
 }
 
 fn gave_up(job: &Job, failure: &MqttError, attempts: u32, elapsed: Duration) -> Outcome {
@@ -466,15 +621,45 @@ mod tests {
             next_after(&held(), false, now, deadline, delay),
             Next::Retry(delay)
         );
-        tokio::time::advance(Duration::from_secs(10)).await;
-        let late = tokio::time::Instant::now();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_id_held_elsewhere_past_the_deadline_is_answered_not_handed_back_again() {
+        let start = tokio::time::Instant::now();
+        let deadline = start + Duration::from_secs(10);
+        let delay = Duration::from_millis(100);
+        // Close to the deadline, a hand-back would come back too late: wait here instead.
+        tokio::time::advance(Duration::from_secs(10) - DEFER_MAX).await;
+        let near = tokio::time::Instant::now();
         assert_eq!(
-            next_after(&held(), true, late, deadline, delay),
-            Next::Defer
+            next_after(&held(), true, near, deadline, delay),
+            Next::Retry(delay)
         );
+        tokio::time::advance(DEFER_MAX).await;
+        let late = tokio::time::Instant::now();
+        for may_defer in [true, false] {
+            assert_eq!(
+                next_after(&held(), may_defer, late, deadline, delay),
+                Next::HeldTooLong
+            );
+        }
+        // Other failures at the deadline are simply the outcome.
         assert_eq!(
-            next_after(&held(), false, late, deadline, delay),
+            next_after(&lost(), true, late, deadline, delay),
             Next::GiveUp
         );
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_first_taking_and_a_first_taking_in_the_future_or_absurd_is_now()
+    {
+        let now = SystemTime::now();
+        let timeout = Duration::from_secs(20);
+        let secs = Duration::from_secs;
+        assert_eq!(time_left(now - secs(5), now, timeout), secs(15));
+        assert_eq!(time_left(now - secs(25), now, timeout), Duration::ZERO);
+        assert_eq!(time_left(now + secs(3600), now, timeout), timeout);
+        assert_eq!(time_left(SystemTime::UNIX_EPOCH, now, timeout), timeout);
+        assert_eq!(time_left(now, now, timeout), timeout);
     }
 }

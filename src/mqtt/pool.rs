@@ -5,16 +5,23 @@
 //! on the next lease; one idle longer than the idle timeout is closed by a reaper. At the bound,
 //! the least recently used idle connection makes room, and a connect that finds every
 //! connection busy waits (within its job's timeout) for one to fall idle.
+//!
+//! Losses are attributed: each target has a [`Gate`] through which ordinary publishes share
+//! the connection and a *suspect* (a job whose publish was lost with a connection before)
+//! publishes alone. A connection lost while a suspect was alone on it is that job's doing, and
+//! never taken for a takeover; only evidence no job can produce makes the pool yield a
+//! client-id (MQTT 5's DISCONNECT 0x8E; for 3.1.1, working connections lost quickly twice in a
+//! row with no suspect on them while the broker's port still accepts connections).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared, WeakShared};
 use rand::Rng;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, RwLock, RwLockReadGuard, RwLockWriteGuard, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::MqttError;
@@ -23,6 +30,7 @@ use super::tls::TlsConfigs;
 use crate::backoff::Backoff;
 use crate::job::{Broker, Target};
 use crate::metrics::Metrics;
+use crate::pipeline::Siblings;
 
 /// The contract's default for `--max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
@@ -34,15 +42,20 @@ type Opening = Shared<ConnectFuture>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection lost sooner than this after opening counts as a quick loss: the next one to the
 /// same target waits first (two workers sharing a client-id take the connection from each other).
-const QUICK_LOSS: Duration = Duration::from_secs(10);
+/// Short: siblings fighting over a client-id kick each other within a reconnect pause (0.5-1.5
+/// s), while a broker restarted twice, or a link that drops twice, seldom does it that fast.
+const QUICK_LOSS: Duration = Duration::from_secs(3);
 /// How long a worker first stops competing for a client-id that another connection took over
-/// from a working one; doubled each time it happens again, up to [`MAX_YIELD`].
-const FIRST_YIELD: Duration = Duration::from_secs(60);
-const MAX_YIELD: Duration = Duration::from_secs(600);
+/// from a working one; doubled each time it happens again, up to [`MAX_YIELD`]. Short: the
+/// holder may be a CLI `send` gone a moment later, and a yield delays that client-id's jobs.
+const FIRST_YIELD: Duration = Duration::from_secs(4);
+const MAX_YIELD: Duration = Duration::from_secs(60);
 /// How long a worker waits before reconnecting after the first quick loss of a working
 /// connection.
 const BLIP_PAUSE_MIN: Duration = Duration::from_millis(500);
 const BLIP_PAUSE_MAX: Duration = Duration::from_millis(1500);
+/// Connects to one target after a loss attributed to a job are at least this far apart.
+const CONNECT_SPACING: Duration = Duration::from_secs(1);
 /// How long the probe of a broker's port may take (see [`after_loss`]).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -57,13 +70,25 @@ struct Slot {
     worked: bool,
 }
 
+/// Why a slot rests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rest {
+    /// A pause before reconnecting: leases wait for the new connection (within their job's
+    /// timeout) rather than fail, which would burn every job's retries.
+    Pause,
+    /// The client-id is yielded to another connection: leases fail at once with
+    /// [`MqttError::HeldElsewhere`] (the job goes back to the queue or retries).
+    Yield,
+}
+
 enum State {
     Open(Arc<Connection>),
-    /// Lost quickly several times in a row: until `until`, leases fail at once with `error`
-    /// (the job retries with its own backoff) instead of reconnecting.
+    /// Until `until`, no connect: leases wait ([`Rest::Pause`]) or fail at once with `error`
+    /// ([`Rest::Yield`]).
     Resting {
         until: Instant,
         error: MqttError,
+        rest: Rest,
     },
     /// A connect in progress, held by the jobs waiting for it (not by the pool: when the last
     /// of them gives up, the attempt is dropped and its socket closed); `id` tells attempts apart.
@@ -84,6 +109,56 @@ struct Inner {
     /// Connects waiting for a place; while any waits, a connection that falls idle is closed.
     waiting: AtomicUsize,
     tls: TlsConfigs,
+    /// The gate of each target some job holds (see [`Gate`]).
+    gates: Mutex<HashMap<Target, Weak<Gate>>>,
+    /// Whether other workers consume the queue; unset (`send`) counts as none. Without a
+    /// sibling to yield to, a client-id taken over is taken back after a pause.
+    siblings: OnceLock<Siblings>,
+}
+
+/// Who publishes on a target's connection: ordinary publishes together, a suspect alone.
+/// While suspects are waiting, new ordinary publishes wait for them, so the jobs lost with one
+/// connection are each tried alone before anything else shares the next one.
+pub struct Gate {
+    lock: RwLock<()>,
+    suspects: tokio::sync::watch::Sender<usize>,
+}
+
+/// A job counted among its target's suspects while it lives.
+pub struct Suspect(Arc<Gate>);
+
+impl Drop for Suspect {
+    fn drop(&mut self) {
+        self.0.suspects.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl Gate {
+    fn new() -> Self {
+        Self {
+            lock: RwLock::new(()),
+            suspects: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// An ordinary publish's turn: once no suspect waits, shared with other ordinary ones.
+    pub async fn ordinary(&self) -> RwLockReadGuard<'_, ()> {
+        let mut suspects = self.suspects.subscribe();
+        // The sender lives in `self`: this cannot fail.
+        let _ = suspects.wait_for(|n| *n == 0).await;
+        self.lock.read().await
+    }
+
+    /// A suspect's turn: alone on the connection.
+    pub async fn alone(&self) -> RwLockWriteGuard<'_, ()> {
+        self.lock.write().await
+    }
+
+    /// Counts a job among the suspects until the returned guard is dropped.
+    pub fn suspect(self: &Arc<Self>) -> Suspect {
+        self.suspects.send_modify(|n| *n += 1);
+        Suspect(Arc::clone(self))
+    }
 }
 
 /// Cloneable handle to the pool.
@@ -154,6 +229,8 @@ enum Step {
     Ready(Lease),
     Wait(Opening),
     Fail(MqttError),
+    /// The slot pauses before reconnecting (after this loss): try again then.
+    Sleep(Instant, MqttError),
 }
 
 impl Pool {
@@ -175,36 +252,102 @@ impl Pool {
             places: Arc::new(Semaphore::new(max_connections)),
             waiting: AtomicUsize::new(0),
             tls: TlsConfigs::default(),
+            gates: Mutex::new(HashMap::new()),
+            siblings: OnceLock::new(),
         });
         tokio::spawn(reap_idle(Arc::downgrade(&inner), idle_timeout));
         Pool { inner }
     }
 
-    /// A live connection to `target`, opening one if needed.
+    /// The gate through which jobs publish to `target` (the same for every job holding it).
+    pub fn gate(&self, target: &Target) -> Arc<Gate> {
+        let mut gates = self
+            .inner
+            .gates
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(gate) = gates.get(target).and_then(Weak::upgrade) {
+            return gate;
+        }
+        gates.retain(|_, gate| gate.strong_count() > 0);
+        let gate = Arc::new(Gate::new());
+        gates.insert(target.clone(), Arc::downgrade(&gate));
+        gate
+    }
+
+    /// Yield client-ids taken over only while `siblings` says other workers consume the queue.
+    pub fn follow_siblings(&self, siblings: Siblings) {
+        let _ = self.inner.siblings.set(siblings);
+    }
+
+    /// The client-id the broker sees for `target` (with the worker's suffix).
+    pub fn client_id(&self, target: &Target) -> String {
+        format!(
+            "{}{}",
+            target.client_id, self.inner.settings.client_id_suffix
+        )
+    }
+
+    /// A live connection to `target`, opening one if needed; while the slot pauses before
+    /// reconnecting, waits for the new connection.
     pub async fn lease(&self, target: &Target) -> Result<Lease, MqttError> {
-        let step = {
-            let mut slots = self.lock();
-            match slots.get_mut(target) {
-                Some(slot) => self.step(slot, target),
-                None => {
-                    let (id, future) = self.open(target, false);
-                    let state = opening(id, &future);
-                    slots.insert(
-                        target.clone(),
-                        Slot {
-                            state,
-                            quick_losses: 0,
-                            yields: 0,
-                            worked: false,
-                        },
-                    );
-                    Step::Wait(future)
+        self.lease_noting_pauses(target, &mut None).await
+    }
+
+    /// [`Pool::lease`], noting in `paused` the loss a pause follows while it waits (the job's
+    /// answer if its timeout runs out there).
+    pub async fn lease_noting_pauses(
+        &self,
+        target: &Target,
+        paused: &mut Option<MqttError>,
+    ) -> Result<Lease, MqttError> {
+        loop {
+            match self.lease_step(target) {
+                Step::Sleep(until, loss) => {
+                    *paused = Some(loss);
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
                 }
+                step => return self.finish_lease(step).await,
             }
-        };
+        }
+    }
+
+    /// Whether a connection to `target` ever carried an acknowledged publish.
+    pub fn has_worked(&self, target: &Target) -> bool {
+        self.lock().get(target).is_some_and(|slot| {
+            slot.worked || matches!(&slot.state, State::Open(c) if c.has_worked())
+        })
+    }
+
+    fn lease_step(&self, target: &Target) -> Step {
+        let mut slots = self.lock();
+        match slots.get_mut(target) {
+            Some(slot) => self.step(slot, target),
+            None => {
+                let (id, future) = self.open(target, false);
+                let state = opening(id, &future);
+                slots.insert(
+                    target.clone(),
+                    Slot {
+                        state,
+                        quick_losses: 0,
+                        yields: 0,
+                        worked: false,
+                    },
+                );
+                Step::Wait(future)
+            }
+        }
+    }
+
+    async fn finish_lease(&self, step: Step) -> Result<Lease, MqttError> {
         match step {
             Step::Ready(lease) => Ok(lease),
             Step::Fail(error) => Err(error),
+            Step::Sleep(..) => Err(MqttError::Internal {
+                broker: String::new(),
+                reason: "a pause was not waited for".into(),
+            }),
             Step::Wait(opening) => {
                 let connection = opening.await?;
                 let leased = lease(&connection, &self.inner);
@@ -229,11 +372,23 @@ impl Pool {
                 // Every job that waited for it gave up: start afresh.
                 None => Step::Wait(self.reopen(slot, target, false)),
             },
-            State::Resting { until, error } if Instant::now() < *until => Step::Fail(error.clone()),
+            State::Resting {
+                until,
+                error,
+                rest: Rest::Pause,
+            } if Instant::now() < *until => Step::Sleep(*until, error.clone()),
+            // A yield ends early once no sibling consumes the queue: nobody to yield to.
+            State::Resting { until, error, .. }
+                if Instant::now() < *until
+                    && self.inner.siblings.get().is_some_and(Siblings::present) =>
+            {
+                Step::Fail(error.clone())
+            }
             State::Resting { .. } => Step::Wait(self.reopen(slot, target, false)),
             State::Open(connection) => {
                 let loss = match connection.end() {
-                    Some(End::Lost(reason)) => Some(reason.clone()),
+                    Some(End::Lost(reason)) => Some(Loss::Lost(reason.clone())),
+                    Some(End::TakenOver(_)) => Some(Loss::TakenOver),
                     _ => None,
                 };
                 if loss.is_some() {
@@ -241,12 +396,33 @@ impl Pool {
                         .metrics
                         .mqtt_reconnect(&target.broker.to_string());
                 }
-                let quick_loss = loss.filter(|_| connection.age() < QUICK_LOSS);
-                let worked = connection.has_worked();
-                match after_loss(slot, target, quick_loss, worked) {
-                    AfterLoss::Rest(state, error) => {
+                let seen = Seen {
+                    age: connection.age(),
+                    quick: connection.age() < QUICK_LOSS,
+                    worked: connection.has_worked(),
+                    attributed: connection.was_alone(),
+                    may_yield: self.inner.siblings.get().is_some_and(Siblings::present),
+                };
+                if matches!(loss, Some(Loss::TakenOver)) && !seen.may_yield {
+                    tracing::warn!(
+                        client_id = %self.client_id(target),
+                        broker = %target.broker,
+                        "another connection took this client-id over (MQTT 5 DISCONNECT 0x8E); \
+                         no sibling worker consumes the queue, so this worker takes it back \
+                         after a pause"
+                    );
+                }
+                match after_loss(slot, target, loss, seen) {
+                    AfterLoss::Pause(state) => {
+                        let State::Resting { until, error, .. } = &state else {
+                            return Step::Wait(self.reopen(slot, target, false));
+                        };
+                        let step = Step::Sleep(*until, error.clone());
                         slot.state = state;
-                        Step::Fail(error)
+                        step
+                    }
+                    AfterLoss::Yield => {
+                        Step::Fail(yield_slot(slot, target, &self.client_id(target)))
                     }
                     AfterLoss::Reconnect => Step::Wait(self.reopen(slot, target, false)),
                     AfterLoss::ProbeThenReconnect => Step::Wait(self.reopen(slot, target, true)),
@@ -391,37 +567,84 @@ fn close_least_recently_used(inner: &Inner) {
     }
 }
 
+/// How a connection ended, as far as the pool cares.
+enum Loss {
+    /// The broker or the network ended it.
+    Lost(String),
+    /// MQTT 5 DISCONNECT 0x8E: another connection took the session over.
+    TakenOver,
+}
+
+/// What the pool saw of the connection that ended.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// How long it lived.
+    age: Duration,
+    /// Lost within [`QUICK_LOSS`] of opening.
+    quick: bool,
+    /// The broker acknowledged a publish on it.
+    worked: bool,
+    /// A suspect's publish was alone on it: the loss is that job's doing.
+    attributed: bool,
+    /// Another worker consumes the queue: there is someone to yield the client-id to.
+    may_yield: bool,
+}
+
 /// What follows the end of a connection.
 enum AfterLoss {
     Reconnect,
     /// Reconnect, unless the broker's port answers: see [`after_loss`].
     ProbeThenReconnect,
-    Rest(State, MqttError),
+    /// Leases wait until the pause ends, then reconnect.
+    Pause(State),
+    /// Another connection holds the client-id: stop competing for it for a while.
+    Yield,
 }
 
-/// What follows the end of a connection. A working connection lost quickly while its broker
-/// still accepts connections was taken over: another connection (a sibling worker with the
-/// same options) holds the client-id, and this worker yields it for a while instead of taking
-/// it back, so the broker does not see the two take it from each other in a loop. (A broker
-/// that went down refuses the probe, and the connection is simply retried.) A connection lost
-/// quickly before it ever worked is retried with a short backoff.
-fn after_loss(
-    slot: &mut Slot,
-    target: &Target,
-    quick_loss: Option<String>,
-    worked: bool,
-) -> AfterLoss {
-    slot.worked |= worked;
-    let Some(reason) = quick_loss else {
+/// What follows the end of a connection. Only evidence that no job's publish can produce
+/// makes the worker yield the client-id: MQTT 5's DISCONNECT 0x8E (session taken over), or,
+/// for MQTT 3.1.1 (whose broker says nothing), a working connection lost quickly twice in a row
+/// with no suspect alone on either, while the broker still accepts TCP connections (checked by
+/// the probe; a broker that went down refuses it). A loss while a suspect was alone on the
+/// connection is that job's doing: it resets the count, and the pool only pauses. Pauses make
+/// leases wait for the next connection instead of failing.
+fn after_loss(slot: &mut Slot, target: &Target, loss: Option<Loss>, seen: Seen) -> AfterLoss {
+    slot.worked |= seen.worked;
+    let reason = match loss {
+        // Closed on purpose (idle, evicted, stalled).
+        None => {
+            slot.quick_losses = 0;
+            slot.yields = 0;
+            return AfterLoss::Reconnect;
+        }
+        Some(Loss::TakenOver) if seen.may_yield => return AfterLoss::Yield,
+        Some(Loss::TakenOver) => {
+            let delay = rand::rng().random_range(BLIP_PAUSE_MIN..=BLIP_PAUSE_MAX);
+            return AfterLoss::Pause(pause(target, "session taken over", 0, delay));
+        }
+        Some(Loss::Lost(reason)) => reason,
+    };
+    if seen.attributed {
+        slot.quick_losses = 0;
+        // No rest for a job's doing, only connects kept a second apart: brokers limit them
+        // per client-id (AWS IoT: one a second).
+        let delay = CONNECT_SPACING.saturating_sub(seen.age);
+        if delay.is_zero() {
+            return AfterLoss::Reconnect;
+        }
+        return AfterLoss::Pause(pause(target, &reason, 0, delay));
+    }
+    if !seen.quick {
         slot.quick_losses = 0;
         slot.yields = 0;
         return AfterLoss::Reconnect;
-    };
+    }
     slot.quick_losses += 1;
     // Twice in a row, a working client-id is being taken from us. Once may be a blip (a
     // connection cut on the way): reconnect after a moment, spread so that workers kicked
-    // together do not all come back together.
-    if slot.worked && slot.quick_losses > 1 {
+    // together do not all come back together. (MQTT 5 too: Mosquitto 2.0 closes a v5
+    // connection taken over without sending its DISCONNECT 0x8E.)
+    if seen.may_yield && slot.worked && slot.quick_losses > 1 {
         return AfterLoss::ProbeThenReconnect;
     }
     let delay = if slot.worked {
@@ -429,19 +652,24 @@ fn after_loss(
     } else {
         reconnect_delay(slot.quick_losses)
     };
+    AfterLoss::Pause(pause(target, &reason, slot.quick_losses, delay))
+}
+
+/// A pause of `delay` before the next connect.
+fn pause(target: &Target, reason: &str, quick_losses: u32, delay: Duration) -> State {
     let error = MqttError::PublishLost {
         broker: target.broker.to_string(),
         reason: format!(
-            "{reason} (lost {} times in a row soon after connecting; next connect in {} ms)",
-            slot.quick_losses,
+            "{reason} (lost {quick_losses} times in a row soon after connecting; next connect \
+             in {} ms)",
             delay.as_millis()
         ),
     };
-    let state = State::Resting {
+    State::Resting {
         until: Instant::now() + delay,
-        error: error.clone(),
-    };
-    AfterLoss::Rest(state, error)
+        error,
+        rest: Rest::Pause,
+    }
 }
 
 /// Whether the broker's port accepts a TCP connection (no MQTT: nothing is taken over).
@@ -453,28 +681,48 @@ async fn port_accepts(broker: &Broker) -> bool {
     )
 }
 
-/// The slot yields its client-id: it rests (leases answer [`MqttError::HeldElsewhere`]) for
-/// a while that doubles each time in a row.
+/// The slot of the connect `id` yields its client-id (see [`yield_slot`]).
 fn yield_client_id(inner: &Inner, target: &Target, id: u64) -> MqttError {
+    let client_id = format!("{}{}", target.client_id, inner.settings.client_id_suffix);
     let mut slots = lock(inner);
-    let slot = slots
+    match slots
         .get_mut(target)
-        .filter(|slot| matches!(slot.state, State::Opening { id: current, .. } if current == id));
-    let yields = slot.as_ref().map_or(1, |slot| slot.yields + 1);
-    let delay = yield_delay(yields);
-    let error = MqttError::HeldElsewhere {
-        broker: target.broker.to_string(),
-        client_id: target.client_id.clone(),
-        rest_ms: delay.as_millis(),
-    };
-    if let Some(slot) = slot {
-        slot.yields = yields;
-        slot.state = State::Resting {
-            until: Instant::now() + delay,
-            error: error.clone(),
-        };
+        .filter(|slot| matches!(slot.state, State::Opening { id: current, .. } if current == id))
+    {
+        Some(slot) => yield_slot(slot, target, &client_id),
+        None => held_elsewhere(target, &client_id, yield_delay(1)),
     }
+}
+
+/// The slot yields its client-id: it rests (leases answer [`MqttError::HeldElsewhere`]) for
+/// a while that doubles each time in a row. Logged at WARN: jobs wait or go back to the queue.
+fn yield_slot(slot: &mut Slot, target: &Target, client_id: &str) -> MqttError {
+    slot.yields += 1;
+    slot.quick_losses = 0;
+    let delay = yield_delay(slot.yields);
+    tracing::warn!(
+        client_id,
+        broker = %target.broker,
+        yield_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        yields_in_a_row = slot.yields,
+        "another connection holds this client-id (it took ours over): this worker stops \
+         competing for it for a while; its jobs wait or go to a sibling worker"
+    );
+    let error = held_elsewhere(target, client_id, delay);
+    slot.state = State::Resting {
+        until: Instant::now() + delay,
+        error: error.clone(),
+        rest: Rest::Yield,
+    };
     error
+}
+
+fn held_elsewhere(target: &Target, client_id: &str, delay: Duration) -> MqttError {
+    MqttError::HeldElsewhere {
+        broker: target.broker.to_string(),
+        client_id: client_id.to_owned(),
+        rest_ms: delay.as_millis(),
+    }
 }
 
 /// How long to yield a client-id held elsewhere, the `yields`-th time in a row.
@@ -535,14 +783,14 @@ mod tests {
     use super::*;
     use crate::job::{Broker, MqttVersion, Target};
 
-    fn target() -> Target {
+    fn target(version: MqttVersion) -> Target {
         Target {
             broker: Broker::parse("tcp://h:1883").expect("broker"),
             client_id: "c".into(),
             username: None,
             password: None,
             tls: None,
-            version: MqttVersion::V3_1_1,
+            version,
         }
     }
 
@@ -554,12 +802,25 @@ mod tests {
                     broker: String::new(),
                     reason: String::new(),
                 },
+                rest: Rest::Pause,
             },
             quick_losses: 0,
             yields: 0,
             worked: false,
         }
     }
+
+    fn lost() -> Option<Loss> {
+        Some(Loss::Lost("closed".into()))
+    }
+
+    const QUICK_WORKING: Seen = Seen {
+        age: Duration::from_millis(100),
+        quick: true,
+        worked: true,
+        attributed: false,
+        may_yield: true,
+    };
 
     #[test]
     fn a_connection_that_lived_long_is_simply_reconnected_and_the_counters_reset() {
@@ -568,48 +829,148 @@ mod tests {
             yields: 2,
             ..slot()
         };
+        let seen = Seen {
+            quick: false,
+            ..QUICK_WORKING
+        };
         assert!(matches!(
-            after_loss(&mut slot, &target(), None, true),
+            after_loss(&mut slot, &target(MqttVersion::V3_1_1), lost(), seen),
             AfterLoss::Reconnect
         ));
         assert_eq!((slot.quick_losses, slot.yields), (0, 0));
     }
 
     #[test]
-    fn a_connection_lost_quickly_before_it_ever_worked_rests_with_the_loss_as_its_answer() {
+    fn a_connection_lost_quickly_before_it_ever_worked_pauses_and_leases_wait() {
         let mut slot = slot();
-        match after_loss(&mut slot, &target(), Some("closed".into()), false) {
-            AfterLoss::Rest(State::Resting { .. }, MqttError::PublishLost { reason, .. }) => {
+        let seen = Seen {
+            worked: false,
+            ..QUICK_WORKING
+        };
+        match after_loss(&mut slot, &target(MqttVersion::V3_1_1), lost(), seen) {
+            AfterLoss::Pause(State::Resting {
+                rest: Rest::Pause,
+                error: MqttError::PublishLost { reason, .. },
+                ..
+            }) => {
                 assert!(
                     reason.contains("closed") && reason.contains("1 times"),
                     "{reason}"
                 );
             }
-            _ => panic!("expected a rest"),
+            _ => panic!("expected a pause"),
         }
     }
 
     #[test]
-    fn a_working_connection_lost_quickly_twice_probes_the_broker_before_reconnecting() {
+    fn a_working_3_1_1_connection_lost_quickly_twice_with_no_suspect_probes_the_broker() {
         let mut slot = slot();
+        let v4 = target(MqttVersion::V3_1_1);
         assert!(matches!(
-            after_loss(&mut slot, &target(), Some("cut".into()), true),
-            AfterLoss::Rest(..)
+            after_loss(&mut slot, &v4, lost(), QUICK_WORKING),
+            AfterLoss::Pause(..)
         ));
         assert!(matches!(
-            after_loss(&mut slot, &target(), Some("closed".into()), true),
-            AfterLoss::ProbeThenReconnect
-        ));
-        // Once a connection to this target worked, later quick losses probe too.
-        assert!(matches!(
-            after_loss(&mut slot, &target(), Some("closed".into()), false),
+            after_loss(&mut slot, &v4, lost(), QUICK_WORKING),
             AfterLoss::ProbeThenReconnect
         ));
     }
 
     #[test]
-    fn yields_double_from_the_first_and_stay_bounded() {
+    fn a_loss_with_a_suspect_alone_on_the_connection_is_never_taken_for_a_takeover() {
+        let mut slot = slot();
+        let v4 = target(MqttVersion::V3_1_1);
+        let attributed = Seen {
+            attributed: true,
+            ..QUICK_WORKING
+        };
+        for _ in 0..10 {
+            assert!(matches!(
+                after_loss(&mut slot, &v4, lost(), QUICK_WORKING),
+                AfterLoss::Pause(..)
+            ));
+            assert!(matches!(
+                after_loss(&mut slot, &v4, lost(), attributed),
+                AfterLoss::Pause(..)
+            ));
+        }
+        assert_eq!((slot.quick_losses, slot.yields), (0, 0));
+    }
+
+    #[test]
+    fn mqtt_5_yields_at_once_on_session_taken_over() {
+        let mut slot = slot();
+        let v5 = target(MqttVersion::V5);
+        let taken = Some(Loss::TakenOver);
+        assert!(matches!(
+            after_loss(&mut slot, &v5, taken, QUICK_WORKING),
+            AfterLoss::Yield
+        ));
+    }
+
+    #[test]
+    fn a_worker_without_siblings_never_yields_and_takes_its_client_id_back() {
+        let alone = Seen {
+            may_yield: false,
+            ..QUICK_WORKING
+        };
+        for version in [MqttVersion::V3_1_1, MqttVersion::V5] {
+            let mut slot = slot();
+            for _ in 0..5 {
+                assert!(matches!(
+                    after_loss(&mut slot, &target(version), lost(), alone),
+                    AfterLoss::Pause(..)
+                ));
+            }
+            assert!(matches!(
+                after_loss(&mut slot, &target(version), Some(Loss::TakenOver), alone),
+                AfterLoss::Pause(..)
+            ));
+            assert_eq!(slot.yields, 0);
+        }
+    }
+
+    #[test]
+    fn a_loss_attributed_to_a_job_only_keeps_connects_a_second_apart() {
+        let v4 = target(MqttVersion::V3_1_1);
+        let attributed = |age| Seen {
+            age,
+            attributed: true,
+            ..QUICK_WORKING
+        };
+        let mut slot = slot();
+        match after_loss(
+            &mut slot,
+            &v4,
+            lost(),
+            attributed(Duration::from_millis(300)),
+        ) {
+            AfterLoss::Pause(State::Resting { until, rest, .. }) => {
+                assert_eq!(rest, Rest::Pause);
+                assert!(until <= Instant::now() + Duration::from_millis(700));
+            }
+            _ => panic!("expected a short pause"),
+        }
+        assert!(matches!(
+            after_loss(&mut slot, &v4, lost(), attributed(Duration::from_secs(2))),
+            AfterLoss::Reconnect
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_client_id_used_carries_the_workers_suffix() {
+        let settings = ConnectionSettings {
+            client_id_suffix: "-host-42".into(),
+            ..ConnectionSettings::default()
+        };
+        let pool = Pool::new(settings, Duration::from_secs(60), 10, Metrics::new());
+        assert_eq!(pool.client_id(&target(MqttVersion::V5)), "c-host-42");
+    }
+
+    #[test]
+    fn yields_are_short_double_and_stay_bounded() {
         assert!(yield_delay(1) >= FIRST_YIELD / 2 && yield_delay(1) <= FIRST_YIELD);
+        assert!(yield_delay(1) <= Duration::from_secs(5));
         assert!(yield_delay(2) >= FIRST_YIELD);
         assert!(yield_delay(30) <= MAX_YIELD);
     }
@@ -624,7 +985,10 @@ mod tests {
             places: Arc::new(Semaphore::new(1)),
             waiting: AtomicUsize::new(0),
             tls: TlsConfigs::default(),
+            gates: Mutex::new(HashMap::new()),
+            siblings: OnceLock::new(),
         };
+        let v4 = target(MqttVersion::V3_1_1);
         let opening = Slot {
             state: State::Opening {
                 id: 7,
@@ -632,12 +996,38 @@ mod tests {
             },
             ..slot()
         };
-        lock(&inner).insert(target(), opening);
-        let error = yield_client_id(&inner, &target(), 7);
+        lock(&inner).insert(v4.clone(), opening);
+        let error = yield_client_id(&inner, &v4, 7);
         assert!(matches!(error, MqttError::HeldElsewhere { .. }));
         let slots = lock(&inner);
-        let slot = slots.get(&target()).expect("slot");
+        let slot = slots.get(&v4).expect("slot");
         assert_eq!(slot.yields, 1);
-        assert!(matches!(&slot.state, State::Resting { until, .. } if *until > Instant::now()));
+        assert!(matches!(
+            &slot.state,
+            State::Resting { until, rest: Rest::Yield, .. } if *until > Instant::now()
+        ));
+    }
+
+    #[tokio::test]
+    async fn ordinary_publishes_wait_while_a_suspect_waits_and_a_suspect_goes_alone() {
+        let gate = Arc::new(Gate::new());
+        let suspect = gate.suspect();
+        let waiting = tokio::time::timeout(Duration::from_millis(100), gate.ordinary()).await;
+        assert!(
+            waiting.is_err(),
+            "an ordinary publish went before a suspect"
+        );
+        {
+            let _alone = gate.alone().await;
+            assert!(gate.lock.try_read().is_err());
+        }
+        drop(suspect);
+        let first = tokio::time::timeout(Duration::from_secs(1), gate.ordinary())
+            .await
+            .expect("ordinary after the suspect");
+        let second = tokio::time::timeout(Duration::from_secs(1), gate.ordinary())
+            .await
+            .expect("ordinary publishes share");
+        drop((first, second));
     }
 }

@@ -132,6 +132,9 @@ pub struct Connection {
     /// Whether the broker acknowledged any publish on this connection: one lost after that was
     /// working, not refused (a sibling's takeover, not a broker that drops every connection).
     acked: AtomicBool,
+    /// A publish alone on this connection (a suspect, see `pipeline`) is in flight, or was
+    /// when it ended: a loss then is that job's doing, not a takeover.
+    alone: AtomicBool,
     opened: Instant,
 }
 
@@ -142,6 +145,9 @@ pub enum End {
     Closed,
     /// Lost: the broker or the network ended it (with an MQTT 5 DISCONNECT's reason, if any).
     Lost(String),
+    /// MQTT 5: the broker sent DISCONNECT 0x8E, session taken over: another connection holds
+    /// the client-id (evidence no job's publish can fake).
+    TakenOver(String),
 }
 
 impl Connection {
@@ -202,6 +208,7 @@ impl Connection {
             in_use,
             last_used_ms: AtomicU64::new(0),
             acked: AtomicBool::new(false),
+            alone: AtomicBool::new(false),
             opened: Instant::now(),
         })
     }
@@ -265,6 +272,17 @@ impl Connection {
         self.ended.get()
     }
 
+    /// Marks (or clears) a publish alone on this connection; left set when the connection is
+    /// lost with it, so the pool attributes the loss to that job.
+    pub fn set_alone(&self, alone: bool) {
+        self.alone.store(alone, Ordering::Relaxed);
+    }
+
+    /// Whether a publish was alone on this connection (see [`Connection::set_alone`]).
+    pub fn was_alone(&self) -> bool {
+        self.alone.load(Ordering::Relaxed)
+    }
+
     /// Whether the broker acknowledged a publish on this connection.
     pub fn has_worked(&self) -> bool {
         self.acked.load(Ordering::Relaxed)
@@ -311,7 +329,7 @@ impl Connection {
     /// The error of a publish that this connection can no longer carry.
     pub fn lost(&self) -> MqttError {
         let reason = match self.ended.get() {
-            Some(End::Lost(reason)) => reason.clone(),
+            Some(End::Lost(reason) | End::TakenOver(reason)) => reason.clone(),
             Some(End::Closed) => "the worker closed the connection".into(),
             None => "the event loop stopped".into(),
         };

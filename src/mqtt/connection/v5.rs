@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use rumqttc5::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, IncomingPacketSizeLimit,
-    NetworkOptions, Outgoing, Packet, PublishNoticeError, PublishOptions, PublishProperties,
-    PublishResult, StateError,
+    AsyncClient, ConnectReturnCode, ConnectionError, DisconnectReasonCode, Event,
+    IncomingPacketSizeLimit, NetworkOptions, Outgoing, Packet, PublishNoticeError, PublishOptions,
+    PublishProperties, PublishResult, StateError,
 };
 
 use super::health::Seen;
@@ -109,6 +109,12 @@ pub(super) async fn open(
                     tracing::debug!(error = %err, "MQTT connection closed");
                     break End::Closed;
                 }
+                Err(
+                    err @ ConnectionError::MqttState(StateError::ServerDisconnect {
+                        reason_code: DisconnectReasonCode::SessionTakenOver,
+                        ..
+                    }),
+                ) => break End::TakenOver(describe(&err)),
                 Err(err) => break End::Lost(describe(&err)),
             }
         };
