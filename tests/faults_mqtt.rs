@@ -493,9 +493,9 @@ async fn silent_servers_leak_no_fds_or_memory() {
 
 /// Jobs to a broker that drops every connection right after CONNACK, one client-id, one after
 /// another: each ends 7 ("the connection ... ended before the broker acknowledged the
-/// publish"), the code of the transient failure being retried — also while the pool rests
-/// between reconnects after quick losses (it answers leases with that loss instead of making
-/// jobs wait for a connect, which would time out as 6 "no CONNACK" against a broker that does
+/// publish"), the code of the transient failure being retried — also when the timeout runs out
+/// while the pool pauses between reconnects after quick losses (the job waits for the reconnect
+/// and answers with the loss the pause follows, not 6 "no CONNACK" against a broker that does
 /// answer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connections_are_7_even_while_the_pool_backs_off() {

@@ -57,8 +57,9 @@ pub enum MqttError {
     /// Another client (usually a sibling worker with the same options) holds this client-id:
     /// this worker stopped competing for it for a while.
     #[error(
-        "client-id {client_id} on {broker} is held by another connection (it took ours over \
-         more than once); this worker stops competing for it for {rest_ms} ms"
+        "client-id {client_id} on {broker} is held by another connection (the broker said the \
+         session was taken over, or a working connection was taken from us twice in a row); \
+         this worker stops competing for it for {rest_ms} ms"
     )]
     HeldElsewhere {
         broker: String,
