@@ -802,6 +802,32 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_passing_validity_stops_an_attempt_that_has_not_published_and_not_one_that_has() {
+        let soon = Validity::of(Some(SystemTime::now() + Duration::from_secs(2)), None);
+        let lapses = lapse_at(soon, SystemTime::now());
+        let within = Duration::from_secs(3);
+        let published = AtomicBool::new(false);
+        let stopped = tokio::time::timeout(within, lapse(lapses, &published)).await;
+        assert_eq!(
+            stopped.ok().map(|v| v.source),
+            Some(expiry::Source::NotAfter)
+        );
+        published.store(true, Ordering::Relaxed);
+        assert!(
+            tokio::time::timeout(within, lapse(lapses, &published))
+                .await
+                .is_err()
+        );
+        let never = lapse_at(None, SystemTime::now());
+        let unpublished = AtomicBool::new(false);
+        assert!(
+            tokio::time::timeout(within, lapse(never, &unpublished))
+                .await
+                .is_err()
+        );
+    }
+
     #[test]
     fn the_deadline_counts_from_the_first_taking_and_a_first_taking_in_the_future_or_absurd_is_now()
     {
