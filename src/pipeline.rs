@@ -645,9 +645,14 @@ fn expired_when_taken(validity: Validity, ago: Duration) -> Outcome {
     Outcome::new(
         ExitCode::Expired,
         format!(
-            "expired: {} had passed {} ms before the job was taken; nothing published",
+            "expired: {} had passed {} before the job was taken; nothing published",
             validity.describe(),
-            ago.as_millis()
+            // Milliseconds say how close it was; beyond a few seconds they only get in the way.
+            if ago < Duration::from_secs(10) {
+                format!("{} ms", ago.as_millis())
+            } else {
+                format!("{} s", ago.as_secs())
+            }
         ),
         0,
     )
