@@ -1,7 +1,8 @@
 //! A job body from the command line: `--connector NAME` and `--set KEY=VALUE`, for `send` and
 //! `submit`. Values are typed by key: `qos`, `timeout`, `message-expiry` and a numeric
 //! `mqtt-version` numbers, `retain` and `use-certificate` booleans, `alpn` a list when it holds
-//! commas, `user-properties` JSON (an object or a list of pairs); everything else a string.
+//! commas, `user-properties` JSON (an object or a list of pairs); everything else a string
+//! (`not-after` too: an RFC 3339 moment, checked by the worker).
 
 /// A `--set` that is not `KEY=VALUE`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,6 +103,25 @@ mod tests {
         let body = job_body(None, &["mqtt-version=3.1.1".into()]).expect("body");
         let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(json["mqtt-version"], "3.1.1");
+    }
+
+    #[test]
+    fn not_after_is_sent_as_written_for_the_worker_to_check() {
+        let body = job_body(
+            None,
+            &[
+                "not-after=2026-12-05T13:00:00+01:00".into(),
+                "timeout=2000".into(),
+            ],
+        )
+        .expect("body");
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(json["not-after"], "2026-12-05T13:00:00+01:00");
+        let decoded = crate::job::Params::decode(&body).expect("a valid job body");
+        assert_eq!(
+            decoded.not_after.as_deref(),
+            Some("2026-12-05T13:00:00+01:00")
+        );
     }
 
     #[test]

@@ -11,13 +11,15 @@
 //!
 //! Around it: [`metrics`] (every metric name in one place), [`http`] (`/metrics`, `/healthz`,
 //! `/readyz`), [`client`] (the Rust client API: submit jobs, await replies; the CLI's `submit`),
-//! [`job_args`] (a job from `--set KEY=VALUE`), [`check`] (connector diagnosis) and [`backoff`].
+//! [`job_args`] (a job from `--set KEY=VALUE`), [`expiry`] (stale commands: `not-after`, AMQP
+//! expiration), [`check`] (connector diagnosis) and [`backoff`].
 
 pub mod amqp;
 pub mod backoff;
 pub mod check;
 pub mod client;
 pub mod connectors;
+pub mod expiry;
 pub mod http;
 pub mod job;
 pub mod job_args;

@@ -74,7 +74,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct ConnectorMetrics {
     pub name: Arc<str>,
-    jobs: [Counter; 9],
+    jobs: [Counter; ExitCode::ALL.len()],
     duration: Histogram,
     retries: Counter,
     deferred: Counter,

@@ -18,10 +18,12 @@ pub enum ExitCode {
     PublishFailed = 7,
     /// The broker refused the message: an MQTT 5 PUBACK/PUBREC reason code of 0x80 or more.
     MessageRefused = 8,
+    /// The job's `not-after` or its AMQP `timestamp` + `expiration` had passed: nothing published.
+    Expired = 9,
 }
 
 impl ExitCode {
-    pub const ALL: [ExitCode; 9] = [
+    pub const ALL: [ExitCode; 10] = [
         ExitCode::Published,
         ExitCode::InvalidJob,
         ExitCode::UnknownConnector,
@@ -31,6 +33,7 @@ impl ExitCode {
         ExitCode::Timeout,
         ExitCode::PublishFailed,
         ExitCode::MessageRefused,
+        ExitCode::Expired,
     ];
 
     pub fn code(self) -> u8 {
@@ -53,12 +56,13 @@ impl ExitCode {
                 | ExitCode::NotAuthorized
                 | ExitCode::Tls
                 | ExitCode::MessageRefused
+                | ExitCode::Expired
         )
     }
 
-    /// The code as a metric label value ("0".."8"), without allocating.
+    /// The code as a metric label value ("0".."9"), without allocating.
     pub fn label(self) -> &'static str {
-        ["0", "1", "2", "3", "4", "5", "6", "7", "8"][self as usize]
+        ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"][self as usize]
     }
 }
 
@@ -123,13 +127,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_codes_one_two_four_five_and_eight_are_permanent() {
+    fn only_codes_one_two_four_five_eight_and_nine_are_permanent() {
         let permanent: Vec<u8> = ExitCode::ALL
             .iter()
             .filter(|c| c.is_permanent())
             .map(|c| c.code())
             .collect();
-        assert_eq!(permanent, vec![1, 2, 4, 5, 8]);
+        assert_eq!(permanent, vec![1, 2, 4, 5, 8, 9]);
     }
 
     #[test]

@@ -7,7 +7,13 @@
 //! the connection on one message costs the others on it one retry each, and the job lost again
 //! while alone is the culprit: it ends 7 after [`CULPRIT_LOSSES`] such losses. The job's
 //! deadline counts from when a worker first took it ([`Taken`]), across hand-backs.
+//!
+//! A stale command is not published ([`crate::expiry`]): a job whose validity (`not-after`,
+//! AMQP `timestamp` + `expiration`) has passed ends 9, checked when taken, while it waits for a
+//! connection and right before each publish; with MQTT 5 the publish carries the validity left
+//! as its Message Expiry Interval.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +25,8 @@ use tokio::time::timeout_at;
 
 use crate::backoff::Backoff;
 use crate::connectors::{Connector, ConnectorStore};
-use crate::job::{Job, JobError, Limits, Params, Qos};
+use crate::expiry::{self, Check, Validity};
+use crate::job::{Job, JobError, Limits, MqttVersion, Params, Qos};
 use crate::metrics::{ConnectorMetrics, Metrics};
 use crate::mqtt::MqttError;
 use crate::mqtt::connection::{Ack, End};
@@ -64,10 +71,13 @@ pub struct Pipeline {
 
 /// When a job was first taken by a worker and how often it was handed back since: carried by
 /// the job across hand-backs (AMQP headers), so its timeout counts from the first taking.
+/// Also when its AMQP message expires, if it says ([`expiry::amqp_expiry`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Taken {
     pub first_taken: SystemTime,
     pub handbacks: u32,
+    /// The AMQP message's `timestamp` + `expiration`, when it has both.
+    pub expires_at: Option<SystemTime>,
 }
 
 impl Taken {
@@ -76,6 +86,7 @@ impl Taken {
         Self {
             first_taken: SystemTime::now(),
             handbacks: 0,
+            expires_at: None,
         }
     }
 }
@@ -184,6 +195,45 @@ impl From<MqttError> for Failed {
             blame: Blame::None,
         }
     }
+}
+
+/// Why an attempt ended without an acknowledgement.
+enum Missed {
+    Failed(Failed),
+    /// The job's validity passed before it was published: nothing was sent.
+    Expired(Validity),
+}
+
+impl From<MqttError> for Missed {
+    fn from(error: MqttError) -> Self {
+        Missed::Failed(error.into())
+    }
+}
+
+/// A job's validity and when it passes on tokio's clock (`None`: the job never expires).
+type Lapse = Option<(Validity, tokio::time::Instant)>;
+
+/// [`Lapse`] as seen at `now` (wall clock).
+fn lapse_at(validity: Option<Validity>, now: SystemTime) -> Lapse {
+    let validity = validity?;
+    let left = match validity.check(now) {
+        Check::Valid { left } => left,
+        Check::Expired { .. } => Duration::ZERO,
+    };
+    Some((validity, tokio::time::Instant::now() + left))
+}
+
+/// Resolves when the job's validity passes while its attempt has not published yet; an
+/// attempt that has published waits for its acknowledgement whatever the validity.
+async fn lapse(lapse: Lapse, published: &AtomicBool) -> Validity {
+    let Some((validity, at)) = lapse else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep_until(at).await;
+    if published.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+    validity
 }
 
 impl Pipeline {
@@ -338,6 +388,12 @@ impl Pipeline {
         taken: Taken,
     ) -> Result<Outcome, Outcome> {
         let started = Instant::now();
+        let validity = Validity::of(job.not_after, taken.expires_at);
+        if let Some(validity) = validity
+            && let Check::Expired { ago } = validity.check(SystemTime::now())
+        {
+            return Ok(expired_when_taken(validity, ago));
+        }
         let left = time_left(taken.first_taken, SystemTime::now(), job.timeout);
         let deadline = tokio::time::Instant::now() + left;
         if left.is_zero() && taken.handbacks > 0 {
@@ -350,23 +406,47 @@ impl Pipeline {
         let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
         let mut last_failure: Option<MqttError> = None;
         let mut attempts = 0;
+        // Whether a publish was ever handed to a connection (then maybe lost unacknowledged).
+        let mut ever_sent = false;
         loop {
+            let lapses = lapse_at(validity, SystemTime::now());
+            if let Some((validity, at)) = lapses
+                && at <= tokio::time::Instant::now()
+            {
+                let failure = last_failure.as_ref();
+                let tried = Tried::new(attempts, ever_sent, started.elapsed());
+                return Ok(expired_retrying(validity, failure, tried));
+            }
             attempts += 1;
-            let mut phase = Phase::Connecting;
+            let sent = AtomicBool::new(false);
             let alone = suspect.is_some();
             // The loss the pool pauses after, while this attempt waits for it to reconnect.
             let mut paused = None;
-            let attempt = timeout_at(
-                deadline,
-                self.attempt(job, &gate, alone, &mut phase, &mut paused),
-            )
-            .await;
+            let attempt = tokio::select! {
+                attempt = timeout_at(
+                    deadline,
+                    self.attempt(job, &gate, alone, validity, &sent, &mut paused),
+                ) => attempt,
+                // Waiting for a connection past the validity: stop, nothing was published.
+                validity = lapse(lapses, &sent) => Ok(Err(Missed::Expired(validity))),
+            };
+            ever_sent |= sent.load(Ordering::Relaxed);
+            let phase = if sent.load(Ordering::Relaxed) {
+                Phase::AwaitingAck
+            } else {
+                Phase::Connecting
+            };
             let failure = match attempt {
                 Ok(Ok(ack)) => return Ok(published(job, ack, attempts, &self.pool)),
-                Ok(Err(Failed { error, .. })) if error.is_permanent() => {
+                Ok(Err(Missed::Expired(validity))) => {
+                    let failure = last_failure.as_ref().or(paused.as_ref());
+                    let tried = Tried::new(attempts, ever_sent, started.elapsed());
+                    return Ok(expired_retrying(validity, failure, tried));
+                }
+                Ok(Err(Missed::Failed(Failed { error, .. }))) if error.is_permanent() => {
                     return Ok(Outcome::new(error.exit_code(), error.to_string(), attempts));
                 }
-                Ok(Err(Failed { error, mut blame })) => {
+                Ok(Err(Missed::Failed(Failed { error, mut blame }))) => {
                     // A broker on which nothing ever worked drops every connection: no job's
                     // doing.
                     if blame == Blame::Alone && !self.pool.has_worked(&job.target) {
@@ -415,34 +495,49 @@ impl Pipeline {
                     tracing::debug!(attempt = attempts, error = %failure, ?delay, "publish failed, will retry");
                     label.retry();
                     last_failure = Some(failure);
-                    tokio::time::sleep(delay).await;
+                    // A validity that passes during the pause ends the job then, not after it.
+                    let resume = now + delay;
+                    let lapses = lapse_at(validity, SystemTime::now());
+                    tokio::time::sleep_until(lapses.map_or(resume, |(_, at)| at.min(resume))).await;
                 }
             }
         }
     }
 
-    /// One publish: a turn at the gate (alone for a suspect), a lease, the acknowledgement.
+    /// One publish: a turn at the gate (alone for a suspect), a lease, the validity checked
+    /// once more, the acknowledgement. `published` is set once the message is handed over.
     async fn attempt(
         &self,
         job: &Job,
         gate: &Gate,
         alone: bool,
-        phase: &mut Phase,
+        validity: Option<Validity>,
+        published: &AtomicBool,
         paused: &mut Option<MqttError>,
-    ) -> Result<Ack, Failed> {
+    ) -> Result<Ack, Missed> {
         let (_alone_turn, _turn) = if alone {
             (Some(gate.alone().await), None)
         } else {
             (None, Some(gate.ordinary().await))
         };
         let connection = self.pool.lease_noting_pauses(&job.target, paused).await?;
-        *phase = Phase::AwaitingAck;
+        let message = match validity.map(|validity| (validity, validity.check(SystemTime::now()))) {
+            None => Cow::Borrowed(&job.message),
+            Some((validity, Check::Expired { .. })) => return Err(Missed::Expired(validity)),
+            // The broker is told too, so it does not hand the message to a subscriber late.
+            Some((_, Check::Valid { left })) if job.target.version == MqttVersion::V5 => {
+                let secs = expiry::message_expiry(left, job.message.properties.message_expiry);
+                Cow::Owned(job.message.with_message_expiry(secs))
+            }
+            Some((_, Check::Valid { .. })) => Cow::Borrowed(&job.message),
+        };
+        published.store(true, Ordering::Relaxed);
         let sent = Instant::now();
         // No stall timer of our own: the connection gives itself up when the broker owes an
         // answer and stays silent for the keep-alive (see mqtt::connection::health), which a
         // large payload or a small Receive Maximum does not trip.
         connection.set_alone(alone);
-        let ack = match connection.publish(&job.message).await {
+        let ack = match connection.publish(&message).await {
             // The client may fail its publishes before the event loop has recorded why the
             // connection ended: only a close of ours or a takeover is no loss of this job's.
             Err(error @ MqttError::PublishLost { .. })
@@ -450,7 +545,7 @@ impl Pipeline {
             {
                 // Left marked alone: the pool attributes the loss to this job.
                 let blame = if alone { Blame::Alone } else { Blame::Shared };
-                return Err(Failed { error, blame });
+                return Err(Missed::Failed(Failed { error, blame }));
             }
             result => {
                 connection.set_alone(false);
@@ -540,6 +635,68 @@ fn culprit(job: &Job, failure: &MqttError, attempts: u32, elapsed: Duration) -> 
              message (a topic or payload its policy denies?); the other jobs went on. Last: {failure}",
             elapsed.as_millis(),
             job.target.broker
+        ),
+        attempts,
+    )
+}
+
+/// The job whose validity had passed when it was taken.
+fn expired_when_taken(validity: Validity, ago: Duration) -> Outcome {
+    Outcome::new(
+        ExitCode::Expired,
+        format!(
+            "expired: {} had passed {} before the job was taken; nothing published",
+            validity.describe(),
+            // Milliseconds say how close it was; beyond a few seconds they only get in the way.
+            if ago < Duration::from_secs(10) {
+                format!("{} ms", ago.as_millis())
+            } else {
+                format!("{} s", ago.as_secs())
+            }
+        ),
+        0,
+    )
+}
+
+/// What a job had tried when it stopped.
+struct Tried {
+    attempts: u32,
+    /// A publish was handed to a connection (and lost unacknowledged) at least once.
+    ever_sent: bool,
+    elapsed: Duration,
+}
+
+impl Tried {
+    fn new(attempts: u32, ever_sent: bool, elapsed: Duration) -> Self {
+        Self {
+            attempts,
+            ever_sent,
+            elapsed,
+        }
+    }
+}
+
+/// The job whose validity passed while it waited for a connection or a retry.
+fn expired_retrying(validity: Validity, last_failure: Option<&MqttError>, tried: Tried) -> Outcome {
+    let Tried {
+        attempts,
+        ever_sent,
+        elapsed,
+    } = tried;
+    let tries = if attempts == 1 { "attempt" } else { "attempts" };
+    let published = if ever_sent {
+        "no publish was acknowledged and none is made again"
+    } else {
+        "nothing published"
+    };
+    let last = last_failure.map_or_else(String::new, |failure| format!(". Last: {failure}"));
+    Outcome::new(
+        ExitCode::Expired,
+        format!(
+            "expired: {} passed while the job was still trying ({attempts} {tries} in {} ms); \
+             {published}{last}",
+            validity.describe(),
+            elapsed.as_millis()
         ),
         attempts,
     )
@@ -647,6 +804,32 @@ mod tests {
         assert_eq!(
             next_after(&lost(), true, late, deadline, delay),
             Next::GiveUp
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passing_validity_stops_an_attempt_that_has_not_published_and_not_one_that_has() {
+        let soon = Validity::of(Some(SystemTime::now() + Duration::from_secs(2)), None);
+        let lapses = lapse_at(soon, SystemTime::now());
+        let within = Duration::from_secs(3);
+        let published = AtomicBool::new(false);
+        let stopped = tokio::time::timeout(within, lapse(lapses, &published)).await;
+        assert_eq!(
+            stopped.ok().map(|v| v.source),
+            Some(expiry::Source::NotAfter)
+        );
+        published.store(true, Ordering::Relaxed);
+        assert!(
+            tokio::time::timeout(within, lapse(lapses, &published))
+                .await
+                .is_err()
+        );
+        let never = lapse_at(None, SystemTime::now());
+        let unpublished = AtomicBool::new(false);
+        assert!(
+            tokio::time::timeout(within, lapse(never, &unpublished))
+                .await
+                .is_err()
         );
     }
 

@@ -519,7 +519,12 @@ impl Job {
     /// Run the job, reply, settle.
     async fn handle(self) {
         let started = Instant::now();
-        let finished = self.pipeline.run(&self.delivery.data, Taken::now()).await;
+        // The AMQP message's timestamp + expiration: a stale command is not published (9).
+        let taken = Taken {
+            expires_at: crate::expiry::amqp_expiry(&self.delivery.properties),
+            ..Taken::now()
+        };
+        let finished = self.pipeline.run(&self.delivery.data, taken).await;
         let properties = &self.delivery.properties;
         let correlation_id = properties.correlation_id().as_ref().map(|id| id.as_str());
         if let Some(delay) = finished.requeue_after {

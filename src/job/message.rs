@@ -139,6 +139,14 @@ impl Message {
         2 + self.topic.as_str().len() + packet_id + properties + self.payload.len()
     }
 
+    /// This message with `secs` as its MQTT 5 Message Expiry Interval: a job whose validity
+    /// ends carries the rest of it to the broker (see [`crate::expiry::message_expiry`]).
+    pub fn with_message_expiry(&self, secs: u32) -> Message {
+        let mut message = self.clone();
+        message.properties.message_expiry = Some(secs);
+        message
+    }
+
     /// Checks the PUBLISH packet against MQTT's own limit (the encoder refuses a larger one
     /// inside the event loop).
     pub fn check_packet_size(&self, mqtt5: bool) -> Result<(), JobError> {
@@ -312,6 +320,24 @@ mod tests {
                 .check_packet_size(true)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_message_expiry_set_for_validity_replaces_the_jobs_and_keeps_the_rest() {
+        let properties = Properties {
+            message_expiry: Some(300),
+            content_type: Some("text/plain".into()),
+            ..Properties::default()
+        };
+        let job = message(3, Qos::AtLeastOnce, properties);
+        let expiring = job.with_message_expiry(42);
+        assert_eq!(expiring.properties.message_expiry, Some(42));
+        assert_eq!(
+            expiring.properties.content_type.as_deref(),
+            Some("text/plain")
+        );
+        assert_eq!(expiring.payload, job.payload);
+        assert_eq!(job.properties.message_expiry, Some(300));
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Params {
     pub use_certificate: Option<bool>,
     pub alpn: Option<Alpn>,
     pub timeout: Option<u64>,
+    /// RFC 3339 with an offset; parsed in validation.
+    pub not_after: Option<String>,
     pub mqtt_version: Option<VersionValue>,
     pub content_encoding: Option<String>,
     pub message_expiry: Option<u32>,
@@ -149,6 +151,7 @@ impl Params {
             use_certificate,
             alpn,
             timeout,
+            not_after,
             mqtt_version,
             content_encoding,
             message_expiry,
@@ -175,6 +178,7 @@ impl Params {
             ("use-certificate", use_certificate.is_some()),
             ("alpn", alpn.is_some()),
             ("timeout", timeout.is_some()),
+            ("not-after", not_after.is_some()),
             ("mqtt-version", mqtt_version.is_some()),
             ("content-encoding", content_encoding.is_some()),
             ("message-expiry", message_expiry.is_some()),
@@ -242,6 +246,7 @@ impl Params {
             use_certificate: self.use_certificate.or(defaults.use_certificate),
             alpn: self.alpn.or_else(|| defaults.alpn.clone()),
             timeout: self.timeout.or(defaults.timeout),
+            not_after: self.not_after.or_else(|| defaults.not_after.clone()),
             mqtt_version: self.mqtt_version.or_else(|| defaults.mqtt_version.clone()),
             content_encoding: self
                 .content_encoding
@@ -338,8 +343,11 @@ mod tests {
 
     #[test]
     fn keys_lists_exactly_the_keys_serde_accepts() {
-        // serde names every field it expects in its unknown-field error.
-        let message = message_of(Params::decode(br#"{"no-such-key": 1}"#));
+        // serde names every field it expects in its unknown-field error (read untruncated:
+        // the job's error quotes at most 400 characters).
+        let message = serde_json::from_str::<Params>(r#"{"no-such-key": 1}"#)
+            .expect_err("unknown key")
+            .to_string();
         let expected: Vec<&str> = message.split('`').skip(3).step_by(2).collect();
         let listed: Vec<&str> = Params::default().keys().iter().map(|(k, _)| *k).collect();
         assert_eq!(expected, listed, "{message}");

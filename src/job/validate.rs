@@ -3,7 +3,7 @@
 //! MQTT 5 properties only with MQTT 5, a payload decoded from its content-encoding).
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -43,6 +43,8 @@ pub struct Job {
     pub target: Target,
     pub message: Message,
     pub timeout: Duration,
+    /// The moment after which it must not be published (`not-after`); see [`crate::expiry`].
+    pub not_after: Option<SystemTime>,
 }
 
 /// Where and as whom to connect. Two jobs with equal targets share one MQTT connection.
@@ -186,6 +188,7 @@ impl Job {
             }
             Some(ms) => Duration::from_millis(ms),
         };
+        let not_after = params.not_after.as_deref().map(not_after).transpose()?;
         if params.username.is_none() && params.password.is_some() {
             return Err(invalid("key \"password\" is set without \"username\""));
         }
@@ -216,8 +219,20 @@ impl Job {
             },
             message,
             timeout,
+            not_after,
         })
     }
+}
+
+/// `not-after` as a moment: RFC 3339 with an offset, or the job is invalid.
+fn not_after(text: &str) -> Result<SystemTime, JobError> {
+    crate::expiry::parse_rfc3339(text).map_err(|err| {
+        invalid(format!(
+            "key \"not-after\": {:?} is not an RFC 3339 date-time with an offset, like \
+             \"2026-12-05T12:00:00Z\" or \"2026-12-05T13:00:00+01:00\" ({err})",
+            quote_limited(text)
+        ))
+    })
 }
 
 /// The bytes to publish: `content` as UTF-8, or decoded from base64; the limit applies to what
@@ -456,6 +471,36 @@ mod tests {
             job(with("timeout", json!(250))).expect("valid").timeout,
             Duration::from_millis(250)
         );
+    }
+
+    #[test]
+    fn not_after_is_a_moment_with_an_offset_and_works_with_either_mqtt_version() {
+        let noon = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_472_000);
+        for body in [
+            with("not-after", json!("2026-12-05T12:00:00Z")),
+            v5(json!({"not-after": "2026-12-05T13:00:00+01:00"})),
+        ] {
+            assert_eq!(job(body).expect("valid").not_after, Some(noon));
+        }
+        assert_eq!(job(minimal()).expect("valid").not_after, None);
+    }
+
+    #[test]
+    fn not_after_without_an_offset_or_not_a_date_names_the_key() {
+        for bad in [
+            json!("2026-12-05T12:00:00"),
+            json!("2026-12-05"),
+            json!("in 5 minutes"),
+        ] {
+            let message = message_of(job(with("not-after", bad.clone())));
+            assert!(
+                message.contains("\"not-after\"") && message.contains("offset"),
+                "{bad}: {message}"
+            );
+        }
+        let body = with("not-after", json!(1_796_472_000)).to_string();
+        let message = message_of(Params::decode(body.as_bytes()));
+        assert!(message.contains("not-after"), "{message}");
     }
 
     fn v5(extra: serde_json::Value) -> serde_json::Value {
