@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::amqp::consumer::{self, Session, SessionError};
+use crate::amqp::consumer::{self, Flow, Session, SessionError};
 use crate::amqp::nodes::{Nodes, NodesError};
 use crate::amqp::queue::{QueueError, QueueSettings, QueueType};
 use crate::amqp::settler::{Settler, SettlerTask};
@@ -35,7 +35,7 @@ use crate::mqtt::pool::Pool;
 use crate::outcome::Reply;
 use crate::pipeline::{Pipeline, Siblings, Taken};
 use crate::policy::Policy;
-use crate::settle::{ReplyStatus, Settlement, settle};
+use crate::settle::{DeadLetters, ReplyStatus, Settlement, settle};
 
 /// How long the acks of finished jobs may take to leave when a session is retired.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -348,6 +348,7 @@ impl Worker {
             channel,
             mut consumer,
             node,
+            flow,
         } = session;
         let opened = Instant::now();
         self.set_ready(true);
@@ -355,6 +356,8 @@ impl Worker {
         let (settler, settler_task) = Settler::start(channel.clone());
         let jobs = TaskTracker::new();
         let queue_name: Arc<str> = Arc::from(self.queue.name.as_str());
+        let dead_letter_queue: Option<Arc<str>> = self.queue.dead_letter_queue.as_deref().map(Arc::from);
+        let mut flow_changes = flow.clone();
         let spawn = |delivery: Delivery| {
             settler.taken(delivery.delivery_tag);
             let job = Job {
@@ -366,12 +369,15 @@ impl Worker {
                 cancel: self.jobs_cancel.clone(),
                 deferred: Arc::clone(&self.deferred),
                 queue: Arc::clone(&queue_name),
+                dead_letter_queue: dead_letter_queue.clone(),
+                flow: flow.clone(),
             };
             jobs.spawn(job.run());
         };
         let ended = loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break None,
+                blocked = flow_changes.changed() => self.set_blocked(blocked),
                 _ = self.deferred.notified() => {
                     match self.pause(&channel, &mut consumer, &spawn).await {
                         Ok(true) => {}
@@ -442,6 +448,17 @@ impl Worker {
     fn set_ready(&self, ready: bool) {
         self.readiness.set(ready);
         self.metrics.set_consumer_up(ready);
+        if !ready {
+            self.metrics.set_connection_blocked(false);
+        }
+    }
+
+    /// A blocked connection (a RabbitMQ alarm) makes the worker unready: its replies wait, so
+    /// it should get no new work. The consumer stays up (`amqp_consumer_up` 1): nothing is
+    /// lost and work resumes by itself when the alarm clears.
+    fn set_blocked(&self, blocked: bool) {
+        self.readiness.set(!blocked);
+        self.metrics.set_connection_blocked(blocked);
     }
 }
 
@@ -480,6 +497,10 @@ struct Job {
     deferred: Arc<Notify>,
     /// The request queue, where a job handed back goes.
     queue: Arc<str>,
+    /// `--dead-letter-queue`: where a job whose reply was lost goes, with its outcome.
+    dead_letter_queue: Option<Arc<str>>,
+    /// Whether RabbitMQ blocks the session's connection: replies wait meanwhile.
+    flow: Flow,
     delivery: Delivery,
     channel: Channel,
     settler: Settler,
@@ -537,14 +558,47 @@ impl Job {
             self.settler.settle(self.delivery.delivery_tag, settlement);
             return;
         }
-        let reply_status = match properties.reply_to() {
+        let reply_to = properties.reply_to().as_ref().map(|queue| queue.as_str());
+        let reply_status = match reply_to {
             Some(reply_to) => {
                 let body = Reply::new(&finished.outcome, started.elapsed()).to_json();
-                replier::reply(&self.channel, reply_to.as_str(), correlation_id, &body).await
+                replier::reply(&self.channel, &self.flow, reply_to, correlation_id, &body).await
             }
             None => ReplyStatus::NotRequested,
         };
-        let settlement = settle(finished.outcome.exit_code, reply_status);
+        let dead_letters = match self.dead_letter_queue {
+            Some(_) => DeadLetters::Known,
+            None => DeadLetters::Unknown,
+        };
+        let mut settlement = settle(finished.outcome.exit_code, reply_status, dead_letters);
+        if let ReplyStatus::Lost(lost) = reply_status {
+            self.metrics.reply_lost();
+            if let (Settlement::ForwardWithOutcome, Some(queue)) =
+                (settlement, self.dead_letter_queue.as_deref())
+            {
+                let forwarded = replier::forward_with_outcome(
+                    &self.channel,
+                    &self.flow,
+                    queue,
+                    &self.delivery,
+                    &finished.outcome,
+                )
+                .await;
+                settlement = if forwarded {
+                    Settlement::Ack
+                } else {
+                    Settlement::DeadLetter
+                };
+            }
+            tracing::warn!(
+                reply_to = reply_to.unwrap_or(""),
+                reason = ?lost,
+                window = ?replier::REPLY_WINDOW,
+                exit_code = finished.outcome.exit_code.code(),
+                settlement = ?settlement,
+                "reply lost: RabbitMQ did not take it within the window; the job is settled without it, not run again"
+            );
+        }
         self.settler.settle(self.delivery.delivery_tag, settlement);
         // The span carries the correlation id too; the summary line keeps it as a field of its
         // own, where JSON log pipelines already look for it.

@@ -6,7 +6,6 @@
 //!   not ready, jobs wait in the queue, and it reconnects with backoff;
 //! - SIGTERM with 200 jobs in flight: stop consuming, finish them, exit 0, leave the rest queued;
 //! - a `reply_to` queue that no longer exists does not make the job loop;
-//! - a reply RabbitMQ nacks requeues the job until RabbitMQ accepts the reply;
 //! - a job left unacknowledged by a crashed consumer is redelivered and answered once;
 //! - an invalid job is dead-lettered where the queue has a dead-letter exchange, a valid one not.
 //!
@@ -615,9 +614,10 @@ async fn sigterm_with_200_jobs_in_flight_finishes_them_and_exits_0() {
 // 4. reply_to names a queue that no longer exists
 // ---------------------------------------------------------------------------------------------
 
-/// A job whose `reply_to` queue was deleted is run once and acknowledged: RabbitMQ returns the
-/// unroutable reply, the worker does not requeue (running it again would not make the queue
-/// exist). The next job is answered normally on the same channel.
+/// A job whose `reply_to` queue was deleted is run once and settled without its reply: RabbitMQ
+/// returns the unroutable reply, the worker tries it again for the reply window (30 s, the queue
+/// may come back), then counts it lost; it never requeues (that would publish the job again).
+/// The next job is answered normally on the same channel meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reply_to_a_deleted_queue_does_not_loop() {
     let (broker, topic, client_id, amqp, queue) = setup("gone").await;
@@ -638,16 +638,8 @@ async fn reply_to_a_deleted_queue_does_not_loop() {
     let got = sub.expect(T).await;
     assert_eq!(got.payload_str(), "to-nowhere");
     wait_metric(addr, "mqtt_connector_jobs_total", |v| v >= 1.0, T).await;
-    wait_metric(addr, "mqtt_connector_jobs_in_flight", |v| v == 0.0, T).await;
-    assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
-    assert_eq!(
-        sub.recv(QUIET).await,
-        None,
-        "the job ran once, not again and again"
-    );
-    assert_eq!(metric(addr, "mqtt_connector_jobs_total").await, 1.0);
-    assert_eq!(amqp.queue_message_count(&gone).await, None, "not recreated");
 
+    // While the lost reply is retried, the next job is answered on the same channel.
     let body = job_for(&broker.url(), &topic, &client_id, "next", 5000);
     amqp.send_job(&queue, &body, Some(&reply_queue), Some("next"))
         .await;
@@ -655,15 +647,26 @@ async fn reply_to_a_deleted_queue_does_not_loop() {
     assert_eq!(reply.correlation_id.as_deref(), Some("next"));
     assert_eq!(reply.exit_code(), 0, "{}", reply.body);
     assert_eq!(sub.expect(T).await.payload_str(), "next");
+
+    let window = Duration::from_secs(40);
+    wait_metric(addr, "mqtt_connector_replies_lost_total", |v| v == 1.0, window).await;
     wait_metric(addr, "mqtt_connector_jobs_in_flight", |v| v == 0.0, T).await;
+    assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
+    assert_eq!(
+        sub.recv(QUIET).await,
+        None,
+        "the job ran once, not again and again"
+    );
     assert_eq!(metric(addr, "mqtt_connector_jobs_total").await, 2.0);
+    assert_eq!(amqp.queue_message_count(&gone).await, None, "not recreated");
     assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
     worker.stop().await;
     amqp.delete_queue(&queue).await;
 }
 
-// ---------------------------------------------------------------------------------------------
-// 5. A reply RabbitMQ nacks
+// 5. A reply RabbitMQ nacks: tests/replies.rs (the job is settled without its reply after the
+//    reply window, never run again).
+
 // ---------------------------------------------------------------------------------------------
 
 /// A reply queue that holds at most one message and rejects publishes once full

@@ -79,7 +79,11 @@ impl Outstanding {
             Event::Settled(tag, Settlement::Ack) => {
                 self.0.insert(tag, true);
             }
-            Event::Settled(tag, Settlement::DeadLetter | Settlement::Requeue) => {
+            // A forward is resolved by the job before it settles; a reject is the safe reading.
+            Event::Settled(
+                tag,
+                Settlement::DeadLetter | Settlement::ForwardWithOutcome | Settlement::Requeue,
+            ) => {
                 let requeue = matches!(event, Event::Settled(_, Settlement::Requeue));
                 self.0.remove(&tag);
                 frames.push(Frame::Reject { tag, requeue });
