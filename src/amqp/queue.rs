@@ -141,7 +141,7 @@ async fn ensure_one(
     .map_err(|_| timeout())?
     .is_ok();
     if exists {
-        let _ = probe.close(200, "ok".into()).await;
+        let _ = tokio::time::timeout(DECLARE_TIMEOUT, probe.close(200, "ok".into())).await;
         return Ok(());
     }
     // The failed passive declare closed the probe channel (404): declare on a fresh one.
@@ -156,7 +156,7 @@ async fn ensure_one(
     .await
     .map_err(|_| timeout())?
     .map_err(declare_error)?;
-    let _ = channel.close(200, "ok".into()).await;
+    let _ = tokio::time::timeout(DECLARE_TIMEOUT, channel.close(200, "ok".into())).await;
     Ok(())
 }
 

@@ -14,6 +14,9 @@ use tokio::sync::mpsc;
 
 use crate::settle::Settlement;
 
+/// How long one batch of settlements may take to leave.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 enum Event {
     Taken(DeliveryTag),
     Settled(DeliveryTag, Settlement),
@@ -126,8 +129,10 @@ async fn run(channel: Channel, mut events: mpsc::UnboundedReceiver<Event>) {
             outstanding.apply(event, &mut frames);
         }
         outstanding.flush(&mut frames);
-        // join_all polls in order: the frames leave in the order they were decided.
-        let sent = join_all(frames.drain(..).map(|frame| {
+        // join_all polls in order: the frames leave in the order they were decided. Bounded: a
+        // connection RabbitMQ blocks (an alarm) writes nothing, acks included; what was handed
+        // to lapin still leaves once it is unblocked.
+        let sent = tokio::time::timeout(SEND_TIMEOUT, join_all(frames.drain(..).map(|frame| {
             let channel = &channel;
             async move {
                 match frame {
@@ -141,10 +146,18 @@ async fn run(channel: Channel, mut events: mpsc::UnboundedReceiver<Event>) {
                     }
                 }
             }
-        }))
+        })))
         .await;
-        if let Some(Err(err)) = sent.into_iter().find(Result::is_err) {
-            tracing::warn!(error = %err, "could not settle deliveries; RabbitMQ will redeliver them");
+        match sent {
+            Ok(sent) => {
+                if let Some(Err(err)) = sent.into_iter().find(Result::is_err) {
+                    tracing::warn!(error = %err, "could not settle deliveries; RabbitMQ will redeliver them");
+                }
+            }
+            Err(_) => tracing::warn!(
+                after = ?SEND_TIMEOUT,
+                "RabbitMQ did not take the settlements in time (connection blocked or stalled)"
+            ),
         }
     }
 }
