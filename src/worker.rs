@@ -7,14 +7,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::BasicCancelOptions;
-use rand::Rng;
-use tokio::sync::Notify;
+use lapin::options::{BasicCancelOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -33,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::connection::ConnectionSettings;
 use crate::mqtt::pool::Pool;
 use crate::outcome::Reply;
-use crate::pipeline::{Pipeline, Siblings, Taken};
+use crate::pipeline::{Pipeline, Siblings};
 use crate::policy::Policy;
 use crate::settle::{DeadLetters, ReplyStatus, Settlement, settle};
 
@@ -46,10 +45,8 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
-/// How long a worker stops consuming after handing a job back to the queue for the worker that
-/// holds its client-id (jittered, so a fleet does not resume together).
-const PAUSE_MIN: Duration = Duration::from_secs(2);
-const PAUSE_MAX: Duration = Duration::from_secs(4);
+/// How often a worker counts the consumers of its queue (whether it has siblings).
+const SIBLINGS_EVERY: Duration = Duration::from_secs(3);
 
 /// Everything a worker is configured with.
 #[derive(Clone)]
@@ -170,9 +167,9 @@ pub struct Worker {
     shutdown: CancellationToken,
     /// Cancelled at the shutdown deadline: every job still running stops where it is.
     jobs_cancel: CancellationToken,
-    /// Signalled by a job handed back to the queue (another worker holds its client-id): the
-    /// session stops consuming for a moment, so the queue's jobs flow to that worker.
-    deferred: Arc<Notify>,
+    /// Whether other consumers share the request queue (kept by each session): only then are
+    /// jobs whose client-id is held elsewhere handed back.
+    siblings: Siblings,
     /// Stops the HTTP endpoint when the worker is done (dropped), not at `shutdown`: while
     /// it drains, `/healthz` still answers 200, `/readyz` 503 and `/metrics` shows the drain.
     http_stop: CancellationToken,
@@ -238,6 +235,7 @@ impl Worker {
             options.max_connections,
             metrics.clone(),
         );
+        let siblings = Siblings::default();
         let pipeline = Pipeline::new(
             connectors.clone(),
             pool,
@@ -245,12 +243,7 @@ impl Worker {
             options.limits,
             options.policy.clone(),
         )
-        .deferring({
-            // Until the worker watches its queue's consumers, assume siblings (the old behaviour).
-            let siblings = Siblings::default();
-            siblings.set(true);
-            siblings
-        });
+        .deferring(siblings.clone());
         tracing::info!(
             connectors = connectors.len(),
             queue = %options.queue,
@@ -268,7 +261,7 @@ impl Worker {
             metrics_addr,
             shutdown,
             jobs_cancel: CancellationToken::new(),
-            deferred: Arc::new(Notify::new()),
+            siblings,
             http_stop,
         })
     }
@@ -358,6 +351,18 @@ impl Worker {
         let queue_name: Arc<str> = Arc::from(self.queue.name.as_str());
         let dead_letter_queue: Option<Arc<str>> = self.queue.dead_letter_queue.as_deref().map(Arc::from);
         let mut flow_changes = flow.clone();
+        let session_over = CancellationToken::new();
+        // A channel of its own: a failed passive declare closes the channel it ran on.
+        let probe = tokio::time::timeout(consumer::CLOSE_TIMEOUT, connection.create_channel())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        tokio::spawn(watch_siblings(
+            probe,
+            Arc::clone(&queue_name),
+            self.siblings.clone(),
+            session_over.clone(),
+        ));
         let spawn = |delivery: Delivery| {
             settler.taken(delivery.delivery_tag);
             let job = Job {
@@ -367,7 +372,6 @@ impl Worker {
                 pipeline: self.pipeline.clone(),
                 metrics: self.metrics.clone(),
                 cancel: self.jobs_cancel.clone(),
-                deferred: Arc::clone(&self.deferred),
                 queue: Arc::clone(&queue_name),
                 dead_letter_queue: dead_letter_queue.clone(),
                 flow: flow.clone(),
@@ -378,13 +382,6 @@ impl Worker {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break None,
                 blocked = flow_changes.changed() => self.set_blocked(blocked),
-                _ = self.deferred.notified() => {
-                    match self.pause(&channel, &mut consumer, &spawn).await {
-                        Ok(true) => {}
-                        Ok(false) => break None,
-                        Err(err) => break Some(err),
-                    }
-                }
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => spawn(delivery),
                     Some(Err(err)) => break Some(SessionError::Consumer(err)),
@@ -394,6 +391,7 @@ impl Worker {
             }
         };
         self.set_ready(false);
+        session_over.cancel();
         let next_node = ended.as_ref().map_or(node, |error| next_node(node, error));
         if ended.is_none() {
             // Stop deliveries; the jobs we hold finish (their replies and acks need this
@@ -411,38 +409,6 @@ impl Worker {
                 lasted: opened.elapsed(),
             },
         }
-    }
-
-    /// Stops consuming for a moment after a job went back to the queue because another worker
-    /// holds its client-id: without it, this worker would keep taking those jobs from the
-    /// queue (its prefetch) and handing them back, and the holder would get few of them.
-    /// Deliveries already on their way are run; `Ok(false)` when shutdown came meanwhile.
-    async fn pause(
-        &self,
-        channel: &Channel,
-        consumer: &mut lapin::Consumer,
-        spawn: &impl Fn(Delivery),
-    ) -> Result<bool, SessionError> {
-        let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
-        let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, cancel).await;
-        // What RabbitMQ sent before the cancel still has to be run (and settled).
-        let drained = async {
-            while let Some(Ok(delivery)) = consumer.next().await {
-                spawn(delivery);
-            }
-        };
-        let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, drained).await;
-        let pause = rand::rng().random_range(PAUSE_MIN..=PAUSE_MAX);
-        tracing::debug!(
-            ?pause,
-            "jobs went back to the queue for the worker holding their client-id: not consuming for a moment"
-        );
-        tokio::select! {
-            _ = self.shutdown.cancelled() => return Ok(false),
-            _ = tokio::time::sleep(pause) => {}
-        }
-        *consumer = consumer::resume(channel, &self.queue).await?;
-        Ok(true)
     }
 
     fn set_ready(&self, ready: bool) {
@@ -477,6 +443,47 @@ fn next_node(node: usize, error: &SessionError) -> usize {
     }
 }
 
+/// Keeps `siblings` true only while other consumers share `queue`: counts its consumers every
+/// [`SIBLINGS_EVERY`] (a passive declare on a channel of its own, bounded) until `over`; false
+/// whenever the count is unknown, and when the session ends.
+async fn watch_siblings(
+    probe: Option<Channel>,
+    queue: Arc<str>,
+    siblings: Siblings,
+    over: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SIBLINGS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = over.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let counted = async {
+            let channel = probe.as_ref()?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let declared = channel
+                .queue_declare(queue.as_ref().into(), passive, FieldTable::default())
+                .await
+                .ok()?;
+            Some(declared.consumer_count())
+        };
+        let consumers = tokio::time::timeout(consumer::CLOSE_TIMEOUT, counted)
+            .await
+            .ok()
+            .flatten();
+        // Our own consumer is one of them.
+        siblings.set(consumers.is_some_and(|count| count > 1));
+    }
+    siblings.set(false);
+    if let Some(channel) = probe {
+        let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, channel.close(200, "ok".into())).await;
+    }
+}
+
 /// A session that ended: once its jobs are over (finished, or cancelled at the shutdown
 /// deadline), send their acks and close its connection, so no connection and no settling task
 /// outlives it.
@@ -494,7 +501,6 @@ async fn retire(
 
 /// One delivery and what it needs to run, reply and settle.
 struct Job {
-    deferred: Arc<Notify>,
     /// The request queue, where a job handed back goes.
     queue: Arc<str>,
     /// `--dead-letter-queue`: where a job whose reply was lost goes, with its outcome.
@@ -541,16 +547,19 @@ impl Job {
     /// Run the job, reply, settle.
     async fn handle(self) {
         let started = Instant::now();
-        let finished = self.pipeline.run(&self.delivery.data, Taken::now()).await;
+        let taken = handback::taken(
+            self.delivery.properties.headers().as_ref(),
+            SystemTime::now(),
+        );
+        let finished = self.pipeline.run(&self.delivery.data, taken).await;
         let properties = &self.delivery.properties;
         let correlation_id = properties.correlation_id().as_ref().map(|id| id.as_str());
         if let Some(delay) = finished.requeue_after {
             // Not final: back to the queue, unanswered, for the worker holding the client-id.
-            tracing::debug!(requeue_in = ?delay, "{}", finished.outcome.message);
-            self.deferred.notify_one();
+            tracing::debug!(requeue_in = ?delay, handbacks = taken.handbacks, "{}", finished.outcome.message);
             tokio::time::sleep(delay).await;
             let settlement =
-                if handback::hand_back(&self.channel, &self.queue, &self.delivery).await {
+                if handback::hand_back(&self.channel, &self.queue, &self.delivery, taken).await {
                     Settlement::Ack
                 } else {
                     Settlement::Requeue
