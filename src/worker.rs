@@ -14,6 +14,8 @@ use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
+use rand::Rng;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -45,6 +47,11 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// How long a worker stops taking deliveries after handing a job back to the queue for the
+/// worker that holds its client-id (jittered, so a fleet does not resume together). It only
+/// stops reading: the consumer stays, so its prefetch window is never renewed while its jobs run.
+const PAUSE_MIN: Duration = Duration::from_secs(2);
+const PAUSE_MAX: Duration = Duration::from_secs(4);
 /// How often a worker counts the consumers of its queue (whether it has siblings).
 const SIBLINGS_EVERY: Duration = Duration::from_secs(3);
 
@@ -170,6 +177,9 @@ pub struct Worker {
     /// Whether other consumers share the request queue (kept by each session): only then are
     /// jobs whose client-id is held elsewhere handed back.
     siblings: Siblings,
+    /// Signalled by a job handed back to the queue (another worker holds its client-id): the
+    /// session stops taking deliveries for a moment, so the queue's jobs flow to that worker.
+    deferred: Arc<Notify>,
     /// Stops the HTTP endpoint when the worker is done (dropped), not at `shutdown`: while
     /// it drains, `/healthz` still answers 200, `/readyz` 503 and `/metrics` shows the drain.
     http_stop: CancellationToken,
@@ -262,6 +272,7 @@ impl Worker {
             shutdown,
             jobs_cancel: CancellationToken::new(),
             siblings,
+            deferred: Arc::new(Notify::new()),
             http_stop,
         })
     }
@@ -372,17 +383,26 @@ impl Worker {
                 pipeline: self.pipeline.clone(),
                 metrics: self.metrics.clone(),
                 cancel: self.jobs_cancel.clone(),
+                deferred: Arc::clone(&self.deferred),
                 queue: Arc::clone(&queue_name),
                 dead_letter_queue: dead_letter_queue.clone(),
                 flow: flow.clone(),
             };
             jobs.spawn(job.run());
         };
+        let mut paused_until: Option<tokio::time::Instant> = None;
         let ended = loop {
+            let resume_at = paused_until.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 _ = self.shutdown.cancelled() => break None,
                 blocked = flow_changes.changed() => self.set_blocked(blocked),
-                delivery = consumer.next() => match delivery {
+                _ = self.deferred.notified(), if paused_until.is_none() => {
+                    let pause = rand::rng().random_range(PAUSE_MIN..=PAUSE_MAX);
+                    tracing::debug!(?pause, "jobs went back to the queue for the worker holding their client-id: not taking deliveries for a moment");
+                    paused_until = Some(tokio::time::Instant::now() + pause);
+                }
+                _ = tokio::time::sleep_until(resume_at), if paused_until.is_some() => paused_until = None,
+                delivery = consumer.next(), if paused_until.is_none() => match delivery {
                     Some(Ok(delivery)) => spawn(delivery),
                     Some(Err(err)) => break Some(SessionError::Consumer(err)),
                     // The stream ends without our asking: RabbitMQ cancelled the consumer.
@@ -501,6 +521,7 @@ async fn retire(
 
 /// One delivery and what it needs to run, reply and settle.
 struct Job {
+    deferred: Arc<Notify>,
     /// The request queue, where a job handed back goes.
     queue: Arc<str>,
     /// `--dead-letter-queue`: where a job whose reply was lost goes, with its outcome.
@@ -557,6 +578,7 @@ impl Job {
         if let Some(delay) = finished.requeue_after {
             // Not final: back to the queue, unanswered, for the worker holding the client-id.
             tracing::debug!(requeue_in = ?delay, handbacks = taken.handbacks, "{}", finished.outcome.message);
+            self.deferred.notify_one();
             tokio::time::sleep(delay).await;
             let settlement =
                 if handback::hand_back(&self.channel, &self.queue, &self.delivery, taken).await {
