@@ -4,6 +4,7 @@
 //! consuming, lets the jobs in flight finish until one deadline (`grace_period` after the
 //! shutdown request), cancels those still running (RabbitMQ redelivers them), and closes.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use rand::Rng;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -47,9 +48,8 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
-/// How long a worker stops taking deliveries after handing a job back to the queue for the
-/// worker that holds its client-id (jittered, so a fleet does not resume together). It only
-/// stops reading: the consumer stays, so its prefetch window is never renewed while its jobs run.
+/// How long a worker stops consuming after handing a job back to the queue for the worker that
+/// holds its client-id (jittered, so a fleet does not resume together).
 const PAUSE_MIN: Duration = Duration::from_secs(2);
 const PAUSE_MAX: Duration = Duration::from_secs(4);
 /// How often a worker counts the consumers of its queue (whether it has siblings).
@@ -374,9 +374,13 @@ impl Worker {
             self.siblings.clone(),
             session_over.clone(),
         ));
-        let spawn = |delivery: Delivery| {
+        // --prefetch bounds the jobs running, whatever consumers RabbitMQ counts it per: a
+        // consumer started again after a pause gets a fresh window while older jobs still run.
+        let slots = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
+        let spawn = |delivery: Delivery, slot: OwnedSemaphorePermit| {
             settler.taken(delivery.delivery_tag);
             let job = Job {
+                _slot: slot,
                 delivery,
                 channel: channel.clone(),
                 settler: settler.clone(),
@@ -390,30 +394,51 @@ impl Worker {
             };
             jobs.spawn(job.run());
         };
+        // Deliveries received but not started (drained at a pause): run before any new one.
+        let mut backlog: VecDeque<Delivery> = VecDeque::new();
+        let mut slot: Option<OwnedSemaphorePermit> = None;
         let mut paused_until: Option<tokio::time::Instant> = None;
         let ended = loop {
+            while slot.is_some() && !backlog.is_empty() {
+                if let (Some(delivery), Some(permit)) = (backlog.pop_front(), slot.take()) {
+                    spawn(delivery, permit);
+                }
+                slot = Arc::clone(&slots).try_acquire_owned().ok();
+            }
             let resume_at = paused_until.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 _ = self.shutdown.cancelled() => break None,
                 blocked = flow_changes.changed() => self.set_blocked(blocked),
-                _ = self.deferred.notified(), if paused_until.is_none() => {
-                    let pause = rand::rng().random_range(PAUSE_MIN..=PAUSE_MAX);
-                    tracing::debug!(?pause, "jobs went back to the queue for the worker holding their client-id: not taking deliveries for a moment");
-                    paused_until = Some(tokio::time::Instant::now() + pause);
+                permit = Arc::clone(&slots).acquire_owned(), if slot.is_none() => {
+                    slot = permit.ok();
                 }
-                _ = tokio::time::sleep_until(resume_at), if paused_until.is_some() => paused_until = None,
-                delivery = consumer.next(), if paused_until.is_none() => match delivery {
-                    Some(Ok(delivery)) => spawn(delivery),
-                    Some(Err(err)) => break Some(SessionError::Consumer(err)),
+                _ = self.deferred.notified(), if paused_until.is_none() => {
+                    if pause_consumer(&channel, &mut consumer, &mut backlog).await {
+                        let pause = rand::rng().random_range(PAUSE_MIN..=PAUSE_MAX);
+                        tracing::debug!(?pause, "jobs went back to the queue for the worker holding their client-id: not consuming for a moment");
+                        paused_until = Some(tokio::time::Instant::now() + pause);
+                    }
+                }
+                _ = tokio::time::sleep_until(resume_at), if paused_until.is_some() => {
+                    paused_until = None;
+                    match consumer::resume(&channel, &self.queue).await {
+                        Ok(resumed) => consumer = resumed,
+                        Err(err) => break Some(err),
+                    }
+                }
+                delivery = consumer.next(), if paused_until.is_none() && slot.is_some() => match (delivery, slot.take()) {
+                    (Some(Ok(delivery)), Some(permit)) => spawn(delivery, permit),
+                    (Some(Ok(delivery)), None) => backlog.push_back(delivery),
+                    (Some(Err(err)), _) => break Some(SessionError::Consumer(err)),
                     // The stream ends without our asking: RabbitMQ cancelled the consumer.
-                    None => break Some(SessionError::Cancelled),
+                    (None, _) => break Some(SessionError::Cancelled),
                 },
             }
         };
         self.set_ready(false);
         session_over.cancel();
         let next_node = ended.as_ref().map_or(node, |error| next_node(node, error));
-        if ended.is_none() {
+        if ended.is_none() && paused_until.is_none() {
             // Stop deliveries; the jobs we hold finish (their replies and acks need this
             // channel); deliveries prefetched but not started go back when it closes.
             let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
@@ -452,6 +477,37 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.http_stop.cancel();
     }
+}
+
+/// Cancels `consumer` so that RabbitMQ sends the queue's jobs to the other workers for a
+/// moment; what it sent before the cancel lands in `backlog` (never dropped: a delivery left
+/// unsettled would return to the queue when the session ends, a stray redelivery that a quorum
+/// queue counts against its delivery limit). `false` when the cancel was not confirmed or the
+/// stream did not end in time: the consumer may still be active, so it stays and is read on.
+async fn pause_consumer(
+    channel: &Channel,
+    consumer: &mut lapin::Consumer,
+    backlog: &mut VecDeque<Delivery>,
+) -> bool {
+    let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+    if !matches!(
+        tokio::time::timeout(consumer::CLOSE_TIMEOUT, cancel).await,
+        Ok(Ok(()))
+    ) {
+        return false;
+    }
+    let drained = async {
+        // After cancel-ok the stream ends: everything before it is ours to run.
+        while let Some(delivery) = consumer.next().await {
+            match delivery {
+                Ok(delivery) => backlog.push_back(delivery),
+                Err(err) => tracing::debug!(error = %err, "consumer error while pausing"),
+            }
+        }
+    };
+    tokio::time::timeout(consumer::CLOSE_TIMEOUT, drained)
+        .await
+        .is_ok()
 }
 
 /// Where to consume next after a session on `node` ended with `error`: the same node when only
@@ -521,6 +577,8 @@ async fn retire(
 
 /// One delivery and what it needs to run, reply and settle.
 struct Job {
+    /// One of the session's `--prefetch` slots, held while the job runs.
+    _slot: OwnedSemaphorePermit,
     deferred: Arc<Notify>,
     /// The request queue, where a job handed back goes.
     queue: Arc<str>,
