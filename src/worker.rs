@@ -42,7 +42,8 @@ use crate::settle::{DeadLetters, ReplyStatus, Settlement, settle};
 /// How long the acks of finished jobs may take to leave when a session is retired.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the deadline, how long cancelled jobs and their sessions may take to wind down.
-const WIND_DOWN: Duration = Duration::from_secs(5);
+/// (Under 5 s: the process exits within `--grace-period` + 5 s of SIGTERM on every path.)
+const WIND_DOWN: Duration = Duration::from_secs(4);
 /// Reconnect backoff: first delay and cap.
 const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
@@ -287,6 +288,12 @@ impl Worker {
     pub async fn run(self) {
         // Every session's retirement (its jobs, its last acks, closing its connection).
         let sessions = TaskTracker::new();
+        // The grace period counts from the shutdown request, not from when consuming stops.
+        let shutdown = self.shutdown.clone();
+        let requested = tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::Instant::now()
+        });
         let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX);
         let mut next_node = 0;
         while !self.shutdown.is_cancelled() {
@@ -324,12 +331,20 @@ impl Worker {
         }
         self.set_ready(false);
         // One deadline for everything in flight, counted from the shutdown request.
-        let deadline = tokio::time::Instant::now() + self.options.grace_period;
+        let requested = requested.await.unwrap_or_else(|_| tokio::time::Instant::now());
+        // A grace period too long to add (u64::MAX seconds) means: wait for the jobs' own ends.
+        let deadline = requested.checked_add(self.options.grace_period);
         sessions.close();
-        if tokio::time::timeout_at(deadline, sessions.wait())
-            .await
-            .is_err()
-        {
+        let drained = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, sessions.wait())
+                .await
+                .is_ok(),
+            None => {
+                sessions.wait().await;
+                true
+            }
+        };
+        if !drained {
             tracing::warn!(grace = ?self.options.grace_period, "jobs still running at the end of the grace period: cancelled, RabbitMQ will redeliver them");
             self.jobs_cancel.cancel();
             if tokio::time::timeout(WIND_DOWN, sessions.wait())
@@ -363,6 +378,9 @@ impl Worker {
         let dead_letter_queue: Option<Arc<str>> = self.queue.dead_letter_queue.as_deref().map(Arc::from);
         let mut flow_changes = flow.clone();
         let session_over = CancellationToken::new();
+        // Cancels this session's jobs: at the shutdown deadline (a child of `jobs_cancel`), or
+        // at once when the session is lost (nothing they do can be settled any more).
+        let session_jobs = self.jobs_cancel.child_token();
         // A channel of its own: a failed passive declare closes the channel it ran on.
         let probe = tokio::time::timeout(consumer::CLOSE_TIMEOUT, connection.create_channel())
             .await
@@ -386,7 +404,7 @@ impl Worker {
                 settler: settler.clone(),
                 pipeline: self.pipeline.clone(),
                 metrics: self.metrics.clone(),
-                cancel: self.jobs_cancel.clone(),
+                cancel: session_jobs.clone(),
                 deferred: Arc::clone(&self.deferred),
                 queue: Arc::clone(&queue_name),
                 dead_letter_queue: dead_letter_queue.clone(),
@@ -437,6 +455,14 @@ impl Worker {
         };
         self.set_ready(false);
         session_over.cancel();
+        if let Some(error) = &ended {
+            // RabbitMQ redelivers every unsettled delivery of a lost session: a job of it that
+            // published now would be published twice.
+            if !jobs.is_empty() {
+                tracing::warn!(jobs = jobs.len(), error = %amqp::error_chain(error), "AMQP session lost: its jobs are cancelled, RabbitMQ will redeliver them");
+            }
+            session_jobs.cancel();
+        }
         let next_node = ended.as_ref().map_or(node, |error| next_node(node, error));
         if ended.is_none() && paused_until.is_none() {
             // Stop deliveries; the jobs we hold finish (their replies and acks need this
@@ -613,7 +639,7 @@ impl Job {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    tracing::warn!("cancelled at the end of the grace period; RabbitMQ will redeliver it");
+                    tracing::warn!("cancelled (end of the grace period, or its AMQP session was lost); RabbitMQ will redeliver it");
                 }
                 _ = self.handle() => {}
             }
