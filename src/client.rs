@@ -446,6 +446,9 @@ impl Client {
 
     /// Closes the connection.
     pub async fn close(self) {
+        // The channel first: lapin closing it by itself during the connection's close logs an
+        // ERROR.
+        consumer::close_channel(&self.channel).await;
         consumer::close(&self.connection, "client done").await;
         self.replies.abort();
     }

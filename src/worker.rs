@@ -386,7 +386,7 @@ impl Worker {
             .await
             .ok()
             .and_then(Result::ok);
-        tokio::spawn(watch_siblings(
+        let watcher = tokio::spawn(watch_siblings(
             probe,
             Arc::clone(&queue_name),
             self.siblings.clone(),
@@ -444,10 +444,15 @@ impl Worker {
                         Err(err) => break Some(err),
                     }
                 }
-                delivery = consumer.next(), if paused_until.is_none() && slot.is_some() => match (delivery, slot.take()) {
+                // Read on even with every slot taken (RabbitMQ sends at most a window's worth):
+                // that is where a lost session shows.
+                delivery = consumer.next(), if paused_until.is_none() => match (delivery, slot.take()) {
                     (Some(Ok(delivery)), Some(permit)) => spawn(delivery, permit),
                     (Some(Ok(delivery)), None) => backlog.push_back(delivery),
-                    (Some(Err(err)), _) => break Some(SessionError::Consumer(err)),
+                    (Some(Err(err)), permit) => {
+                        drop(permit);
+                        break Some(SessionError::Consumer(err));
+                    }
                     // The stream ends without our asking: RabbitMQ cancelled the consumer.
                     (None, _) => break Some(SessionError::Cancelled),
                 },
@@ -471,7 +476,14 @@ impl Worker {
             let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, cancel).await;
         }
         drop(consumer);
-        sessions.spawn(retire(jobs, settler, settler_task, connection));
+        sessions.spawn(retire(
+            jobs,
+            settler,
+            settler_task,
+            watcher,
+            channel,
+            connection,
+        ));
         match ended {
             None => SessionEnd::Shutdown,
             Some(error) => SessionEnd::Lost {
@@ -582,22 +594,31 @@ async fn watch_siblings(
     }
     siblings.set(false);
     if let Some(channel) = probe {
-        let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, channel.close(200, "ok".into())).await;
+        consumer::close_channel(&channel).await;
     }
 }
 
 /// A session that ended: once its jobs are over (finished, or cancelled at the shutdown
 /// deadline), send their acks and close its connection, so no connection and no settling task
 /// outlives it.
+///
+/// Every channel is closed, and awaited, before the connection: lapin closes a channel by itself
+/// when its last handle goes, and one doing so while the connection closes is logged at ERROR
+/// (`invalid channel state: Closing`), on a perfectly clean stop.
 async fn retire(
     jobs: TaskTracker,
     settler: Settler,
     settler_task: SettlerTask,
+    watcher: tokio::task::JoinHandle<()>,
+    channel: Channel,
     connection: lapin::Connection,
 ) {
     jobs.close();
     jobs.wait().await;
     settler_task.finish(settler, SETTLE_TIMEOUT).await;
+    let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, watcher).await;
+    consumer::close_channel(&channel).await;
+    drop(channel);
     consumer::close(&connection, "session over").await;
 }
 

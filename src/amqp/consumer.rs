@@ -193,6 +193,14 @@ pub async fn resume(channel: &Channel, queue: &QueueSettings) -> Result<Consumer
     .await
 }
 
+/// Closes a channel (bounded) if it is still open: before its connection closes, so lapin does
+/// not close it by itself (when the last handle goes) in the middle of that.
+pub async fn close_channel(channel: &Channel) {
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "ok".into())).await;
+    }
+}
+
 /// Closes a connection (bounded); one already lost is fine.
 pub async fn close(connection: &Connection, reason: &str) {
     let closing = connection.close(200, reason.into());
