@@ -331,7 +331,9 @@ impl Worker {
         }
         self.set_ready(false);
         // One deadline for everything in flight, counted from the shutdown request.
-        let requested = requested.await.unwrap_or_else(|_| tokio::time::Instant::now());
+        let requested = requested
+            .await
+            .unwrap_or_else(|_| tokio::time::Instant::now());
         // A grace period too long to add (u64::MAX seconds) means: wait for the jobs' own ends.
         let deadline = requested.checked_add(self.options.grace_period);
         sessions.close();
@@ -375,7 +377,8 @@ impl Worker {
         let (settler, settler_task) = Settler::start(channel.clone());
         let jobs = TaskTracker::new();
         let queue_name: Arc<str> = Arc::from(self.queue.name.as_str());
-        let dead_letter_queue: Option<Arc<str>> = self.queue.dead_letter_queue.as_deref().map(Arc::from);
+        let dead_letter_queue: Option<Arc<str>> =
+            self.queue.dead_letter_queue.as_deref().map(Arc::from);
         let mut flow_changes = flow.clone();
         let session_over = CancellationToken::new();
         // Cancels this session's jobs: at the shutdown deadline (a child of `jobs_cancel`), or

@@ -649,7 +649,13 @@ async fn reply_to_a_deleted_queue_does_not_loop() {
     assert_eq!(sub.expect(T).await.payload_str(), "next");
 
     let window = Duration::from_secs(40);
-    wait_metric(addr, "mqtt_connector_replies_lost_total", |v| v == 1.0, window).await;
+    wait_metric(
+        addr,
+        "mqtt_connector_replies_lost_total",
+        |v| v == 1.0,
+        window,
+    )
+    .await;
     wait_metric(addr, "mqtt_connector_jobs_in_flight", |v| v == 0.0, T).await;
     assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
     assert_eq!(

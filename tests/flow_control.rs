@@ -7,8 +7,8 @@ mod common;
 
 use common::worker::{connectors_dir, job, metric_sum, spawn_worker_with, with};
 use common::*;
-use mqtt_connector::client::{Client, ClientError, ClientOptions, JobRequest};
 use mqtt_connector::amqp::queue::QueueSettings;
+use mqtt_connector::client::{Client, ClientError, ClientOptions, JobRequest};
 use mqtt_connector::worker::WorkerOptions;
 use rumqttc::QoS;
 use serde_json::json;
@@ -57,12 +57,21 @@ async fn a_memory_alarm_makes_the_worker_unready_until_it_clears_and_every_job_i
     node.ctl(0, &["set_vm_memory_high_watermark", "0.0000001"]);
     timeline.push((start.elapsed(), "alarm raised".into()));
     broker.thaw();
-    timeline.push((start.elapsed(), "MQTT broker thawed: replies to send".into()));
+    timeline.push((
+        start.elapsed(),
+        "MQTT broker thawed: replies to send".into(),
+    ));
 
     // /readyz goes 503 once RabbitMQ blocks the connection (on the worker's first reply).
     let unready = poll_readyz(addr, 503, Duration::from_secs(20)).await;
-    timeline.push((start.elapsed(), format!("/readyz 503 (polled {unready} times)")));
-    let blocked = metric_sum(&worker.metrics().await, "mqtt_connector_amqp_connection_blocked");
+    timeline.push((
+        start.elapsed(),
+        format!("/readyz 503 (polled {unready} times)"),
+    ));
+    let blocked = metric_sum(
+        &worker.metrics().await,
+        "mqtt_connector_amqp_connection_blocked",
+    );
     assert_eq!(blocked, 1.0, "amqp_connection_blocked while blocked");
     let up = metric_sum(&worker.metrics().await, "mqtt_connector_amqp_consumer_up");
     assert_eq!(up, 1.0, "the consumer stays up while blocked");
@@ -89,23 +98,38 @@ async fn a_memory_alarm_makes_the_worker_unready_until_it_clears_and_every_job_i
         .await
         .expect("call came back");
     let took = called.elapsed();
-    timeline.push((start.elapsed(), format!("Client::call gave up after {took:?}")));
+    timeline.push((
+        start.elapsed(),
+        format!("Client::call gave up after {took:?}"),
+    ));
     assert!(
         matches!(result, Err(ClientError::NoReply(_))),
         "call under an alarm: {result:?}"
     );
-    assert!(took < bound + Duration::from_millis(500), "call took {took:?}");
+    assert!(
+        took < bound + Duration::from_millis(500),
+        "call took {took:?}"
+    );
 
     // Still blocked a few seconds on: no job failed meanwhile, /readyz stays 503.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (status, _) = common::http::get(addr, "/readyz").await.expect("readyz");
     assert_eq!(status, 503, "still blocked");
-    assert!(replies.try_reply(Duration::from_millis(100)).await.is_none(), "no reply leaves while blocked");
+    assert!(
+        replies
+            .try_reply(Duration::from_millis(100))
+            .await
+            .is_none(),
+        "no reply leaves while blocked"
+    );
 
     node.ctl(0, &["set_vm_memory_high_watermark", "0.4"]);
     timeline.push((start.elapsed(), "alarm cleared".into()));
     let ready = poll_readyz(addr, 200, Duration::from_secs(20)).await;
-    timeline.push((start.elapsed(), format!("/readyz 200 (polled {ready} times)")));
+    timeline.push((
+        start.elapsed(),
+        format!("/readyz 200 (polled {ready} times)"),
+    ));
 
     let mut answers: BTreeMap<String, i64> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -131,7 +155,10 @@ async fn a_memory_alarm_makes_the_worker_unready_until_it_clears_and_every_job_i
     assert!(published >= JOBS, "{published} MQTT messages");
     let text = worker.metrics().await;
     assert_eq!(metric_sum(&text, "mqtt_connector_replies_lost_total"), 0.0);
-    assert_eq!(metric_sum(&text, "mqtt_connector_amqp_connection_blocked"), 0.0);
+    assert_eq!(
+        metric_sum(&text, "mqtt_connector_amqp_connection_blocked"),
+        0.0
+    );
     client.close().await;
     worker.stop().await;
 }

@@ -42,8 +42,12 @@ async fn full_reply_queue(amqp: &Amqp) -> String {
         .await
         .unwrap_or_else(|e| panic!("declare {name}: {e}"));
     let _ = channel.close(200, "bye".into()).await;
-    amqp.publish(&name, b"{\"blocker\": true}", lapin::BasicProperties::default())
-        .await;
+    amqp.publish(
+        &name,
+        b"{\"blocker\": true}",
+        lapin::BasicProperties::default(),
+    )
+    .await;
     let refused = amqp
         .publish_confirmed(&name, b"{}", lapin::BasicProperties::default(), true)
         .await;
@@ -227,7 +231,11 @@ async fn a_job_whose_reply_was_lost_is_dead_lettered_with_its_outcome_in_headers
         None,
         "dead-lettered once"
     );
-    assert_eq!(sub.recv(Duration::from_secs(1)).await, None, "published once");
+    assert_eq!(
+        sub.recv(Duration::from_secs(1)).await,
+        None,
+        "published once"
+    );
     bed.worker.stop().await;
     bed.amqp.delete_queue(&bed.queue).await;
     bed.amqp.delete_queue(&dead).await;

@@ -127,7 +127,11 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) {
     if quorum {
         // Every deferral was a republish: nothing returned to the queue, nothing dead-lettered.
         let dead = amqp.queue_message_count(&dead_letters).await;
-        assert_eq!(dead, Some(0), "jobs returned to the quorum queue (nacked or redelivered)");
+        assert_eq!(
+            dead,
+            Some(0),
+            "jobs returned to the quorum queue (nacked or redelivered)"
+        );
         assert!(
             deferred > 0.0,
             "no job was handed back: this run cannot tell a republish from a nack"

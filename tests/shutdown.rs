@@ -19,7 +19,9 @@ const PREFETCH: usize = 20;
 const JOBS: usize = 30;
 
 fn error_lines(log: &str) -> Vec<&str> {
-    log.lines().filter(|line| line.contains(" ERROR ")).collect()
+    log.lines()
+        .filter(|line| line.contains(" ERROR "))
+        .collect()
 }
 
 async fn wait_in_flight(metrics: impl AsyncFn() -> String, n: f64, within: Duration) {
@@ -73,27 +75,29 @@ async fn sigterm_with_stalled_acknowledgements_exits_0_in_time_and_the_next_work
         )
         .await;
     }
-    wait_in_flight(
-        || first.metrics(),
-        PREFETCH as f64,
-        Duration::from_secs(20),
-    )
-    .await;
+    wait_in_flight(|| first.metrics(), PREFETCH as f64, Duration::from_secs(20)).await;
 
     let signalled = Instant::now();
     first.signal("TERM");
-    let status = first
-        .wait_exit(Duration::from_secs(GRACE_S + 15))
-        .await;
+    let status = first.wait_exit(Duration::from_secs(GRACE_S + 15)).await;
     let took = signalled.elapsed();
-    println!("SIGTERM with {PREFETCH} jobs stalled: exit {status:?} after {took:?} (grace {GRACE_S} s)");
-    assert!(status.success(), "exit status {status:?}:\n{}", first.tail(40));
+    println!(
+        "SIGTERM with {PREFETCH} jobs stalled: exit {status:?} after {took:?} (grace {GRACE_S} s)"
+    );
+    assert!(
+        status.success(),
+        "exit status {status:?}:\n{}",
+        first.tail(40)
+    );
     assert!(
         took <= Duration::from_secs(GRACE_S + 5),
         "exited {took:?} after SIGTERM, grace {GRACE_S} s"
     );
     assert_eq!(
-        replies.try_reply(Duration::from_millis(200)).await.map(|r| r.body),
+        replies
+            .try_reply(Duration::from_millis(200))
+            .await
+            .map(|r| r.body),
         None,
         "a stalled job was answered by the worker that was stopped"
     );
@@ -116,14 +120,21 @@ async fn sigterm_with_stalled_acknowledgements_exits_0_in_time_and_the_next_work
     assert!(answers.values().all(|code| *code == 0), "{answers:?}");
     let stopped = Instant::now();
     let (status, second_log) = second.stop_with_output().await;
-    println!("idle worker: exit {status:?} {:?} after SIGTERM", stopped.elapsed());
+    println!(
+        "idle worker: exit {status:?} {:?} after SIGTERM",
+        stopped.elapsed()
+    );
     assert!(status.success());
     let first_log = first.output();
     let errors: Vec<&str> = error_lines(&first_log)
         .into_iter()
         .chain(error_lines(&second_log))
         .collect();
-    assert!(errors.is_empty(), "ERROR lines in a normal start and stop:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "ERROR lines in a normal start and stop:\n{}",
+        errors.join("\n")
+    );
     assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
     amqp.delete_queue(&queue).await;
 }
@@ -172,7 +183,10 @@ async fn a_lost_amqp_session_cancels_its_jobs_at_once_and_each_is_answered_once_
     proxy.refuse();
     proxy.cut();
     wait_in_flight(|| worker.metrics(), 0.0, Duration::from_secs(10)).await;
-    println!("session lost: its 10 jobs cancelled within {:?}", cut.elapsed());
+    println!(
+        "session lost: its 10 jobs cancelled within {:?}",
+        cut.elapsed()
+    );
     broker.thaw();
     proxy.accept();
     let mut answers: BTreeMap<String, i64> = BTreeMap::new();
@@ -181,7 +195,10 @@ async fn a_lost_amqp_session_cancels_its_jobs_at_once_and_each_is_answered_once_
         let left = deadline.saturating_duration_since(Instant::now());
         let reply = replies.expect_reply(left).await;
         let id = reply.correlation_id.clone().unwrap_or_default();
-        assert!(answers.insert(id.clone(), reply.exit_code()).is_none(), "{id} answered twice");
+        assert!(
+            answers.insert(id.clone(), reply.exit_code()).is_none(),
+            "{id} answered twice"
+        );
     }
     replies.expect_no_reply(Duration::from_secs(1)).await;
     assert!(answers.values().all(|code| *code == 0), "{answers:?}");

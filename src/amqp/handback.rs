@@ -25,7 +25,11 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a delivery's headers say about its first taking; a job without them (or with values
 /// that make no sense: negative, in the future) is taken for the first time `now`.
 pub fn taken(headers: Option<&FieldTable>, now: SystemTime) -> Taken {
-    let field = |key: &str| headers.and_then(|headers| headers.inner().get(key)).and_then(integer);
+    let field = |key: &str| {
+        headers
+            .and_then(|headers| headers.inner().get(key))
+            .and_then(integer)
+    };
     let first_taken = field(FIRST_TAKEN_HEADER)
         .and_then(|millis| u64::try_from(millis).ok())
         .and_then(|millis| UNIX_EPOCH.checked_add(Duration::from_millis(millis)))
@@ -65,7 +69,9 @@ pub fn handed_back_headers(own: Option<&FieldTable>, taken: Taken) -> FieldTable
     let millis = taken
         .first_taken
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
+        .map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        });
     headers.insert(
         ShortString::from(FIRST_TAKEN_HEADER),
         AMQPValue::LongLongInt(millis),
@@ -172,7 +178,10 @@ mod tests {
     #[test]
     fn a_job_keeps_its_own_headers_when_handed_back() {
         let mut own = FieldTable::default();
-        own.insert(ShortString::from("trace"), AMQPValue::LongString("t1".into()));
+        own.insert(
+            ShortString::from("trace"),
+            AMQPValue::LongString("t1".into()),
+        );
         let headers = handed_back_headers(Some(&own), Taken::now());
         assert!(headers.inner().contains_key("trace"));
         assert!(headers.inner().contains_key(FIRST_TAKEN_HEADER));

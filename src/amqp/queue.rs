@@ -129,11 +129,10 @@ async fn ensure_one(
     let channel = bounded(queue, connection.create_channel())
         .await?
         .map_err(declare_error)?;
-    let declared = bounded(queue, channel.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::durable(),
-        arguments,
-    ))
+    let declared = bounded(
+        queue,
+        channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), arguments),
+    )
     .await?;
     if declared.is_ok() {
         let _ = tokio::time::timeout(DECLARE_TIMEOUT, channel.close(200, "ok".into())).await;
@@ -146,9 +145,12 @@ async fn ensure_one(
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    bounded(queue, probe.queue_declare(queue.into(), passive, FieldTable::default()))
-        .await?
-        .map_err(declare_error)?;
+    bounded(
+        queue,
+        probe.queue_declare(queue.into(), passive, FieldTable::default()),
+    )
+    .await?
+    .map_err(declare_error)?;
     let _ = tokio::time::timeout(DECLARE_TIMEOUT, probe.close(200, "ok".into())).await;
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::pin::pin;
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::time::Instant;
 
@@ -147,7 +147,7 @@ pub async fn forward_with_outcome(
         .properties
         .headers()
         .clone()
-        .unwrap_or_else(FieldTable::default);
+        .unwrap_or_default();
     headers.insert(
         ShortString::from(EXIT_CODE_HEADER),
         AMQPValue::LongInt(i32::from(outcome.exit_code.code())),

@@ -132,21 +132,24 @@ async fn run(channel: Channel, mut events: mpsc::UnboundedReceiver<Event>) {
         // join_all polls in order: the frames leave in the order they were decided. Bounded: a
         // connection RabbitMQ blocks (an alarm) writes nothing, acks included; what was handed
         // to lapin still leaves once it is unblocked.
-        let sent = tokio::time::timeout(SEND_TIMEOUT, join_all(frames.drain(..).map(|frame| {
-            let channel = &channel;
-            async move {
-                match frame {
-                    Frame::Ack { tag, multiple } => {
-                        channel.basic_ack(tag, BasicAckOptions { multiple }).await
-                    }
-                    Frame::Reject { tag, requeue } => {
-                        channel
-                            .basic_reject(tag, BasicRejectOptions { requeue })
-                            .await
+        let sent = tokio::time::timeout(
+            SEND_TIMEOUT,
+            join_all(frames.drain(..).map(|frame| {
+                let channel = &channel;
+                async move {
+                    match frame {
+                        Frame::Ack { tag, multiple } => {
+                            channel.basic_ack(tag, BasicAckOptions { multiple }).await
+                        }
+                        Frame::Reject { tag, requeue } => {
+                            channel
+                                .basic_reject(tag, BasicRejectOptions { requeue })
+                                .await
+                        }
                     }
                 }
-            }
-        })))
+            })),
+        )
         .await;
         match sent {
             Ok(sent) => {
