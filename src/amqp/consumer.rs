@@ -91,6 +91,13 @@ impl Flow {
         Flow(receiver)
     }
 
+    /// A flow driven by hand (tests).
+    #[cfg(test)]
+    pub(crate) fn manual() -> (watch::Sender<bool>, Flow) {
+        let (sender, receiver) = watch::channel(false);
+        (sender, Flow(receiver))
+    }
+
     pub fn is_blocked(&self) -> bool {
         *self.0.borrow()
     }

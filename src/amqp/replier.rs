@@ -143,11 +143,7 @@ pub async fn forward_with_outcome(
     delivery: &lapin::message::Delivery,
     outcome: &Outcome,
 ) -> bool {
-    let mut headers = delivery
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default();
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
         ShortString::from(EXIT_CODE_HEADER),
         AMQPValue::LongInt(i32::from(outcome.exit_code.code())),
@@ -176,3 +172,51 @@ pub async fn forward_with_outcome(
 
 /// How long (of unblocked time) forwarding a job to the dead-letter queue may take.
 const FORWARD_WINDOW: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reply_window_runs_out_when_nothing_comes() {
+        let (_sender, flow) = Flow::manual();
+        let mut budget = Budget::new(Duration::from_secs(30), flow);
+        let started = Instant::now();
+        assert_eq!(budget.run(std::future::pending::<()>()).await, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reply_window_stops_while_the_connection_is_blocked() {
+        let (sender, flow) = Flow::manual();
+        let mut budget = Budget::new(Duration::from_secs(30), flow);
+        let started = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            sender.send_replace(true);
+            // Blocked for 100 s: the window does not run meanwhile.
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            sender.send_replace(false);
+            std::future::pending::<()>().await;
+        });
+        assert_eq!(budget.run(std::future::pending::<()>()).await, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(130));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_ends_within_the_window_is_returned() {
+        let (_sender, flow) = Flow::manual();
+        let mut budget = Budget::new(Duration::from_secs(30), flow);
+        let done = budget
+            .run(async {
+                tokio::time::sleep(Duration::from_secs(29)).await;
+                7
+            })
+            .await;
+        assert_eq!(done, Some(7));
+        assert!(
+            !budget.sleep(Duration::from_secs(5)).await,
+            "1 s left, not 5"
+        );
+    }
+}
