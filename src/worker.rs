@@ -49,8 +49,12 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
-/// How long a worker stops consuming after handing a job back to the queue for the worker that
-/// holds its client-id (jittered, so a fleet does not resume together).
+/// How long a worker takes no deliveries after handing a job back to the queue for the worker
+/// that holds its client-id (jittered, so a fleet does not resume together). It neither cancels
+/// its consumer (on a quorum queue, deliveries can still arrive after the cancel-ok; lapin drops
+/// them, unsettled, and RabbitMQ returns them later: the stray redelivery that a delivery limit
+/// of 1 turned into lost jobs) nor reads it, and it holds its acks meanwhile, so RabbitMQ does
+/// not refill its prefetch window: the queue's jobs flow to the other workers.
 const PAUSE_MIN: Duration = Duration::from_secs(2);
 const PAUSE_MAX: Duration = Duration::from_secs(4);
 /// How often a worker counts the consumers of its queue (whether it has siblings).
@@ -434,18 +438,14 @@ impl Worker {
                     slot = permit.ok();
                 }
                 _ = self.deferred.notified(), if paused_until.is_none() => {
-                    if pause_consumer(&channel, &mut consumer, &mut backlog).await {
-                        let pause = rand::rng().random_range(PAUSE_MIN..=PAUSE_MAX);
-                        tracing::debug!(?pause, "jobs went back to the queue for the worker holding their client-id: not consuming for a moment");
-                        paused_until = Some(tokio::time::Instant::now() + pause);
-                    }
+                    let pause = rand::rng().random_range(PAUSE_MIN..=PAUSE_MAX);
+                    tracing::debug!(?pause, "jobs went back to the queue for the worker holding their client-id: taking no deliveries for a moment");
+                    settler.hold(true);
+                    paused_until = Some(tokio::time::Instant::now() + pause);
                 }
                 _ = tokio::time::sleep_until(resume_at), if paused_until.is_some() => {
                     paused_until = None;
-                    match consumer::resume(&channel, &self.queue).await {
-                        Ok(resumed) => consumer = resumed,
-                        Err(err) => break Some(err),
-                    }
+                    settler.hold(false);
                 }
                 // Read on even with every slot taken (RabbitMQ sends at most a window's worth):
                 // that is where a lost session shows.
@@ -472,7 +472,8 @@ impl Worker {
             session_jobs.cancel();
         }
         let next_node = ended.as_ref().map_or(node, |error| next_node(node, error));
-        if ended.is_none() && paused_until.is_none() {
+        settler.hold(false);
+        if ended.is_none() {
             // Stop deliveries; the jobs we hold finish (their replies and acks need this
             // channel); deliveries prefetched but not started go back when it closes.
             let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
@@ -518,37 +519,6 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.http_stop.cancel();
     }
-}
-
-/// Cancels `consumer` so that RabbitMQ sends the queue's jobs to the other workers for a
-/// moment; what it sent before the cancel lands in `backlog` (never dropped: a delivery left
-/// unsettled would return to the queue when the session ends, a stray redelivery that a quorum
-/// queue counts against its delivery limit). `false` when the cancel was not confirmed or the
-/// stream did not end in time: the consumer may still be active, so it stays and is read on.
-async fn pause_consumer(
-    channel: &Channel,
-    consumer: &mut lapin::Consumer,
-    backlog: &mut VecDeque<Delivery>,
-) -> bool {
-    let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
-    if !matches!(
-        tokio::time::timeout(consumer::CLOSE_TIMEOUT, cancel).await,
-        Ok(Ok(()))
-    ) {
-        return false;
-    }
-    let drained = async {
-        // After cancel-ok the stream ends: everything before it is ours to run.
-        while let Some(delivery) = consumer.next().await {
-            match delivery {
-                Ok(delivery) => backlog.push_back(delivery),
-                Err(err) => tracing::debug!(error = %err, "consumer error while pausing"),
-            }
-        }
-    };
-    tokio::time::timeout(consumer::CLOSE_TIMEOUT, drained)
-        .await
-        .is_ok()
 }
 
 /// Where to consume next after a session on `node` ended with `error`: the same node when only
@@ -710,6 +680,12 @@ impl Job {
             None => DeadLetters::Unknown,
         };
         let mut settlement = settle(finished.outcome.exit_code, reply_status, dead_letters);
+        if matches!(reply_status, ReplyStatus::Lost(_)) && !self.channel.status().connected() {
+            // Not a lost reply: the session is gone, nothing can be settled on it, and RabbitMQ
+            // redelivers the job (the worker cancels such jobs as soon as it notices).
+            tracing::debug!("the AMQP session ended before the reply was confirmed");
+            return;
+        }
         if let ReplyStatus::Lost(lost) = reply_status {
             self.metrics.reply_lost();
             if let (Settlement::ForwardWithOutcome, Some(queue)) =
