@@ -49,12 +49,13 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
-/// How long a worker takes no deliveries after handing a job back to the queue for the worker
-/// that holds its client-id (jittered, so a fleet does not resume together). It neither cancels
-/// its consumer (on a quorum queue, deliveries can still arrive after the cancel-ok; lapin drops
-/// them, unsettled, and RabbitMQ returns them later: the stray redelivery that a delivery limit
-/// of 1 turned into lost jobs) nor reads it, and it holds its acks meanwhile, so RabbitMQ does
-/// not refill its prefetch window: the queue's jobs flow to the other workers.
+/// How long a worker takes no new deliveries after handing a job back to the queue for the
+/// worker that holds its client-id (jittered, so a fleet does not resume together). It holds
+/// its acks meanwhile, so RabbitMQ does not refill its prefetch window and the queue's jobs flow
+/// to the other workers; what RabbitMQ already sent is run (handed back at once if it is for
+/// the same client-id). It does not cancel its consumer: on a quorum queue deliveries can still
+/// arrive after the cancel-ok, lapin drops them unsettled and RabbitMQ returns them when the
+/// channel closes — the stray redelivery that a delivery limit of 1 turned into lost jobs.
 const PAUSE_MIN: Duration = Duration::from_secs(2);
 const PAUSE_MAX: Duration = Duration::from_secs(4);
 /// How often a worker counts the consumers of its queue (whether it has siblings).
@@ -439,7 +440,7 @@ impl Worker {
                 }
                 _ = self.deferred.notified(), if paused_until.is_none() => {
                     let pause = rand::rng().random_range(PAUSE_MIN..=PAUSE_MAX);
-                    tracing::debug!(?pause, "jobs went back to the queue for the worker holding their client-id: taking no deliveries for a moment");
+                    tracing::debug!(?pause, "jobs went back to the queue for the worker holding their client-id: holding acks for a moment, so no new deliveries come");
                     settler.hold(true);
                     paused_until = Some(tokio::time::Instant::now() + pause);
                 }
@@ -449,7 +450,7 @@ impl Worker {
                 }
                 // Read on even with every slot taken (RabbitMQ sends at most a window's worth):
                 // that is where a lost session shows.
-                delivery = consumer.next(), if paused_until.is_none() => match (delivery, slot.take()) {
+                delivery = consumer.next() => match (delivery, slot.take()) {
                     (Some(Ok(delivery)), Some(permit)) => spawn(delivery, permit),
                     (Some(Ok(delivery)), None) => backlog.push_back(delivery),
                     (Some(Err(err)), permit) => {
