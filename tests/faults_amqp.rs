@@ -18,10 +18,7 @@ use common::worker::{
     RunningWorker, connectors_dir, job, metric_sum, spawn_worker, spawn_worker_with, with,
 };
 use common::*;
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicRejectOptions, QueueDeclareOptions,
-    QueuePurgeOptions,
-};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use mqtt_connector::worker::WorkerOptions;
 use rumqttc::QoS;
