@@ -57,10 +57,16 @@ pub enum ClientError {
         #[source]
         source: lapin::Error,
     },
+    #[error("RabbitMQ did not {step} within {after:?}")]
+    Timeout { step: &'static str, after: Duration },
     #[error("RabbitMQ did not accept the job (nack, or no queue {queue})")]
     NotAccepted { queue: String },
     #[error("no reply within {0:?}: is a worker consuming the queue?")]
     NoReply(Duration),
+    #[error(
+        "RabbitMQ did not confirm the job within {0:?} (a memory or disk alarm blocks publishers?)"
+    )]
+    NotConfirmed(Duration),
     #[error("the reply could not be read")]
     BadReply(#[from] ReplyError),
     #[error("the connection to RabbitMQ is gone; connect a new client")]
@@ -246,6 +252,25 @@ impl Default for ClientOptions {
     }
 }
 
+/// Bounds each setup step, so a RabbitMQ that never answers cannot hang a client.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn bounded<T>(
+    step: &'static str,
+    future: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout(SETUP_TIMEOUT, future).await {
+        Ok(result) => result.map_err(|source| ClientError::Amqp { step, source }),
+        Err(_) => Err(ClientError::Timeout {
+            step,
+            after: SETUP_TIMEOUT,
+        }),
+    }
+}
+
+/// How long [`Client::submit`] waits for RabbitMQ's confirm.
+pub const SUBMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Result<Reply, ReplyError>>>>>;
 
 /// A connection to RabbitMQ for submitting jobs. Cheap to share (`&self` methods, usable from
@@ -298,30 +323,28 @@ impl Client {
         queue: &QueueSettings,
     ) -> Result<(Channel, Waiting, tokio::task::JoinHandle<()>), ClientError> {
         queue::ensure(connection, queue).await?;
-        let amqp = |step| move |source| ClientError::Amqp { step, source };
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(amqp("open a channel"))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(amqp("enable publisher confirms"))?;
+        let channel = bounded("open a channel", connection.create_channel()).await?;
+        bounded(
+            "enable publisher confirms",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
         // Direct reply-to: the consumer must exist, on the publishing channel, before a job
         // asking for a reply is published.
         let options = BasicConsumeOptions {
             no_ack: true,
             ..BasicConsumeOptions::default()
         };
-        let mut replies = channel
-            .basic_consume(
+        let mut replies = bounded(
+            "consume direct reply-to",
+            channel.basic_consume(
                 DIRECT_REPLY_TO.into(),
                 "".into(),
                 options,
                 FieldTable::default(),
-            )
-            .await
-            .map_err(amqp("consume direct reply-to"))?;
+            ),
+        )
+        .await?;
         let waiting: Waiting = Arc::default();
         let dispatch = Arc::clone(&waiting);
         let task = tokio::spawn(async move {
@@ -342,13 +365,18 @@ impl Client {
 
     /// Puts `job` on the queue (persistent, confirmed by RabbitMQ) without asking for a reply;
     /// returns its correlation id.
+    /// Waits at most [`SUBMIT_TIMEOUT`] for RabbitMQ's confirm.
     pub async fn submit(&self, job: &JobRequest) -> Result<String, ClientError> {
         let correlation_id = uuid::Uuid::new_v4().to_string();
-        self.publish(job, &correlation_id, None).await?;
+        tokio::time::timeout(SUBMIT_TIMEOUT, self.publish(job, &correlation_id, None))
+            .await
+            .map_err(|_| ClientError::NotConfirmed(SUBMIT_TIMEOUT))??;
         Ok(correlation_id)
     }
 
-    /// Puts `job` on the queue and waits up to `timeout` for its reply.
+    /// Puts `job` on the queue and waits up to `timeout` for its reply: `timeout` bounds the
+    /// whole call, publishing included (a RabbitMQ alarm that blocks the connection holds the
+    /// publish; the call still returns [`ClientError::NoReply`] in time).
     pub async fn call(&self, job: &JobRequest, timeout: Duration) -> Result<Reply, ClientError> {
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, receiver) = oneshot::channel();
@@ -356,21 +384,21 @@ impl Client {
             return Err(ClientError::Disconnected);
         }
         lock(&self.waiting).insert(correlation_id.clone(), sender);
-        let published = self
-            .publish(job, &correlation_id, Some(DIRECT_REPLY_TO))
-            .await;
-        if let Err(err) = published {
-            lock(&self.waiting).remove(&correlation_id);
-            return Err(err);
-        }
-        match tokio::time::timeout(timeout, receiver).await {
-            Ok(Ok(reply)) => Ok(reply?),
-            Ok(Err(_)) => Err(ClientError::Disconnected),
-            Err(_) => {
-                lock(&self.waiting).remove(&correlation_id);
-                Err(ClientError::NoReply(timeout))
+        let called = async {
+            self.publish(job, &correlation_id, Some(DIRECT_REPLY_TO))
+                .await?;
+            match receiver.await {
+                Ok(reply) => Ok(reply?),
+                Err(_) => Err(ClientError::Disconnected),
             }
+        };
+        let result = tokio::time::timeout(timeout, called)
+            .await
+            .unwrap_or(Err(ClientError::NoReply(timeout)));
+        if result.is_err() {
+            lock(&self.waiting).remove(&correlation_id);
         }
+        result
     }
 
     async fn publish(
@@ -418,6 +446,9 @@ impl Client {
 
     /// Closes the connection.
     pub async fn close(self) {
+        // The channel first: lapin closing it by itself during the connection's close logs an
+        // ERROR.
+        consumer::close_channel(&self.channel).await;
         consumer::close(&self.connection, "client done").await;
         self.replies.abort();
     }

@@ -68,6 +68,8 @@ struct Inner {
     mqtt_connections: Family<BrokerLabels, Gauge>,
     mqtt_reconnects: Family<BrokerLabels, Counter>,
     amqp_consumer_up: Gauge,
+    amqp_connection_blocked: Gauge,
+    replies_lost: Counter,
 }
 
 /// The metrics of one connector label (a connector's name, `none` or `unknown`).
@@ -184,6 +186,18 @@ impl Metrics {
             "1 while the worker consumes from RabbitMQ, else 0",
             amqp_consumer_up.clone(),
         );
+        let amqp_connection_blocked = Gauge::default();
+        registry.register(
+            "amqp_connection_blocked",
+            "1 while RabbitMQ blocks the worker's connection (a memory or disk alarm), else 0",
+            amqp_connection_blocked.clone(),
+        );
+        let replies_lost = Counter::default();
+        registry.register(
+            "replies_lost",
+            "Replies RabbitMQ refused, could not route or did not confirm within 30 s: the job was settled without one",
+            replies_lost.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -207,6 +221,8 @@ impl Metrics {
                 mqtt_connections,
                 mqtt_reconnects,
                 amqp_consumer_up,
+                amqp_connection_blocked,
+                replies_lost,
             }),
         }
     }
@@ -304,6 +320,15 @@ impl Metrics {
     /// A connect that found no room under the bound and waited.
     pub fn mqtt_connection_waited(&self) {
         self.inner.mqtt_connection_waits.inc();
+    }
+
+    pub fn set_connection_blocked(&self, blocked: bool) {
+        self.inner.amqp_connection_blocked.set(i64::from(blocked));
+    }
+
+    /// A reply given up on after its window; the job was settled without it.
+    pub fn reply_lost(&self) {
+        self.inner.replies_lost.inc();
     }
 
     pub fn set_consumer_up(&self, up: bool) {

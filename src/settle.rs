@@ -1,40 +1,63 @@
 //! What to tell RabbitMQ about a delivery once its job is over. Pure, so every case is a
-//! unit test.
+//! unit test. A job whose outcome is final is never put back on the queue: its publish may
+//! have been acknowledged, and running it again would publish it again.
 
 use crate::outcome::ExitCode;
 
-/// How the reply went.
+/// How the reply went, once the replier is done with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyStatus {
     /// The job had no `reply_to`.
     NotRequested,
     /// RabbitMQ confirmed the reply.
     Confirmed,
-    /// RabbitMQ confirmed it but could not route it: the `reply_to` queue does not exist.
-    Unroutable,
-    /// RabbitMQ refused the reply (nack), even after a few tries.
+    /// The reply did not get through within the reply window (refused, unroutable or never
+    /// confirmed, retried for at most [`crate::amqp::replier::REPLY_WINDOW`]).
+    Lost(LostReply),
+}
+
+/// Why a reply was given up on (the last answer RabbitMQ gave).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostReply {
+    /// RabbitMQ refused it (nack), e.g. a full reply queue with `x-overflow reject-publish`.
     Refused,
-    /// The channel failed before the confirm arrived.
-    Failed,
+    /// It routed nowhere: the `reply_to` queue does not exist.
+    Unroutable,
+    /// No confirm arrived (none in time, or the channel failed).
+    Unconfirmed,
+}
+
+/// Whether the worker knows where its request queue dead-letters (`--dead-letter-queue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetters {
+    Known,
+    Unknown,
 }
 
 /// The settlement of a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settlement {
     Ack,
-    /// Reject without requeue: dead-lettered when the queue has a dead-letter exchange.
+    /// Reject without requeue: dead-lettered when the queue has a dead-letter exchange, else
+    /// dropped (like an ack).
     DeadLetter,
-    /// Give the job back to the queue, to be tried again by this or another worker.
+    /// The reply was lost: publish the job (confirmed) to the known dead-letter queue with its
+    /// outcome in headers, then ack it; a reject cannot add headers.
+    ForwardWithOutcome,
+    /// Give the job back to the queue unanswered. Only for a hand-back whose republish failed:
+    /// its job never published.
     Requeue,
 }
 
-/// Decides the settlement from the job's exit-code and the fate of its reply.
-pub fn settle(exit_code: ExitCode, reply: ReplyStatus) -> Settlement {
-    match reply {
-        // The outcome never reached its client: run the job again rather than lose the answer.
-        ReplyStatus::Refused | ReplyStatus::Failed => Settlement::Requeue,
-        // Nobody can ever read this reply; running the job again would not change that.
-        ReplyStatus::Unroutable | ReplyStatus::NotRequested | ReplyStatus::Confirmed => {
+/// Decides the settlement from the job's exit-code, the fate of its reply and whether the
+/// worker knows the dead-letter queue. Never [`Settlement::Requeue`]: the outcome is final.
+pub fn settle(exit_code: ExitCode, reply: ReplyStatus, dead_letters: DeadLetters) -> Settlement {
+    match (reply, dead_letters) {
+        (ReplyStatus::Lost(_), DeadLetters::Known) => Settlement::ForwardWithOutcome,
+        // A dead-letter exchange the worker does not know still receives the job (without the
+        // outcome headers); without one, a reject is an ack.
+        (ReplyStatus::Lost(_), DeadLetters::Unknown) => Settlement::DeadLetter,
+        (ReplyStatus::NotRequested | ReplyStatus::Confirmed, _) => {
             if exit_code.is_permanent() {
                 Settlement::DeadLetter
             } else {
@@ -48,10 +71,20 @@ pub fn settle(exit_code: ExitCode, reply: ReplyStatus) -> Settlement {
 mod tests {
     use super::*;
 
+    const LOST: [LostReply; 3] = [
+        LostReply::Refused,
+        LostReply::Unroutable,
+        LostReply::Unconfirmed,
+    ];
+
     #[test]
     fn a_published_job_with_a_confirmed_reply_is_acked() {
         assert_eq!(
-            settle(ExitCode::Published, ReplyStatus::Confirmed),
+            settle(
+                ExitCode::Published,
+                ReplyStatus::Confirmed,
+                DeadLetters::Unknown
+            ),
             Settlement::Ack
         );
     }
@@ -65,11 +98,13 @@ mod tests {
             ExitCode::Tls,
             ExitCode::MessageRefused,
         ] {
-            assert_eq!(
-                settle(code, ReplyStatus::Confirmed),
-                Settlement::DeadLetter,
-                "{code:?}"
-            );
+            for dead_letters in [DeadLetters::Known, DeadLetters::Unknown] {
+                assert_eq!(
+                    settle(code, ReplyStatus::Confirmed, dead_letters),
+                    Settlement::DeadLetter,
+                    "{code:?}"
+                );
+            }
         }
     }
 
@@ -81,7 +116,7 @@ mod tests {
             ExitCode::PublishFailed,
         ] {
             assert_eq!(
-                settle(code, ReplyStatus::Confirmed),
+                settle(code, ReplyStatus::Confirmed, DeadLetters::Unknown),
                 Settlement::Ack,
                 "{code:?}"
             );
@@ -89,32 +124,46 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_rabbitmq_refused_requeues_the_job_whatever_its_exit_code() {
-        for code in ExitCode::ALL {
-            assert_eq!(
-                settle(code, ReplyStatus::Refused),
-                Settlement::Requeue,
-                "{code:?}"
-            );
+    fn no_outcome_and_no_reply_fate_ever_requeues_the_job() {
+        let statuses = [ReplyStatus::NotRequested, ReplyStatus::Confirmed]
+            .into_iter()
+            .chain(LOST.map(ReplyStatus::Lost));
+        for status in statuses {
+            for code in ExitCode::ALL {
+                for dead_letters in [DeadLetters::Known, DeadLetters::Unknown] {
+                    assert_ne!(
+                        settle(code, status, dead_letters),
+                        Settlement::Requeue,
+                        "{code:?} {status:?} {dead_letters:?}"
+                    );
+                }
+            }
         }
     }
 
     #[test]
-    fn a_reply_whose_channel_failed_before_the_confirm_requeues_the_job() {
-        for code in ExitCode::ALL {
-            assert_eq!(
-                settle(code, ReplyStatus::Failed),
-                Settlement::Requeue,
-                "{code:?}"
-            );
+    fn a_lost_reply_forwards_the_job_with_its_outcome_to_a_known_dead_letter_queue() {
+        for lost in LOST {
+            for code in ExitCode::ALL {
+                assert_eq!(
+                    settle(code, ReplyStatus::Lost(lost), DeadLetters::Known),
+                    Settlement::ForwardWithOutcome,
+                    "{code:?} {lost:?}"
+                );
+            }
         }
     }
 
     #[test]
-    fn a_reply_to_a_missing_queue_does_not_loop() {
-        assert_eq!(
-            settle(ExitCode::Published, ReplyStatus::Unroutable),
-            Settlement::Ack
-        );
+    fn a_lost_reply_without_a_known_dead_letter_queue_is_rejected_without_requeue() {
+        for lost in LOST {
+            for code in ExitCode::ALL {
+                assert_eq!(
+                    settle(code, ReplyStatus::Lost(lost), DeadLetters::Unknown),
+                    Settlement::DeadLetter,
+                    "{code:?} {lost:?}"
+                );
+            }
+        }
     }
 }

@@ -4,22 +4,24 @@
 //! consuming, lets the jobs in flight finish until one deadline (`grace_period` after the
 //! shutdown request), cancels those still running (RabbitMQ redelivers them), and closes.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::BasicCancelOptions;
+use lapin::options::{BasicCancelOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use rand::Rng;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::amqp::consumer::{self, Session, SessionError};
+use crate::amqp::consumer::{self, Flow, Session, SessionError};
 use crate::amqp::nodes::{Nodes, NodesError};
 use crate::amqp::queue::{QueueError, QueueSettings, QueueType};
 use crate::amqp::settler::{Settler, SettlerTask};
@@ -35,21 +37,29 @@ use crate::mqtt::pool::Pool;
 use crate::outcome::Reply;
 use crate::pipeline::{Pipeline, Siblings, Taken};
 use crate::policy::Policy;
-use crate::settle::{ReplyStatus, Settlement, settle};
+use crate::settle::{DeadLetters, ReplyStatus, Settlement, settle};
 
 /// How long the acks of finished jobs may take to leave when a session is retired.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the deadline, how long cancelled jobs and their sessions may take to wind down.
-const WIND_DOWN: Duration = Duration::from_secs(5);
+/// (Under 5 s: the process exits within `--grace-period` + 5 s of SIGTERM on every path.)
+const WIND_DOWN: Duration = Duration::from_secs(4);
 /// Reconnect backoff: first delay and cap.
 const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
-/// How long a worker stops consuming after handing a job back to the queue for the worker that
-/// holds its client-id (jittered, so a fleet does not resume together).
+/// How long a worker takes no new deliveries after handing a job back to the queue for the
+/// worker that holds its client-id (jittered, so a fleet does not resume together). It holds
+/// its acks meanwhile, so RabbitMQ does not refill its prefetch window and the queue's jobs flow
+/// to the other workers; what RabbitMQ already sent is run (handed back at once if it is for
+/// the same client-id). It does not cancel its consumer: on a quorum queue deliveries can still
+/// arrive after the cancel-ok, lapin drops them unsettled and RabbitMQ returns them when the
+/// channel closes — the stray redelivery that a delivery limit of 1 turned into lost jobs.
 const PAUSE_MIN: Duration = Duration::from_secs(2);
 const PAUSE_MAX: Duration = Duration::from_secs(4);
+/// How often a worker counts the consumers of its queue (whether it has siblings).
+const SIBLINGS_EVERY: Duration = Duration::from_secs(3);
 
 /// Everything a worker is configured with.
 #[derive(Clone)]
@@ -169,8 +179,11 @@ pub struct Worker {
     shutdown: CancellationToken,
     /// Cancelled at the shutdown deadline: every job still running stops where it is.
     jobs_cancel: CancellationToken,
+    /// Whether other consumers share the request queue (kept by each session): only then are
+    /// jobs whose client-id is held elsewhere handed back.
+    siblings: Siblings,
     /// Signalled by a job handed back to the queue (another worker holds its client-id): the
-    /// session stops consuming for a moment, so the queue's jobs flow to that worker.
+    /// session stops taking deliveries for a moment, so the queue's jobs flow to that worker.
     deferred: Arc<Notify>,
     /// Stops the HTTP endpoint when the worker is done (dropped), not at `shutdown`: while
     /// it drains, `/healthz` still answers 200, `/readyz` 503 and `/metrics` shows the drain.
@@ -237,6 +250,7 @@ impl Worker {
             options.max_connections,
             metrics.clone(),
         );
+        let siblings = Siblings::default();
         let pipeline = Pipeline::new(
             connectors.clone(),
             pool,
@@ -244,12 +258,7 @@ impl Worker {
             options.limits,
             options.policy.clone(),
         )
-        .deferring({
-            // Until the worker watches its queue's consumers, assume siblings (the old behaviour).
-            let siblings = Siblings::default();
-            siblings.set(true);
-            siblings
-        });
+        .deferring(siblings.clone());
         tracing::info!(
             connectors = connectors.len(),
             queue = %options.queue,
@@ -267,6 +276,7 @@ impl Worker {
             metrics_addr,
             shutdown,
             jobs_cancel: CancellationToken::new(),
+            siblings,
             deferred: Arc::new(Notify::new()),
             http_stop,
         })
@@ -282,6 +292,12 @@ impl Worker {
     pub async fn run(self) {
         // Every session's retirement (its jobs, its last acks, closing its connection).
         let sessions = TaskTracker::new();
+        // The grace period counts from the shutdown request, not from when consuming stops.
+        let shutdown = self.shutdown.clone();
+        let requested = tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::Instant::now()
+        });
         let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX);
         let mut next_node = 0;
         while !self.shutdown.is_cancelled() {
@@ -319,12 +335,22 @@ impl Worker {
         }
         self.set_ready(false);
         // One deadline for everything in flight, counted from the shutdown request.
-        let deadline = tokio::time::Instant::now() + self.options.grace_period;
-        sessions.close();
-        if tokio::time::timeout_at(deadline, sessions.wait())
+        let requested = requested
             .await
-            .is_err()
-        {
+            .unwrap_or_else(|_| tokio::time::Instant::now());
+        // A grace period too long to add (u64::MAX seconds) means: wait for the jobs' own ends.
+        let deadline = requested.checked_add(self.options.grace_period);
+        sessions.close();
+        let drained = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, sessions.wait())
+                .await
+                .is_ok(),
+            None => {
+                sessions.wait().await;
+                true
+            }
+        };
+        if !drained {
             tracing::warn!(grace = ?self.options.grace_period, "jobs still running at the end of the grace period: cancelled, RabbitMQ will redeliver them");
             self.jobs_cancel.cancel();
             if tokio::time::timeout(WIND_DOWN, sessions.wait())
@@ -347,6 +373,7 @@ impl Worker {
             channel,
             mut consumer,
             node,
+            flow,
         } = session;
         let opened = Instant::now();
         self.set_ready(true);
@@ -354,40 +381,98 @@ impl Worker {
         let (settler, settler_task) = Settler::start(channel.clone());
         let jobs = TaskTracker::new();
         let queue_name: Arc<str> = Arc::from(self.queue.name.as_str());
-        let spawn = |delivery: Delivery| {
+        let dead_letter_queue: Option<Arc<str>> =
+            self.queue.dead_letter_queue.as_deref().map(Arc::from);
+        let mut flow_changes = flow.clone();
+        let session_over = CancellationToken::new();
+        // Cancels this session's jobs: at the shutdown deadline (a child of `jobs_cancel`), or
+        // at once when the session is lost (nothing they do can be settled any more).
+        let session_jobs = self.jobs_cancel.child_token();
+        // A channel of its own: a failed passive declare closes the channel it ran on.
+        let probe = tokio::time::timeout(consumer::CLOSE_TIMEOUT, connection.create_channel())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let watcher = tokio::spawn(watch_siblings(
+            probe,
+            Arc::clone(&queue_name),
+            self.siblings.clone(),
+            session_over.clone(),
+        ));
+        // --prefetch bounds the jobs running, whatever consumers RabbitMQ counts it per: a
+        // consumer started again after a pause gets a fresh window while older jobs still run.
+        let slots = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
+        let spawn = |delivery: Delivery, slot: OwnedSemaphorePermit| {
             settler.taken(delivery.delivery_tag);
             let job = Job {
+                _slot: slot,
                 delivery,
                 channel: channel.clone(),
                 settler: settler.clone(),
                 pipeline: self.pipeline.clone(),
                 metrics: self.metrics.clone(),
-                cancel: self.jobs_cancel.clone(),
+                cancel: session_jobs.clone(),
                 deferred: Arc::clone(&self.deferred),
                 queue: Arc::clone(&queue_name),
+                dead_letter_queue: dead_letter_queue.clone(),
+                flow: flow.clone(),
             };
             jobs.spawn(job.run());
         };
+        // Deliveries received but not started (drained at a pause): run before any new one.
+        let mut backlog: VecDeque<Delivery> = VecDeque::new();
+        let mut slot: Option<OwnedSemaphorePermit> = None;
+        let mut paused_until: Option<tokio::time::Instant> = None;
         let ended = loop {
+            while slot.is_some() && !backlog.is_empty() {
+                if let (Some(delivery), Some(permit)) = (backlog.pop_front(), slot.take()) {
+                    spawn(delivery, permit);
+                }
+                slot = Arc::clone(&slots).try_acquire_owned().ok();
+            }
+            let resume_at = paused_until.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 _ = self.shutdown.cancelled() => break None,
-                _ = self.deferred.notified() => {
-                    match self.pause(&channel, &mut consumer, &spawn).await {
-                        Ok(true) => {}
-                        Ok(false) => break None,
-                        Err(err) => break Some(err),
-                    }
+                blocked = flow_changes.changed() => self.set_blocked(blocked),
+                permit = Arc::clone(&slots).acquire_owned(), if slot.is_none() => {
+                    slot = permit.ok();
                 }
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => spawn(delivery),
-                    Some(Err(err)) => break Some(SessionError::Consumer(err)),
+                _ = self.deferred.notified(), if paused_until.is_none() => {
+                    let pause = rand::rng().random_range(PAUSE_MIN..=PAUSE_MAX);
+                    tracing::debug!(?pause, "jobs went back to the queue for the worker holding their client-id: holding acks for a moment, so no new deliveries come");
+                    settler.hold(true);
+                    paused_until = Some(tokio::time::Instant::now() + pause);
+                }
+                _ = tokio::time::sleep_until(resume_at), if paused_until.is_some() => {
+                    paused_until = None;
+                    settler.hold(false);
+                }
+                // Read on even with every slot taken (RabbitMQ sends at most a window's worth):
+                // that is where a lost session shows.
+                delivery = consumer.next() => match (delivery, slot.take()) {
+                    (Some(Ok(delivery)), Some(permit)) => spawn(delivery, permit),
+                    (Some(Ok(delivery)), None) => backlog.push_back(delivery),
+                    (Some(Err(err)), permit) => {
+                        drop(permit);
+                        break Some(SessionError::Consumer(err));
+                    }
                     // The stream ends without our asking: RabbitMQ cancelled the consumer.
-                    None => break Some(SessionError::Cancelled),
+                    (None, _) => break Some(SessionError::Cancelled),
                 },
             }
         };
         self.set_ready(false);
+        session_over.cancel();
+        if let Some(error) = &ended {
+            // RabbitMQ redelivers every unsettled delivery of a lost session: a job of it that
+            // published now would be published twice.
+            if !jobs.is_empty() {
+                tracing::warn!(jobs = jobs.len(), error = %amqp::error_chain(error), "AMQP session lost: its jobs are cancelled, RabbitMQ will redeliver them");
+            }
+            session_jobs.cancel();
+        }
         let next_node = ended.as_ref().map_or(node, |error| next_node(node, error));
+        settler.hold(false);
         if ended.is_none() {
             // Stop deliveries; the jobs we hold finish (their replies and acks need this
             // channel); deliveries prefetched but not started go back when it closes.
@@ -395,7 +480,14 @@ impl Worker {
             let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, cancel).await;
         }
         drop(consumer);
-        sessions.spawn(retire(jobs, settler, settler_task, connection));
+        sessions.spawn(retire(
+            jobs,
+            settler,
+            settler_task,
+            watcher,
+            channel,
+            connection,
+        ));
         match ended {
             None => SessionEnd::Shutdown,
             Some(error) => SessionEnd::Lost {
@@ -406,41 +498,20 @@ impl Worker {
         }
     }
 
-    /// Stops consuming for a moment after a job went back to the queue because another worker
-    /// holds its client-id: without it, this worker would keep taking those jobs from the
-    /// queue (its prefetch) and handing them back, and the holder would get few of them.
-    /// Deliveries already on their way are run; `Ok(false)` when shutdown came meanwhile.
-    async fn pause(
-        &self,
-        channel: &Channel,
-        consumer: &mut lapin::Consumer,
-        spawn: &impl Fn(Delivery),
-    ) -> Result<bool, SessionError> {
-        let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
-        let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, cancel).await;
-        // What RabbitMQ sent before the cancel still has to be run (and settled).
-        let drained = async {
-            while let Some(Ok(delivery)) = consumer.next().await {
-                spawn(delivery);
-            }
-        };
-        let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, drained).await;
-        let pause = rand::rng().random_range(PAUSE_MIN..=PAUSE_MAX);
-        tracing::debug!(
-            ?pause,
-            "jobs went back to the queue for the worker holding their client-id: not consuming for a moment"
-        );
-        tokio::select! {
-            _ = self.shutdown.cancelled() => return Ok(false),
-            _ = tokio::time::sleep(pause) => {}
-        }
-        *consumer = consumer::resume(channel, &self.queue).await?;
-        Ok(true)
-    }
-
     fn set_ready(&self, ready: bool) {
         self.readiness.set(ready);
         self.metrics.set_consumer_up(ready);
+        if !ready {
+            self.metrics.set_connection_blocked(false);
+        }
+    }
+
+    /// A blocked connection (a RabbitMQ alarm) makes the worker unready: its replies wait, so
+    /// it should get no new work. The consumer stays up (`amqp_consumer_up` 1): nothing is
+    /// lost and work resumes by itself when the alarm clears.
+    fn set_blocked(&self, blocked: bool) {
+        self.readiness.set(!blocked);
+        self.metrics.set_connection_blocked(blocked);
     }
 }
 
@@ -459,26 +530,82 @@ fn next_node(node: usize, error: &SessionError) -> usize {
     }
 }
 
+/// Keeps `siblings` true only while other consumers share `queue`: counts its consumers every
+/// [`SIBLINGS_EVERY`] (a passive declare on a channel of its own, bounded) until `over`; false
+/// whenever the count is unknown, and when the session ends.
+async fn watch_siblings(
+    probe: Option<Channel>,
+    queue: Arc<str>,
+    siblings: Siblings,
+    over: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SIBLINGS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = over.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let counted = async {
+            let channel = probe.as_ref()?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let declared = channel
+                .queue_declare(queue.as_ref().into(), passive, FieldTable::default())
+                .await
+                .ok()?;
+            Some(declared.consumer_count())
+        };
+        let consumers = tokio::time::timeout(consumer::CLOSE_TIMEOUT, counted)
+            .await
+            .ok()
+            .flatten();
+        // Our own consumer is one of them.
+        siblings.set(consumers.is_some_and(|count| count > 1));
+    }
+    siblings.set(false);
+    if let Some(channel) = probe {
+        consumer::close_channel(&channel).await;
+    }
+}
+
 /// A session that ended: once its jobs are over (finished, or cancelled at the shutdown
 /// deadline), send their acks and close its connection, so no connection and no settling task
 /// outlives it.
+///
+/// Every channel is closed, and awaited, before the connection: lapin closes a channel by itself
+/// when its last handle goes, and one doing so while the connection closes is logged at ERROR
+/// (`invalid channel state: Closing`), on a perfectly clean stop.
 async fn retire(
     jobs: TaskTracker,
     settler: Settler,
     settler_task: SettlerTask,
+    watcher: tokio::task::JoinHandle<()>,
+    channel: Channel,
     connection: lapin::Connection,
 ) {
     jobs.close();
     jobs.wait().await;
     settler_task.finish(settler, SETTLE_TIMEOUT).await;
+    let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, watcher).await;
+    consumer::close_channel(&channel).await;
+    drop(channel);
     consumer::close(&connection, "session over").await;
 }
 
 /// One delivery and what it needs to run, reply and settle.
 struct Job {
+    /// One of the session's `--prefetch` slots, held while the job runs.
+    _slot: OwnedSemaphorePermit,
     deferred: Arc<Notify>,
     /// The request queue, where a job handed back goes.
     queue: Arc<str>,
+    /// `--dead-letter-queue`: where a job whose reply was lost goes, with its outcome.
+    dead_letter_queue: Option<Arc<str>>,
+    /// Whether RabbitMQ blocks the session's connection: replies wait meanwhile.
+    flow: Flow,
     delivery: Delivery,
     channel: Channel,
     settler: Settler,
@@ -506,7 +633,7 @@ impl Job {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    tracing::warn!("cancelled at the end of the grace period; RabbitMQ will redeliver it");
+                    tracing::warn!("cancelled (end of the grace period, or its AMQP session was lost); RabbitMQ will redeliver it");
                 }
                 _ = self.handle() => {}
             }
@@ -519,21 +646,25 @@ impl Job {
     /// Run the job, reply, settle.
     async fn handle(self) {
         let started = Instant::now();
-        // The AMQP message's timestamp + expiration: a stale command is not published (9).
+        // When a worker first took the job (hand-back headers), and the AMQP message's
+        // timestamp + expiration: a stale command is not published (9).
         let taken = Taken {
             expires_at: crate::expiry::amqp_expiry(&self.delivery.properties),
-            ..Taken::now()
+            ..handback::taken(
+                self.delivery.properties.headers().as_ref(),
+                SystemTime::now(),
+            )
         };
         let finished = self.pipeline.run(&self.delivery.data, taken).await;
         let properties = &self.delivery.properties;
         let correlation_id = properties.correlation_id().as_ref().map(|id| id.as_str());
         if let Some(delay) = finished.requeue_after {
             // Not final: back to the queue, unanswered, for the worker holding the client-id.
-            tracing::debug!(requeue_in = ?delay, "{}", finished.outcome.message);
+            tracing::debug!(requeue_in = ?delay, handbacks = taken.handbacks, "{}", finished.outcome.message);
             self.deferred.notify_one();
             tokio::time::sleep(delay).await;
             let settlement =
-                if handback::hand_back(&self.channel, &self.queue, &self.delivery).await {
+                if handback::hand_back(&self.channel, &self.queue, &self.delivery, taken).await {
                     Settlement::Ack
                 } else {
                     Settlement::Requeue
@@ -541,14 +672,53 @@ impl Job {
             self.settler.settle(self.delivery.delivery_tag, settlement);
             return;
         }
-        let reply_status = match properties.reply_to() {
+        let reply_to = properties.reply_to().as_ref().map(|queue| queue.as_str());
+        let reply_status = match reply_to {
             Some(reply_to) => {
                 let body = Reply::new(&finished.outcome, started.elapsed()).to_json();
-                replier::reply(&self.channel, reply_to.as_str(), correlation_id, &body).await
+                replier::reply(&self.channel, &self.flow, reply_to, correlation_id, &body).await
             }
             None => ReplyStatus::NotRequested,
         };
-        let settlement = settle(finished.outcome.exit_code, reply_status);
+        let dead_letters = match self.dead_letter_queue {
+            Some(_) => DeadLetters::Known,
+            None => DeadLetters::Unknown,
+        };
+        let mut settlement = settle(finished.outcome.exit_code, reply_status, dead_letters);
+        if matches!(reply_status, ReplyStatus::Lost(_)) && !self.channel.status().connected() {
+            // Not a lost reply: the session is gone, nothing can be settled on it, and RabbitMQ
+            // redelivers the job (the worker cancels such jobs as soon as it notices).
+            tracing::debug!("the AMQP session ended before the reply was confirmed");
+            return;
+        }
+        if let ReplyStatus::Lost(lost) = reply_status {
+            self.metrics.reply_lost();
+            if let (Settlement::ForwardWithOutcome, Some(queue)) =
+                (settlement, self.dead_letter_queue.as_deref())
+            {
+                let forwarded = replier::forward_with_outcome(
+                    &self.channel,
+                    &self.flow,
+                    queue,
+                    &self.delivery,
+                    &finished.outcome,
+                )
+                .await;
+                settlement = if forwarded {
+                    Settlement::Ack
+                } else {
+                    Settlement::DeadLetter
+                };
+            }
+            tracing::warn!(
+                reply_to = reply_to.unwrap_or(""),
+                reason = ?lost,
+                window = ?replier::REPLY_WINDOW,
+                exit_code = finished.outcome.exit_code.code(),
+                settlement = ?settlement,
+                "reply lost: RabbitMQ did not take it within the window; the job is settled without it, not run again"
+            );
+        }
         self.settler.settle(self.delivery.delivery_tag, settlement);
         // The span carries the correlation id too; the summary line keeps it as a field of its
         // own, where JSON log pipelines already look for it.

@@ -6,7 +6,6 @@
 //!   not ready, jobs wait in the queue, and it reconnects with backoff;
 //! - SIGTERM with 200 jobs in flight: stop consuming, finish them, exit 0, leave the rest queued;
 //! - a `reply_to` queue that no longer exists does not make the job loop;
-//! - a reply RabbitMQ nacks requeues the job until RabbitMQ accepts the reply;
 //! - a job left unacknowledged by a crashed consumer is redelivered and answered once;
 //! - an invalid job is dead-lettered where the queue has a dead-letter exchange, a valid one not.
 //!
@@ -19,10 +18,7 @@ use common::worker::{
     RunningWorker, connectors_dir, job, metric_sum, spawn_worker, spawn_worker_with, with,
 };
 use common::*;
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicRejectOptions, QueueDeclareOptions,
-    QueuePurgeOptions,
-};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use mqtt_connector::worker::WorkerOptions;
 use rumqttc::QoS;
@@ -615,9 +611,10 @@ async fn sigterm_with_200_jobs_in_flight_finishes_them_and_exits_0() {
 // 4. reply_to names a queue that no longer exists
 // ---------------------------------------------------------------------------------------------
 
-/// A job whose `reply_to` queue was deleted is run once and acknowledged: RabbitMQ returns the
-/// unroutable reply, the worker does not requeue (running it again would not make the queue
-/// exist). The next job is answered normally on the same channel.
+/// A job whose `reply_to` queue was deleted is run once and settled without its reply: RabbitMQ
+/// returns the unroutable reply, the worker tries it again for the reply window (30 s, the queue
+/// may come back), then counts it lost; it never requeues (that would publish the job again).
+/// The next job is answered normally on the same channel meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reply_to_a_deleted_queue_does_not_loop() {
     let (broker, topic, client_id, amqp, queue) = setup("gone").await;
@@ -638,16 +635,8 @@ async fn reply_to_a_deleted_queue_does_not_loop() {
     let got = sub.expect(T).await;
     assert_eq!(got.payload_str(), "to-nowhere");
     wait_metric(addr, "mqtt_connector_jobs_total", |v| v >= 1.0, T).await;
-    wait_metric(addr, "mqtt_connector_jobs_in_flight", |v| v == 0.0, T).await;
-    assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
-    assert_eq!(
-        sub.recv(QUIET).await,
-        None,
-        "the job ran once, not again and again"
-    );
-    assert_eq!(metric(addr, "mqtt_connector_jobs_total").await, 1.0);
-    assert_eq!(amqp.queue_message_count(&gone).await, None, "not recreated");
 
+    // While the lost reply is retried, the next job is answered on the same channel.
     let body = job_for(&broker.url(), &topic, &client_id, "next", 5000);
     amqp.send_job(&queue, &body, Some(&reply_queue), Some("next"))
         .await;
@@ -655,147 +644,33 @@ async fn reply_to_a_deleted_queue_does_not_loop() {
     assert_eq!(reply.correlation_id.as_deref(), Some("next"));
     assert_eq!(reply.exit_code(), 0, "{}", reply.body);
     assert_eq!(sub.expect(T).await.payload_str(), "next");
-    wait_metric(addr, "mqtt_connector_jobs_in_flight", |v| v == 0.0, T).await;
-    assert_eq!(metric(addr, "mqtt_connector_jobs_total").await, 2.0);
-    assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
-    worker.stop().await;
-    amqp.delete_queue(&queue).await;
-}
 
-// ---------------------------------------------------------------------------------------------
-// 5. A reply RabbitMQ nacks
-// ---------------------------------------------------------------------------------------------
-
-/// A reply queue that holds at most one message and rejects publishes once full
-/// (`x-max-length: 1`, `x-overflow: reject-publish`), already full. Returns its name.
-async fn full_reply_queue(amqp: &Amqp) -> String {
-    let name = unique_name("full-reply");
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    declare_with_args(amqp, &name, args).await;
-    amqp.publish(
-        &name,
-        b"{\"blocker\": true}",
-        lapin::BasicProperties::default(),
-    )
-    .await;
-    let refused = amqp
-        .publish_confirmed(&name, b"{}", lapin::BasicProperties::default(), true)
-        .await;
-    assert!(
-        matches!(refused, lapin::Confirmation::Nack(_)),
-        "RabbitMQ nacks a publish to the full queue: {refused:?}"
-    );
-    name
-}
-
-/// What the worker does today (src/settle.rs: a failed reply requeues the job): while RabbitMQ
-/// nacks the reply, the job goes back to the queue (`redelivered`) and is run again; once the
-/// reply queue has room the reply arrives, and the job is acked and not run again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn nacked_reply_requeues_the_job_until_rabbitmq_accepts_the_reply() {
-    let (broker, topic, client_id, amqp, queue) = setup("nack").await;
-    let mut sub = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
-    let full = full_reply_queue(&amqp).await;
-    amqp.declare_job_queue(&queue).await;
-    let dir = connectors_dir();
-    let worker = spawn_worker(&queue, dir.path()).await;
-
-    let body = job_for(&broker.url(), &topic, &client_id, "nacked", 5000);
-    amqp.send_job(&queue, &body, Some(&full), Some("nacked"))
-        .await;
-    // Run, reply nacked, requeued, run again: at least two MQTT publishes of the same job.
-    let first = sub.expect(T).await;
-    assert_eq!(first.payload_str(), "nacked");
-    assert_eq!(sub.expect(T).await.payload_str(), "nacked", "run again");
-    // The job is not lost while this goes on: stop the worker, and it is in the queue,
-    // marked redelivered.
-    worker.stop().await;
-    wait_queue(
-        &amqp,
-        &queue,
-        |ready, consumers| ready == 1 && consumers == 0,
-        T,
-    )
-    .await;
-    let got = amqp
-        .channel
-        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-        .await
-        .expect("basic.get")
-        .expect("the job is back in the queue");
-    assert!(got.delivery.redelivered, "marked redelivered");
-    assert_eq!(got.delivery.data, body);
-    got.delivery
-        .acker
-        .reject(BasicRejectOptions { requeue: true })
-        .await
-        .expect("requeue");
-
-    // Make room in the reply queue: the next run's reply is accepted, and it is the last run.
-    amqp.channel
-        .queue_purge(full.as_str().into(), QueuePurgeOptions::default())
-        .await
-        .expect("purge");
-    sub.drain();
-    let worker = spawn_worker(&queue, dir.path()).await;
-    let mut replies = amqp.consume_replies(&full).await;
-    let reply = replies.expect_reply(T).await;
-    assert_eq!(reply.correlation_id.as_deref(), Some("nacked"));
-    assert_eq!(reply.exit_code(), 0, "{}", reply.body);
+    let window = Duration::from_secs(40);
     wait_metric(
-        worker.metrics_addr(),
-        "mqtt_connector_jobs_in_flight",
-        |v| v == 0.0,
-        T,
+        addr,
+        "mqtt_connector_replies_lost_total",
+        |v| v == 1.0,
+        window,
     )
     .await;
-    replies.expect_no_reply(QUIET).await;
+    wait_metric(addr, "mqtt_connector_jobs_in_flight", |v| v == 0.0, T).await;
+    assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
     assert_eq!(
-        metric(worker.metrics_addr(), "mqtt_connector_jobs_total").await,
-        1.0
+        sub.recv(QUIET).await,
+        None,
+        "the job ran once, not again and again"
     );
+    assert_eq!(metric(addr, "mqtt_connector_jobs_total").await, 2.0);
+    assert_eq!(amqp.queue_message_count(&gone).await, None, "not recreated");
     assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
     worker.stop().await;
     amqp.delete_queue(&queue).await;
-    amqp.delete_queue(&full).await;
 }
 
-/// The same nacked reply must not make the worker spin: the worker tries the reply again with
-/// delays (src/amqp/replier.rs: 100, 400, 1600 ms) before it requeues the job, so a job whose
-/// reply RabbitMQ keeps refusing is run (and published to MQTT) about once every 2 s, not as
-/// fast as RabbitMQ can redeliver it. Measured between the first and third MQTT publish.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn nacked_reply_is_retried_with_a_delay_not_in_a_hot_loop() {
-    let (broker, topic, client_id, amqp, queue) = setup("nack-rate").await;
-    let mut sub = Subscriber::start(broker.port(), &topic, QoS::AtLeastOnce).await;
-    let full = full_reply_queue(&amqp).await;
-    amqp.declare_job_queue(&queue).await;
-    let dir = connectors_dir();
-    let worker = spawn_worker(&queue, dir.path()).await;
-    let body = job_for(&broker.url(), &topic, &client_id, "nacked", 5000);
-    amqp.send_job(&queue, &body, Some(&full), Some("nacked"))
-        .await;
-    sub.expect(T).await;
-    let first = Instant::now();
-    sub.expect(T).await;
-    sub.expect(T).await;
-    let two_reruns = first.elapsed();
-    let rate = 2.0 / two_reruns.as_secs_f64();
-    println!("nacked reply: 2 reruns in {two_reruns:?} ({rate:.2} runs/s)");
-    worker.stop().await;
-    amqp.delete_queue(&queue).await;
-    amqp.delete_queue(&full).await;
-    assert!(
-        two_reruns >= Duration::from_secs(2),
-        "one job whose reply RabbitMQ nacks is run {rate:.1} times per second (each run \
-         publishes to MQTT again)"
-    );
-}
+// ---------------------------------------------------------------------------------------------
+// 5. A reply RabbitMQ nacks: tests/replies.rs (the job is published once and settled without
+//    its reply after the reply window, never run again).
+// ---------------------------------------------------------------------------------------------
 
 // ---------------------------------------------------------------------------------------------
 // 6. A job redelivered after a consumer crashed

@@ -30,8 +30,9 @@ fn takeovers(log: &str) -> usize {
 }
 
 /// `max_takeovers`: the bound the broker's log must stay under. `quorum`: the workers declare
-/// the request queue as a quorum queue with a delivery limit of 3, so a job handed back three
-/// times by a nack would be dead-lettered (lost: there is no dead-letter queue).
+/// the request queue as a quorum queue whose delivery limit dead-letters a job at its first
+/// return, into a dead-letter queue the test reads: a job handed back by a nack (or returned by
+/// any stray redelivery) lands there, one republished as a new message does not.
 async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) {
     let mut broker = Mosquitto::plain();
     reconfigure(&mut broker, UNLIMITED_QUEUES);
@@ -51,6 +52,7 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) {
     } else {
         classic_queue.clone()
     };
+    let dead_letters = unique_name("quorum-dead");
     let mut running: Vec<RunningWorker> = Vec::new();
     for _ in 0..workers {
         // The same options for every worker: no client-id suffix.
@@ -58,7 +60,8 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) {
         options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
         if quorum {
             options.queue_type = QueueType::Quorum;
-            options.delivery_limit = Some(3);
+            options.delivery_limit = Some(1);
+            options.dead_letter_queue = Some(dead_letters.clone());
         }
         running.push(spawn_worker_with(options).await);
     }
@@ -121,12 +124,26 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) {
         takeovers < max_takeovers,
         "{takeovers} takeovers for {workers} workers"
     );
+    if quorum {
+        // Every deferral was a republish: nothing returned to the queue, nothing dead-lettered.
+        let dead = amqp.queue_message_count(&dead_letters).await;
+        assert_eq!(
+            dead,
+            Some(0),
+            "jobs returned to the quorum queue (nacked or redelivered)"
+        );
+        assert!(
+            deferred > 0.0,
+            "no job was handed back: this run cannot tell a republish from a nack"
+        );
+    }
     for worker in running {
         worker.stop().await;
     }
     amqp.delete_queue(&queue).await;
     if quorum {
         amqp.delete_queue(&classic_queue).await;
+        amqp.delete_queue(&dead_letters).await;
     }
 }
 
@@ -148,7 +165,8 @@ async fn eight_workers_share_a_client_id_without_failures() {
 }
 
 /// Jobs handed back between workers are published again, not nacked: on a quorum queue with a
-/// delivery limit of 3, none is lost however often it is handed back.
+/// delivery limit of 1 (dead-lettered at the first return), none reaches the dead-letter queue
+/// however often it is handed back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_handed_back_do_not_count_against_a_quorum_delivery_limit() {
     shared_client_id(4, 20, true).await;

@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, Connection, Consumer, Event};
+use tokio::sync::watch;
 
 use super::nodes::{AllNodesFailed, Nodes};
 use super::queue::{self, QueueError, QueueSettings};
@@ -46,6 +48,81 @@ pub struct Session {
     pub consumer: Consumer,
     /// Which of the nodes it is connected to.
     pub node: usize,
+    /// Whether RabbitMQ blocks the connection (an alarm).
+    pub flow: Flow,
+}
+
+/// Whether RabbitMQ blocks a connection's publishers (`connection.blocked`, a memory or disk
+/// alarm) right now. Cheap to clone; follows the connection's events until every clone is gone.
+#[derive(Clone, Debug)]
+pub struct Flow(watch::Receiver<bool>);
+
+impl Flow {
+    /// Follows `connection`'s `connection.blocked` / `connection.unblocked` notifications.
+    pub fn watch(connection: &Connection) -> Flow {
+        let (sender, receiver) = watch::channel(connection.status().blocked());
+        let mut events = connection.events_listener();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = sender.closed() => break,
+                    event = events.next() => match event {
+                        Some(Event::ConnectionBlocked(reason)) => {
+                            tracing::warn!(%reason, "RabbitMQ blocks the connection (an alarm): replies wait until it lifts");
+                            sender.send_replace(true);
+                        }
+                        Some(Event::ConnectionUnblocked) => {
+                            tracing::info!("RabbitMQ unblocked the connection");
+                            sender.send_replace(false);
+                        }
+                        Some(_) => {}
+                        None => break,
+                    },
+                }
+            }
+        });
+        Flow(receiver)
+    }
+
+    /// A flow that is never blocked (no connection behind it).
+    pub fn never_blocked() -> Flow {
+        // With its sender gone the value stays `false` and `blocked()` never returns.
+        let (_, receiver) = watch::channel(false);
+        Flow(receiver)
+    }
+
+    /// A flow driven by hand (tests).
+    #[cfg(test)]
+    pub(crate) fn manual() -> (watch::Sender<bool>, Flow) {
+        let (sender, receiver) = watch::channel(false);
+        (sender, Flow(receiver))
+    }
+
+    pub fn is_blocked(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Returns once the connection is blocked; never if it never is (or is gone).
+    pub async fn blocked(&self) {
+        let mut receiver = self.0.clone();
+        if receiver.wait_for(|blocked| *blocked).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Returns once the connection is not blocked (at once when it is gone).
+    pub async fn unblocked(&self) {
+        let mut receiver = self.0.clone();
+        let _ = receiver.wait_for(|blocked| !*blocked).await;
+    }
+
+    /// Returns at the next change; never once the connection is gone.
+    pub async fn changed(&mut self) -> bool {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        *self.0.borrow_and_update()
+    }
 }
 
 async fn bounded<T>(
@@ -70,12 +147,14 @@ impl Session {
         prefetch: u16,
     ) -> Result<Session, SessionError> {
         let (connection, node) = nodes.connect(start).await?;
+        let flow = Flow::watch(&connection);
         match consume(&connection, queue, prefetch).await {
             Ok((channel, consumer)) => Ok(Session {
                 connection,
                 channel,
                 consumer,
                 node,
+                flow,
             }),
             Err(err) => {
                 // A session that failed half-way must not leave its connection open.
@@ -119,6 +198,14 @@ pub async fn resume(channel: &Channel, queue: &QueueSettings) -> Result<Consumer
         ),
     )
     .await
+}
+
+/// Closes a channel (bounded) if it is still open: before its connection closes, so lapin does
+/// not close it by itself (when the last handle goes) in the middle of that.
+pub async fn close_channel(channel: &Channel) {
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "ok".into())).await;
+    }
 }
 
 /// Closes a connection (bounded); one already lost is fine.

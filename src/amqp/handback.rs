@@ -1,33 +1,195 @@
 //! A job handed back to its queue for another worker: published again as a new message (same
 //! body and properties) and confirmed by RabbitMQ before the original delivery is acked. Unlike
 //! a nack with requeue, this does not count as a delivery against a quorum queue's delivery
-//! limit, so a job passed between workers is never dead-lettered for it.
+//! limit, so a job passed between workers is never dead-lettered for it. The job carries when
+//! a worker first took it and how often it was handed back ([`FIRST_TAKEN_HEADER`],
+//! [`HANDBACKS_HEADER`]), so its timeout counts from the first taking, whoever takes it next.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Confirmation};
 
-/// Publishes `delivery` again on `queue` and waits for the confirm; `false` when RabbitMQ did
-/// not take it (the caller then requeues the original instead).
-pub async fn hand_back(channel: &Channel, queue: &str, delivery: &Delivery) -> bool {
+use crate::pipeline::Taken;
+
+/// When a worker first took the job, in milliseconds since the Unix epoch.
+pub const FIRST_TAKEN_HEADER: &str = "x-mqtt-connector-first-taken";
+/// How often the job was handed back so far.
+pub const HANDBACKS_HEADER: &str = "x-mqtt-connector-handbacks";
+
+/// How long RabbitMQ may take to confirm a job handed back.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a delivery's headers say about its first taking; a job without them (or with values
+/// that make no sense: negative, in the future) is taken for the first time `now`.
+pub fn taken(headers: Option<&FieldTable>, now: SystemTime) -> Taken {
+    let field = |key: &str| {
+        headers
+            .and_then(|headers| headers.inner().get(key))
+            .and_then(integer)
+    };
+    let first_taken = field(FIRST_TAKEN_HEADER)
+        .and_then(|millis| u64::try_from(millis).ok())
+        .and_then(|millis| UNIX_EPOCH.checked_add(Duration::from_millis(millis)))
+        .filter(|first| *first <= now);
+    match first_taken {
+        Some(first_taken) => Taken {
+            first_taken,
+            handbacks: field(HANDBACKS_HEADER)
+                .and_then(|count| u32::try_from(count).ok())
+                .unwrap_or(0),
+            expires_at: None,
+        },
+        None => Taken {
+            first_taken: now,
+            handbacks: 0,
+            expires_at: None,
+        },
+    }
+}
+
+/// An AMQP integer of any width (clients and RabbitMQ differ in which they write).
+fn integer(value: &AMQPValue) -> Option<i64> {
+    match *value {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(v)),
+        AMQPValue::LongInt(v) => Some(i64::from(v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(v)),
+        AMQPValue::LongLongInt(v) => Some(v),
+        AMQPValue::Timestamp(v) => i64::try_from(v).ok(),
+        _ => None,
+    }
+}
+
+/// The headers of a job handed back: its own, plus its first taking and one more hand-back.
+pub fn handed_back_headers(own: Option<&FieldTable>, taken: Taken) -> FieldTable {
+    let mut headers = own.cloned().unwrap_or_default();
+    let millis = taken
+        .first_taken
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        });
+    headers.insert(
+        ShortString::from(FIRST_TAKEN_HEADER),
+        AMQPValue::LongLongInt(millis),
+    );
+    headers.insert(
+        ShortString::from(HANDBACKS_HEADER),
+        AMQPValue::LongLongInt(i64::from(taken.handbacks.saturating_add(1))),
+    );
+    headers
+}
+
+/// Publishes `delivery` again on `queue` with [`handed_back_headers`] and waits (bounded) for
+/// the confirm; `false` when RabbitMQ did not take it (the caller then requeues the original).
+pub async fn hand_back(channel: &Channel, queue: &str, delivery: &Delivery, taken: Taken) -> bool {
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    let published = channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            options,
-            &delivery.data,
-            delivery.properties.clone(),
-        )
-        .await;
-    match published {
-        Ok(confirm) => matches!(confirm.await, Ok(Confirmation::Ack(None))),
-        Err(err) => {
+    let headers = handed_back_headers(delivery.properties.headers().as_ref(), taken);
+    let properties = delivery.properties.clone().with_headers(headers);
+    let published = async {
+        channel
+            .basic_publish("".into(), queue.into(), options, &delivery.data, properties)
+            .await?
+            .await
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT, published).await {
+        Ok(Ok(confirmation)) => matches!(confirmation, Confirmation::Ack(None)),
+        Ok(Err(err)) => {
             tracing::debug!(error = %err, "could not hand the job back to the queue");
             false
         }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(millis: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn a_job_without_headers_is_taken_now_for_the_first_time() {
+        let now = at(1_000_000);
+        assert_eq!(
+            taken(None, now),
+            Taken {
+                first_taken: now,
+                handbacks: 0,
+                expires_at: None,
+            }
+        );
+        assert_eq!(taken(Some(&FieldTable::default()), now).first_taken, now);
+    }
+
+    #[test]
+    fn a_handed_back_job_keeps_its_first_taking_and_counts_one_more() {
+        let first = Taken {
+            first_taken: at(1_000_000),
+            handbacks: 0,
+            expires_at: None,
+        };
+        let once = handed_back_headers(None, first);
+        let read = taken(Some(&once), at(1_005_000));
+        assert_eq!(
+            read,
+            Taken {
+                first_taken: at(1_000_000),
+                handbacks: 1,
+                expires_at: None,
+            }
+        );
+        let twice = handed_back_headers(Some(&once), read);
+        assert_eq!(taken(Some(&twice), at(1_009_000)).handbacks, 2);
+        assert_eq!(
+            taken(Some(&twice), at(1_009_000)).first_taken,
+            at(1_000_000)
+        );
+    }
+
+    #[test]
+    fn headers_that_make_no_sense_count_as_a_first_taking() {
+        let now = at(1_000_000);
+        for value in [
+            AMQPValue::LongLongInt(-5),
+            AMQPValue::LongLongInt(2_000_000),
+            AMQPValue::LongString("yesterday".into()),
+            AMQPValue::LongLongInt(i64::MAX),
+        ] {
+            let mut headers = FieldTable::default();
+            headers.insert(ShortString::from(FIRST_TAKEN_HEADER), value.clone());
+            headers.insert(ShortString::from(HANDBACKS_HEADER), AMQPValue::LongInt(7));
+            assert_eq!(
+                taken(Some(&headers), now),
+                Taken {
+                    first_taken: now,
+                    handbacks: 0,
+                    expires_at: None,
+                },
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_job_keeps_its_own_headers_when_handed_back() {
+        let mut own = FieldTable::default();
+        own.insert(
+            ShortString::from("trace"),
+            AMQPValue::LongString("t1".into()),
+        );
+        let headers = handed_back_headers(Some(&own), Taken::now());
+        assert!(headers.inner().contains_key("trace"));
+        assert!(headers.inner().contains_key(FIRST_TAKEN_HEADER));
     }
 }

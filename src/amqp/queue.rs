@@ -1,6 +1,6 @@
-//! The request queue: used as it is when it exists (a passive declare first, so a queue of
-//! another type or with other arguments is never refused), declared durable with the
-//! configured type (classic or quorum), delivery limit and dead-letter queue when it is missing.
+//! The request queue: declared durable with the configured type (classic or quorum), delivery
+//! limit and dead-letter queue when it is missing; used as it is when it exists, even with
+//! another type or other arguments (then only checked with a passive declare).
 
 use std::time::Duration;
 
@@ -121,43 +121,48 @@ async fn ensure_one(
         queue: queue.to_owned(),
         source,
     };
-    let timeout = || QueueError::Timeout {
-        queue: queue.to_owned(),
-        after: DECLARE_TIMEOUT,
-    };
-    let probe = tokio::time::timeout(DECLARE_TIMEOUT, connection.create_channel())
-        .await
-        .map_err(|_| timeout())?
+    // Declare first: a missing queue is created and one declared the same way (our own, on a
+    // restart) is confirmed, with no channel error (lapin logs every channel the server closes
+    // at ERROR, so a passive declare of a missing queue would make a normal first start log
+    // one). Only a queue that exists with other arguments refuses it: then check it exists
+    // (a passive declare, on a fresh channel: the refusal closed the first) and use it as it is.
+    let channel = bounded(queue, connection.create_channel())
+        .await?
+        .map_err(declare_error)?;
+    let declared = bounded(
+        queue,
+        channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), arguments),
+    )
+    .await?;
+    if declared.is_ok() {
+        let _ = tokio::time::timeout(DECLARE_TIMEOUT, channel.close(200, "ok".into())).await;
+        return Ok(());
+    }
+    let probe = bounded(queue, connection.create_channel())
+        .await?
         .map_err(declare_error)?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    let exists = tokio::time::timeout(
-        DECLARE_TIMEOUT,
+    bounded(
+        queue,
         probe.queue_declare(queue.into(), passive, FieldTable::default()),
     )
-    .await
-    .map_err(|_| timeout())?
-    .is_ok();
-    if exists {
-        let _ = probe.close(200, "ok".into()).await;
-        return Ok(());
-    }
-    // The failed passive declare closed the probe channel (404): declare on a fresh one.
-    let channel = tokio::time::timeout(DECLARE_TIMEOUT, connection.create_channel())
-        .await
-        .map_err(|_| timeout())?
-        .map_err(declare_error)?;
-    tokio::time::timeout(
-        DECLARE_TIMEOUT,
-        channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), arguments),
-    )
-    .await
-    .map_err(|_| timeout())?
+    .await?
     .map_err(declare_error)?;
-    let _ = channel.close(200, "ok".into()).await;
+    let _ = tokio::time::timeout(DECLARE_TIMEOUT, probe.close(200, "ok".into())).await;
     Ok(())
+}
+
+/// `future` within [`DECLARE_TIMEOUT`].
+async fn bounded<T>(queue: &str, future: impl Future<Output = T>) -> Result<T, QueueError> {
+    tokio::time::timeout(DECLARE_TIMEOUT, future)
+        .await
+        .map_err(|_| QueueError::Timeout {
+            queue: queue.to_owned(),
+            after: DECLARE_TIMEOUT,
+        })
 }
 
 #[cfg(test)]

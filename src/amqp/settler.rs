@@ -14,7 +14,12 @@ use tokio::sync::mpsc;
 
 use crate::settle::Settlement;
 
+/// How long one batch of settlements may take to leave.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 enum Event {
+    /// Hold the settlements (true) or send them again (false).
+    Hold(bool),
     Taken(DeliveryTag),
     Settled(DeliveryTag, Settlement),
 }
@@ -53,6 +58,12 @@ impl Settler {
         let _ = self.events.send(Event::Taken(tag));
     }
 
+    /// Holds every settlement (`true`) until released (`false`): while held, RabbitMQ does not
+    /// refill this consumer's prefetch window.
+    pub fn hold(&self, hold: bool) {
+        let _ = self.events.send(Event::Hold(hold));
+    }
+
     /// A delivery's job is over.
     pub fn settle(&self, tag: DeliveryTag, settlement: Settlement) {
         let _ = self.events.send(Event::Settled(tag, settlement));
@@ -73,13 +84,18 @@ struct Outstanding(BTreeMap<DeliveryTag, bool>);
 impl Outstanding {
     fn apply(&mut self, event: Event, frames: &mut Vec<Frame>) {
         match event {
+            Event::Hold(_) => {}
             Event::Taken(tag) => {
                 self.0.insert(tag, false);
             }
             Event::Settled(tag, Settlement::Ack) => {
                 self.0.insert(tag, true);
             }
-            Event::Settled(tag, Settlement::DeadLetter | Settlement::Requeue) => {
+            // A forward is resolved by the job before it settles; a reject is the safe reading.
+            Event::Settled(
+                tag,
+                Settlement::DeadLetter | Settlement::ForwardWithOutcome | Settlement::Requeue,
+            ) => {
                 let requeue = matches!(event, Event::Settled(_, Settlement::Requeue));
                 self.0.remove(&tag);
                 frames.push(Frame::Reject { tag, requeue });
@@ -116,32 +132,59 @@ impl Outstanding {
 async fn run(channel: Channel, mut events: mpsc::UnboundedReceiver<Event>) {
     let mut outstanding = Outstanding::default();
     let mut frames = Vec::new();
+    let mut held = false;
     while let Some(event) = events.recv().await {
-        outstanding.apply(event, &mut frames);
+        let mut apply = |event: Event, held: &mut bool| match event {
+            Event::Hold(hold) => *held = hold,
+            event => outstanding.apply(event, &mut frames),
+        };
+        apply(event, &mut held);
         while let Ok(event) = events.try_recv() {
-            outstanding.apply(event, &mut frames);
+            apply(event, &mut held);
         }
-        outstanding.flush(&mut frames);
-        // join_all polls in order: the frames leave in the order they were decided.
-        let sent = join_all(frames.drain(..).map(|frame| {
-            let channel = &channel;
-            async move {
-                match frame {
-                    Frame::Ack { tag, multiple } => {
-                        channel.basic_ack(tag, BasicAckOptions { multiple }).await
-                    }
-                    Frame::Reject { tag, requeue } => {
-                        channel
-                            .basic_reject(tag, BasicRejectOptions { requeue })
-                            .await
-                    }
+        if !held {
+            outstanding.flush(&mut frames);
+            send(&channel, &mut frames).await;
+        }
+    }
+    // The last handle is gone: send what is still held.
+    outstanding.flush(&mut frames);
+    send(&channel, &mut frames).await;
+}
+
+async fn send(channel: &Channel, frames: &mut Vec<Frame>) {
+    if frames.is_empty() {
+        return;
+    }
+    // join_all polls in order: the frames leave in the order they were decided. Bounded: a
+    // connection RabbitMQ blocks (an alarm) writes nothing, acks included; what was handed
+    // to lapin still leaves once it is unblocked.
+    let sent = tokio::time::timeout(
+        SEND_TIMEOUT,
+        join_all(frames.drain(..).map(|frame| async move {
+            match frame {
+                Frame::Ack { tag, multiple } => {
+                    channel.basic_ack(tag, BasicAckOptions { multiple }).await
+                }
+                Frame::Reject { tag, requeue } => {
+                    channel
+                        .basic_reject(tag, BasicRejectOptions { requeue })
+                        .await
                 }
             }
-        }))
-        .await;
-        if let Some(Err(err)) = sent.into_iter().find(Result::is_err) {
-            tracing::warn!(error = %err, "could not settle deliveries; RabbitMQ will redeliver them");
+        })),
+    )
+    .await;
+    match sent {
+        Ok(sent) => {
+            if let Some(Err(err)) = sent.into_iter().find(Result::is_err) {
+                tracing::warn!(error = %err, "could not settle deliveries; RabbitMQ will redeliver them");
+            }
         }
+        Err(_) => tracing::warn!(
+            after = ?SEND_TIMEOUT,
+            "RabbitMQ did not take the settlements in time (connection blocked or stalled)"
+        ),
     }
 }
 
@@ -222,6 +265,23 @@ mod tests {
                     multiple: true
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn held_settlements_are_not_lost() {
+        let sent = frames(vec![
+            Event::Taken(1),
+            Event::Hold(true),
+            Event::Settled(1, Settlement::Ack),
+            Event::Hold(false),
+        ]);
+        assert_eq!(
+            sent,
+            vec![Frame::Ack {
+                tag: 1,
+                multiple: true
+            }]
         );
     }
 
