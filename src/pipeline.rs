@@ -383,6 +383,12 @@ impl Pipeline {
                     error
                 }
                 Err(_elapsed) => {
+                    tracing::debug!(
+                        attempt = attempts,
+                        ?phase,
+                        alone,
+                        "the job's timeout ran out during an attempt"
+                    );
                     return Ok(timed_out(
                         job,
                         phase,
