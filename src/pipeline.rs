@@ -23,7 +23,7 @@ use crate::job::{Job, JobError, Limits, Params, Qos};
 use crate::metrics::{ConnectorMetrics, Metrics};
 use crate::mqtt::MqttError;
 use crate::mqtt::connection::{Ack, End};
-use crate::mqtt::pool::{Gate, Pool, Suspect};
+use crate::mqtt::pool::{Gate, Pool, Suspect, Waited};
 use crate::outcome::{ExitCode, Outcome};
 use crate::policy::{self, JobFiles, Policy};
 
@@ -44,6 +44,9 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Connections lost while this job's publish was alone on them before it is the culprit: one
 /// may be a coincidence (a broker restart), two are the broker refusing this message.
 const CULPRIT_LOSSES: u32 = 2;
+/// Attempts of one job that may fail uncounted because the connection they waited for ended
+/// before they could publish on it (see [`Blame::Unused`]).
+const UNUSED_FREE: u32 = 3;
 /// A `first_taken` further back than this is not believed: it counts as now.
 const ABSURD_AGE: Duration = Duration::from_secs(24 * 3600);
 
@@ -169,6 +172,9 @@ enum Blame {
     Shared,
     /// The connection was lost while this publish was alone on it.
     Alone,
+    /// The connection this attempt waited for ended before it could publish on it: the
+    /// attempt did not happen (it goes back through the gate, behind the suspects).
+    Unused,
 }
 
 /// A failed attempt and what it says about the job.
@@ -350,21 +356,36 @@ impl Pipeline {
         let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
         let mut last_failure: Option<MqttError> = None;
         let mut attempts = 0;
+        let mut unused = 0;
         loop {
             attempts += 1;
             let mut phase = Phase::Connecting;
             let alone = suspect.is_some();
-            // The loss the pool pauses after, while this attempt waits for it to reconnect.
-            let mut paused = None;
+            // What the lease waited through (the loss the pool pauses after, while this
+            // attempt waits for it to reconnect).
+            let mut waited = Waited::default();
             let attempt = timeout_at(
                 deadline,
-                self.attempt(job, &gate, alone, &mut phase, &mut paused),
+                self.attempt(job, &gate, alone, &mut phase, &mut waited),
             )
             .await;
             let failure = match attempt {
                 Ok(Ok(ack)) => return Ok(published(job, ack, attempts, &self.pool)),
                 Ok(Err(Failed { error, .. })) if error.is_permanent() => {
                     return Ok(Outcome::new(error.exit_code(), error.to_string(), attempts));
+                }
+                Ok(Err(Failed {
+                    error,
+                    blame: Blame::Unused,
+                })) if unused < UNUSED_FREE => {
+                    unused += 1;
+                    attempts -= 1;
+                    tracing::debug!(%error, "the connection ended before this job could publish on it: not an attempt");
+                    last_failure = Some(error);
+                    // A moment for the jobs lost with that connection to line up as suspects:
+                    // they go before this one.
+                    tokio::time::sleep(FIRST_RETRY_DELAY).await;
+                    continue;
                 }
                 Ok(Err(Failed { error, mut blame })) => {
                     // A broker on which nothing ever worked drops every connection: no job's
@@ -375,7 +396,7 @@ impl Pipeline {
                     match blame {
                         Blame::Shared => suspect = suspect.or_else(|| Some(gate.suspect())),
                         Blame::Alone => alone_losses += 1,
-                        Blame::None => {}
+                        Blame::None | Blame::Unused => {}
                     }
                     if alone_losses >= CULPRIT_LOSSES {
                         return Ok(culprit(job, &error, attempts, started.elapsed()));
@@ -392,7 +413,7 @@ impl Pipeline {
                     return Ok(timed_out(
                         job,
                         phase,
-                        last_failure.or(paused),
+                        last_failure.or(waited.paused),
                         attempts,
                         started.elapsed(),
                     ));
@@ -434,14 +455,23 @@ impl Pipeline {
         gate: &Gate,
         alone: bool,
         phase: &mut Phase,
-        paused: &mut Option<MqttError>,
+        waited: &mut Waited,
     ) -> Result<Ack, Failed> {
         let (_alone_turn, _turn) = if alone {
             (Some(gate.alone().await), None)
         } else {
             (None, Some(gate.ordinary().await))
         };
-        let connection = self.pool.lease_noting_pauses(&job.target, paused).await?;
+        let connection = match self.pool.lease_noting(&job.target, waited).await {
+            Ok(connection) => connection,
+            Err(error) if waited.ended_first => {
+                return Err(Failed {
+                    error,
+                    blame: Blame::Unused,
+                });
+            }
+            Err(error) => return Err(error.into()),
+        };
         *phase = Phase::AwaitingAck;
         let sent = Instant::now();
         // No stall timer of our own: the connection gives itself up when the broker owes an

@@ -229,6 +229,10 @@ impl Connection {
     /// MQTT 5: a refusing reason code is [`MqttError::MessageRefused`], and a message over the
     /// broker's Maximum Packet Size is [`MqttError::TooLarge`] before anything is sent.
     pub async fn publish(&self, message: &Message) -> Result<Ack, MqttError> {
+        if self.is_ended() {
+            // Nothing would read it.
+            return Err(self.lost());
+        }
         let (qos, lowered_to_max_qos) = lower_to(message.qos, self.max_qos);
         let size = message.packet_size(matches!(self.client, Client::V5(_)));
         if size > self.max_outgoing {
