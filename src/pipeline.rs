@@ -30,7 +30,7 @@ use crate::job::{Job, JobError, Limits, MqttVersion, Params, Qos};
 use crate::metrics::{ConnectorMetrics, Metrics};
 use crate::mqtt::MqttError;
 use crate::mqtt::connection::{Ack, End};
-use crate::mqtt::pool::{Gate, Pool, Suspect};
+use crate::mqtt::pool::{Gate, Pool, Suspect, Waited};
 use crate::outcome::{ExitCode, Outcome};
 use crate::policy::{self, JobFiles, Policy};
 
@@ -48,6 +48,9 @@ type Prepared<'a> = Result<(Job, &'a ConnectorMetrics), (JobError, &'a Connector
 
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Attempts of one job that may fail uncounted because the connection they waited for ended
+/// before they could publish on it (see [`Blame::Unused`]).
+const UNUSED_FREE: u32 = 3;
 /// Connections lost while this job's publish was alone on them before it is the culprit: one
 /// may be a coincidence (a broker restart), two are the broker refusing this message.
 const CULPRIT_LOSSES: u32 = 2;
@@ -180,6 +183,9 @@ enum Blame {
     Shared,
     /// The connection was lost while this publish was alone on it.
     Alone,
+    /// The connection this attempt waited for ended before it could publish on it: the
+    /// attempt did not happen (it goes back through the gate, behind the suspects).
+    Unused,
 }
 
 /// A failed attempt and what it says about the job.
@@ -408,6 +414,7 @@ impl Pipeline {
         let mut attempts = 0;
         // Whether a publish was ever handed to a connection (then maybe lost unacknowledged).
         let mut ever_sent = false;
+        let mut unused = 0;
         loop {
             let lapses = lapse_at(validity, SystemTime::now());
             if let Some((validity, at)) = lapses
@@ -420,12 +427,13 @@ impl Pipeline {
             attempts += 1;
             let sent = AtomicBool::new(false);
             let alone = suspect.is_some();
-            // The loss the pool pauses after, while this attempt waits for it to reconnect.
-            let mut paused = None;
+            // What the lease waited through (the loss the pool pauses after, while this
+            // attempt waits for it to reconnect).
+            let mut waited = Waited::default();
             let attempt = tokio::select! {
                 attempt = timeout_at(
                     deadline,
-                    self.attempt(job, &gate, alone, validity, &sent, &mut paused),
+                    self.attempt(job, &gate, alone, validity, &sent, &mut waited),
                 ) => attempt,
                 // Waiting for a connection past the validity: stop, nothing was published.
                 validity = lapse(lapses, &sent) => Ok(Err(Missed::Expired(validity))),
@@ -439,12 +447,25 @@ impl Pipeline {
             let failure = match attempt {
                 Ok(Ok(ack)) => return Ok(published(job, ack, attempts, &self.pool)),
                 Ok(Err(Missed::Expired(validity))) => {
-                    let failure = last_failure.as_ref().or(paused.as_ref());
+                    let failure = last_failure.as_ref().or(waited.paused.as_ref());
                     let tried = Tried::new(attempts, ever_sent, started.elapsed());
                     return Ok(expired_retrying(validity, failure, tried));
                 }
                 Ok(Err(Missed::Failed(Failed { error, .. }))) if error.is_permanent() => {
                     return Ok(Outcome::new(error.exit_code(), error.to_string(), attempts));
+                }
+                Ok(Err(Missed::Failed(Failed {
+                    error,
+                    blame: Blame::Unused,
+                }))) if unused < UNUSED_FREE => {
+                    unused += 1;
+                    attempts -= 1;
+                    tracing::debug!(%error, "the connection ended before this job could publish on it: not an attempt");
+                    last_failure = Some(error);
+                    // A moment for the jobs lost with that connection to line up as suspects:
+                    // they go before this one.
+                    tokio::time::sleep(FIRST_RETRY_DELAY).await;
+                    continue;
                 }
                 Ok(Err(Missed::Failed(Failed { error, mut blame }))) => {
                     // A broker on which nothing ever worked drops every connection: no job's
@@ -455,7 +476,7 @@ impl Pipeline {
                     match blame {
                         Blame::Shared => suspect = suspect.or_else(|| Some(gate.suspect())),
                         Blame::Alone => alone_losses += 1,
-                        Blame::None => {}
+                        Blame::None | Blame::Unused => {}
                     }
                     if alone_losses >= CULPRIT_LOSSES {
                         return Ok(culprit(job, &error, attempts, started.elapsed()));
@@ -463,10 +484,16 @@ impl Pipeline {
                     error
                 }
                 Err(_elapsed) => {
+                    tracing::debug!(
+                        attempt = attempts,
+                        ?phase,
+                        alone,
+                        "the job's timeout ran out during an attempt"
+                    );
                     return Ok(timed_out(
                         job,
                         phase,
-                        last_failure.or(paused),
+                        last_failure.or(waited.paused),
                         attempts,
                         started.elapsed(),
                     ));
@@ -513,14 +540,23 @@ impl Pipeline {
         alone: bool,
         validity: Option<Validity>,
         published: &AtomicBool,
-        paused: &mut Option<MqttError>,
+        waited: &mut Waited,
     ) -> Result<Ack, Missed> {
         let (_alone_turn, _turn) = if alone {
             (Some(gate.alone().await), None)
         } else {
             (None, Some(gate.ordinary().await))
         };
-        let connection = self.pool.lease_noting_pauses(&job.target, paused).await?;
+        let connection = match self.pool.lease_noting(&job.target, waited).await {
+            Ok(connection) => connection,
+            Err(error) if waited.ended_first => {
+                return Err(Missed::Failed(Failed {
+                    error,
+                    blame: Blame::Unused,
+                }));
+            }
+            Err(error) => return Err(error.into()),
+        };
         let message = match validity.map(|validity| (validity, validity.check(SystemTime::now()))) {
             None => Cow::Borrowed(&job.message),
             Some((validity, Check::Expired { .. })) => return Err(Missed::Expired(validity)),

@@ -224,6 +224,30 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// What a lease waited through (see [`Pool::lease_noting`]).
+#[derive(Debug, Default)]
+pub struct Waited {
+    /// The loss a pause follows, if the lease waited for the pool to reconnect after it.
+    pub paused: Option<MqttError>,
+    /// The lease failed because the connection it waited for ended before it could be used.
+    pub ended_first: bool,
+}
+
+/// Why a lease failed.
+enum LeaseFailed {
+    /// The connection waited for ended between its CONNACK and the lease.
+    EndedFirst(MqttError),
+    Other(MqttError),
+}
+
+impl LeaseFailed {
+    fn into_error(self) -> MqttError {
+        match self {
+            LeaseFailed::EndedFirst(error) | LeaseFailed::Other(error) => error,
+        }
+    }
+}
+
 /// What a lease does next, decided under the lock.
 enum Step {
     Ready(Lease),
@@ -291,23 +315,28 @@ impl Pool {
     /// A live connection to `target`, opening one if needed; while the slot pauses before
     /// reconnecting, waits for the new connection.
     pub async fn lease(&self, target: &Target) -> Result<Lease, MqttError> {
-        self.lease_noting_pauses(target, &mut None).await
+        self.lease_noting(target, &mut Waited::default()).await
     }
 
-    /// [`Pool::lease`], noting in `paused` the loss a pause follows while it waits (the job's
-    /// answer if its timeout runs out there).
-    pub async fn lease_noting_pauses(
+    /// [`Pool::lease`], noting in `waited` what it waited through: the loss a pause follows
+    /// (the job's answer if its timeout runs out there), and whether it failed because the
+    /// connection it waited for ended before this job could use it.
+    pub async fn lease_noting(
         &self,
         target: &Target,
-        paused: &mut Option<MqttError>,
+        waited: &mut Waited,
     ) -> Result<Lease, MqttError> {
         loop {
             match self.lease_step(target) {
                 Step::Sleep(until, loss) => {
-                    *paused = Some(loss);
+                    waited.paused = Some(loss);
                     tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
                 }
-                step => return self.finish_lease(step).await,
+                step => {
+                    let leased = self.finish_lease(step).await;
+                    waited.ended_first = matches!(leased, Err(LeaseFailed::EndedFirst(_)));
+                    return leased.map_err(LeaseFailed::into_error);
+                }
             }
         }
     }
@@ -340,21 +369,22 @@ impl Pool {
         }
     }
 
-    async fn finish_lease(&self, step: Step) -> Result<Lease, MqttError> {
+    async fn finish_lease(&self, step: Step) -> Result<Lease, LeaseFailed> {
         match step {
             Step::Ready(lease) => Ok(lease),
-            Step::Fail(error) => Err(error),
-            Step::Sleep(..) => Err(MqttError::Internal {
+            Step::Fail(error) => Err(LeaseFailed::Other(error)),
+            Step::Sleep(..) => Err(LeaseFailed::Other(MqttError::Internal {
                 broker: String::new(),
                 reason: "a pause was not waited for".into(),
-            }),
+            })),
             Step::Wait(opening) => {
-                let connection = opening.await?;
+                let connection = opening.await.map_err(LeaseFailed::Other)?;
                 let leased = lease(&connection, &self.inner);
                 if connection.is_ended() {
-                    // Closed between its CONNACK and this lease (made room for another, or
-                    // lost): the job retries on a new one.
-                    return Err(connection.lost());
+                    // Closed between its CONNACK and this lease: most often by the publish of
+                    // a job that woke first (a broker closing the connection on one message),
+                    // or to make room. This job published nothing on it.
+                    return Err(LeaseFailed::EndedFirst(connection.lost()));
                 }
                 Ok(leased)
             }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 use super::MqttError;
 use crate::job::{Message, MqttVersion, Qos, Target};
@@ -22,6 +23,10 @@ use crate::metrics::Metrics;
 
 /// Requests the event loop takes from its channel per iteration (rumqttc's default is one).
 const REQUEST_BATCH: usize = 64;
+
+/// How long a publish that the client failed waits for its event loop to be dropped (which
+/// follows at once: the loop records why the connection ended, then is dropped).
+const GONE_WITHIN: Duration = Duration::from_secs(2);
 
 /// How often a connection's watchdog asks [`health::Health`] for its verdict.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -124,6 +129,8 @@ pub struct Connection {
     max_qos: Option<Qos>,
     /// Set once, when the event loop has ended: why.
     ended: Arc<OnceLock<End>>,
+    /// Cancelled once the event loop has been dropped (every publish it had taken has failed).
+    gone: CancellationToken,
     /// Publishes currently using this connection (the pool never closes a busy one; the
     /// watchdog looks for progress only while there are some).
     pub(crate) in_use: Arc<AtomicUsize>,
@@ -186,6 +193,8 @@ impl Connection {
             Arc::clone(&in_use),
             Arc::clone(&ended),
         );
+        let gone = CancellationToken::new();
+        let dropped = gone.clone();
         tokio::spawn(async move {
             // The event loop is dropped when `run` ends, or when the watchdog gives the
             // connection up (having recorded why): every publish still waiting has failed and
@@ -194,6 +203,7 @@ impl Connection {
                 () = run => {}
                 () = watch => {}
             }
+            dropped.cancel();
             gauge.dec();
             drop(place);
         });
@@ -205,6 +215,7 @@ impl Connection {
             max_qos: opened.max_qos,
             max_outgoing: settings.max_packet_bytes,
             ended,
+            gone,
             in_use,
             last_used_ms: AtomicU64::new(0),
             acked: AtomicBool::new(false),
@@ -218,6 +229,10 @@ impl Connection {
     /// MQTT 5: a refusing reason code is [`MqttError::MessageRefused`], and a message over the
     /// broker's Maximum Packet Size is [`MqttError::TooLarge`] before anything is sent.
     pub async fn publish(&self, message: &Message) -> Result<Ack, MqttError> {
+        if self.is_ended() {
+            // Nothing would read it.
+            return Err(self.lost());
+        }
         let (qos, lowered_to_max_qos) = lower_to(message.qos, self.max_qos);
         let size = message.packet_size(matches!(self.client, Client::V5(_)));
         if size > self.max_outgoing {
@@ -226,22 +241,23 @@ impl Connection {
                 max: self.max_outgoing,
             });
         }
-        let acked = match &self.client {
-            Client::V4(client) => v4::publish(client, message).await,
-            Client::V5(client) => {
-                if let Some(max) = self.max_packet {
-                    let size = v5::packet_size(message);
-                    if size > usize::try_from(max).unwrap_or(usize::MAX) {
-                        return Err(MqttError::TooLarge {
-                            broker: self.broker.clone(),
-                            size,
-                            max,
-                        });
-                    }
-                }
-                v5::publish(client, message, qos).await
+        if let (Client::V5(_), Some(max)) = (&self.client, self.max_packet) {
+            let size = v5::packet_size(message);
+            if size > usize::try_from(max).unwrap_or(usize::MAX) {
+                return Err(MqttError::TooLarge {
+                    broker: self.broker.clone(),
+                    size,
+                    max,
+                });
+            }
+        }
+        let acked = async {
+            match &self.client {
+                Client::V4(client) => v4::publish(client, message).await,
+                Client::V5(client) => v5::publish(client, message, qos).await,
             }
         };
+        let acked = until_gone(acked, &self.gone).await;
         // At least 1: 0 means "never used".
         self.last_used_ms
             .store(self.age_ms().max(1), Ordering::Relaxed);
@@ -258,7 +274,19 @@ impl Connection {
                 broker: self.broker.clone(),
                 code,
             }),
-            Acked::Lost => Err(self.lost()),
+            Acked::Lost => {
+                // The client may fail a publish before its event loop has recorded why the
+                // connection ended: wait (briefly) for the loop to be gone, so that `ended` is
+                // set before this job lets another use the connection (the pool then replaces
+                // it) and the error names the real reason.
+                if tokio::time::timeout(GONE_WITHIN, self.gone.cancelled())
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(broker = %self.broker, "a publish was lost while the event loop still ran");
+                }
+                Err(self.lost())
+            }
         }
     }
 
@@ -336,6 +364,26 @@ impl Connection {
         MqttError::PublishLost {
             broker: self.broker.clone(),
             reason,
+        }
+    }
+}
+
+/// The outcome of a publish, or [`Acked::Lost`] once the event loop is `gone` without
+/// answering it. The client's request channel outlives its event loop: a publish queued after
+/// the loop's last read of the channel (between losing the socket and being dropped) is never
+/// failed by the client, and would wait for ever, holding its job's turn at the gate.
+async fn until_gone(
+    acked: impl std::future::Future<Output = Acked>,
+    gone: &CancellationToken,
+) -> Acked {
+    tokio::pin!(acked);
+    tokio::select! {
+        // An answer that arrived before the loop was dropped wins.
+        biased;
+        acked = &mut acked => acked,
+        () = gone.cancelled() => {
+            tracing::debug!("a publish queued after its event loop's last read: lost with the connection");
+            Acked::Lost
         }
     }
 }
@@ -468,6 +516,30 @@ fn rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a ru
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_publish_still_waiting_when_its_event_loop_is_gone_is_lost_at_once() {
+        let gone = CancellationToken::new();
+        gone.cancel();
+        let never = std::future::pending::<Acked>();
+        let acked = tokio::time::timeout(Duration::from_secs(1), until_gone(never, &gone))
+            .await
+            .expect("a publish outlived its event loop");
+        assert!(matches!(acked, Acked::Lost));
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_came_before_the_event_loop_was_gone_wins() {
+        let gone = CancellationToken::new();
+        gone.cancel();
+        let ack = Ack {
+            qos: Qos::AtLeastOnce,
+            no_subscribers: false,
+            lowered_to_max_qos: None,
+        };
+        let acked = until_gone(std::future::ready(Acked::Ack(ack)), &gone).await;
+        assert!(matches!(acked, Acked::Ack(a) if a == ack));
+    }
 
     #[test]
     fn a_qos_above_the_brokers_maximum_is_lowered_to_it_and_says_so() {

@@ -177,3 +177,26 @@ fn describe(err: &ConnectionError) -> String {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rumqttc::{AsyncClient, Broker, MqttOptions, PublishOptions, QoS};
+
+    /// The crate fact behind `until_gone`: the request channel outlives the event loop, so a
+    /// publish queued after the loop's last read of it is never failed by the client.
+    #[tokio::test]
+    async fn a_publish_queued_just_before_the_event_loop_is_dropped_is_never_answered() {
+        let options = MqttOptions::new("c", Broker::tcp("127.0.0.1".to_owned(), 1));
+        let (client, eventloop) = AsyncClient::builder(options).try_build().expect("client");
+        let notice = client
+            .publish_tracked("t", "x", PublishOptions::new(QoS::AtLeastOnce))
+            .await
+            .expect("queued");
+        drop(eventloop);
+        let waited = tokio::time::timeout(Duration::from_millis(300), notice.wait_async()).await;
+        assert!(waited.is_err(), "the client failed the publish: {waited:?}");
+        drop(client);
+    }
+}
