@@ -5,6 +5,7 @@
 pub mod connection;
 pub mod pool;
 pub mod reason;
+pub mod responses;
 pub mod tls;
 
 use crate::outcome::ExitCode;
