@@ -2,6 +2,8 @@
 //! (CONNECT until CONNACK), then one task owns its event loop while any number of publishes
 //! are in flight. Each publish gets its own completion: the broker's PUBACK or PUBCOMP for that
 //! very packet (with its MQTT 5 reason code), or the reason the connection ended.
+//! Requests also wait on it for answers: the connection subscribes to their response topics
+//! (one SUBSCRIBE per topic, SUBACK awaited) and routes what comes in through [`Responses`].
 //! A connection is never silently re-established: once it ends, it is closed for good and the
 //! pool opens a new one, so no publish is replayed behind a job's back.
 
@@ -14,9 +16,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::MqttError;
+use super::responses::{Incoming, Matching, Released, Responses};
 use crate::job::{Message, MqttVersion, Qos, Target};
 use crate::metrics::Metrics;
 
@@ -85,6 +88,18 @@ pub struct Ack {
     pub lowered_to_max_qos: Option<Qos>,
 }
 
+/// How a SUBSCRIBE ended, as a version's client reports it.
+enum SubAcked {
+    Granted,
+    /// A SUBACK reason code of 0x80 or more.
+    Refused(u8),
+    /// The connection ended first.
+    Lost,
+}
+
+/// The jobs waiting for answers on one connection, fed by its event loop.
+type SharedResponses = Arc<Responses<MqttError>>;
+
 /// How a publish ended, as a version's client reports it.
 enum Acked {
     Ack(Ack),
@@ -95,6 +110,7 @@ enum Acked {
 }
 
 /// The client of one protocol version.
+#[derive(Clone)]
 enum Client {
     V4(rumqttc::AsyncClient),
     V5(rumqttc5::AsyncClient),
@@ -124,6 +140,8 @@ pub struct Connection {
     max_qos: Option<Qos>,
     /// Set once, when the event loop has ended: why.
     ended: Arc<OnceLock<End>>,
+    /// Requests waiting for their answers on this connection.
+    responses: SharedResponses,
     /// Publishes currently using this connection (the pool never closes a busy one; the
     /// watchdog looks for progress only while there are some).
     pub(crate) in_use: Arc<AtomicUsize>,
@@ -165,14 +183,17 @@ impl Connection {
         let ended = Arc::new(OnceLock::new());
         let keep_alive = settings.keep_alive.max(Duration::from_secs(1));
         let health = Arc::new(Mutex::new(health::Health::new(Instant::now(), keep_alive)));
+        let responses: SharedResponses = Arc::new(Responses::default());
         let opened = match target.version {
             MqttVersion::V3_1_1 => {
                 let (ended, health) = (Arc::clone(&ended), Arc::clone(&health));
-                v4::open(target, settings, &broker, tls, ended, health).await?
+                let responses = Arc::clone(&responses);
+                v4::open(target, settings, &broker, tls, ended, health, responses).await?
             }
             MqttVersion::V5 => {
                 let (ended, health) = (Arc::clone(&ended), Arc::clone(&health));
-                v5::open(target, settings, &broker, tls, ended, health).await?
+                let responses = Arc::clone(&responses);
+                v5::open(target, settings, &broker, tls, ended, health, responses).await?
             }
         };
         let in_use = Arc::new(AtomicUsize::new(0));
@@ -186,6 +207,7 @@ impl Connection {
             Arc::clone(&in_use),
             Arc::clone(&ended),
         );
+        let cleared = Arc::clone(&responses);
         tokio::spawn(async move {
             // The event loop is dropped when `run` ends, or when the watchdog gives the
             // connection up (having recorded why): every publish still waiting has failed and
@@ -194,6 +216,8 @@ impl Connection {
                 () = run => {}
                 () = watch => {}
             }
+            // Every request still waiting learns that its subscription went with the connection.
+            cleared.clear();
             gauge.dec();
             drop(place);
         });
@@ -205,6 +229,7 @@ impl Connection {
             max_qos: opened.max_qos,
             max_outgoing: settings.max_packet_bytes,
             ended,
+            responses,
             in_use,
             last_used_ms: AtomicU64::new(0),
             acked: AtomicBool::new(false),
@@ -260,6 +285,57 @@ impl Connection {
             }),
             Acked::Lost => Err(self.lost()),
         }
+    }
+
+    /// Starts waiting for an answer on `topic`: the job is registered first, then the topic is
+    /// subscribed (QoS 1; MQTT 5 with Retain Handling "do not send") unless another job on this
+    /// connection already did, and this returns once the broker granted the SUBACK, so an
+    /// answer to a publish made after it cannot be missed. A refused SUBACK is
+    /// [`MqttError::SubscribeRefused`]. Dropping the wait releases the job's place, and the last
+    /// job on a topic unsubscribes it.
+    pub async fn await_answer(
+        &self,
+        topic: &str,
+        matching: Matching,
+    ) -> Result<AnswerWait, MqttError> {
+        if self.is_ended() {
+            return Err(self.lost());
+        }
+        let registered = self.responses.register(topic, matching);
+        let wait = AnswerWait {
+            responses: Arc::clone(&self.responses),
+            client: self.client.clone(),
+            topic: topic.to_owned(),
+            id: registered.id,
+            answer: registered.answer,
+        };
+        registered
+            .suback
+            .get_or_init(|| self.subscribe(topic))
+            .await
+            .clone()?;
+        Ok(wait)
+    }
+
+    async fn subscribe(&self, topic: &str) -> Result<(), MqttError> {
+        let acked = match &self.client {
+            Client::V4(client) => v4::subscribe(client, topic).await,
+            Client::V5(client) => v5::subscribe(client, topic).await,
+        };
+        match acked {
+            SubAcked::Granted => Ok(()),
+            SubAcked::Refused(code) => Err(MqttError::SubscribeRefused {
+                broker: self.broker.clone(),
+                topic: topic.to_owned(),
+                code,
+            }),
+            SubAcked::Lost => Err(self.lost()),
+        }
+    }
+
+    /// Requests waiting for answers on this connection (for tests and the pool's accounting).
+    pub fn answers_awaited(&self) -> usize {
+        self.responses.holders()
     }
 
     /// The connection has ended (lost or closed); it will not carry another publish.
@@ -338,6 +414,46 @@ impl Connection {
             reason,
         }
     }
+}
+
+/// One job's wait for its answer on one connection (see [`Connection::await_answer`]).
+pub struct AnswerWait {
+    responses: SharedResponses,
+    client: Client,
+    topic: String,
+    id: u64,
+    answer: oneshot::Receiver<Incoming>,
+}
+
+impl AnswerWait {
+    /// The job's answer; `None` when the connection ended first (subscribe again on another).
+    pub async fn answer(&mut self) -> Option<Incoming> {
+        (&mut self.answer).await.ok()
+    }
+}
+
+impl Drop for AnswerWait {
+    fn drop(&mut self) {
+        if self.responses.release(&self.topic, self.id) != Released::Unsubscribe {
+            return;
+        }
+        // Queued without waiting: a job that leaves (answered, timed out, dropped) must not
+        // block, and on an ended connection the subscription is gone anyway.
+        let queued = match &self.client {
+            Client::V4(client) => client.try_unsubscribe(self.topic.as_str()).is_ok(),
+            Client::V5(client) => client.try_unsubscribe(self.topic.as_str()).is_ok(),
+        };
+        if !queued {
+            tracing::debug!(topic = %self.topic, "UNSUBSCRIBE not queued (connection ended or busy)");
+        }
+    }
+}
+
+/// What an incoming PUBLISH is to the requests waiting on the connection.
+fn route(responses: &Responses<MqttError>, incoming: Incoming) {
+    let topic = incoming.topic.clone();
+    let delivered = responses.deliver(incoming);
+    tracing::trace!(%topic, ?delivered, "message on a response topic");
 }
 
 /// Resolves when the connection's health says to give it up, having recorded why in `ended`.

@@ -9,15 +9,18 @@ use futures_util::FutureExt;
 use rumqttc5::{
     AsyncClient, ConnectReturnCode, ConnectionError, DisconnectReasonCode, Event,
     IncomingPacketSizeLimit, NetworkOptions, Outgoing, Packet, PublishNoticeError, PublishOptions,
-    PublishProperties, PublishResult, StateError,
+    PublishProperties, PublishResult, QoS, RetainForwardRule, StateError, SubscribeFilterInput,
+    SubscribeReasonCode,
 };
 
 use super::health::Seen;
 use super::{
     Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth,
-    closed_during_handshake, record, rustls_error, transport_options, websocket_advice,
+    SharedResponses, SubAcked, closed_during_handshake, record, route, rustls_error,
+    transport_options, websocket_advice,
 };
 use crate::job::{Message, Qos, Target, Transport};
+use crate::mqtt::responses::Incoming;
 use crate::mqtt::{MqttError, reason};
 
 /// rumqttc-v5's incoming packet limit when none is set (it is not sent to the broker).
@@ -30,6 +33,7 @@ pub(super) async fn open(
     tls: Option<Arc<rustls::ClientConfig>>,
     ended: Arc<OnceLock<End>>,
     health: SharedHealth,
+    responses: SharedResponses,
 ) -> Result<Opened, MqttError> {
     let mut options: rumqttc5::MqttOptions =
         transport_options!(rumqttc5, target, settings, broker, tls)?;
@@ -46,11 +50,14 @@ pub(super) async fn open(
     // What we send is bounded by the broker's Maximum Packet Size (CONNACK). What comes in is
     // bounded by rumqttc-v5's own 10 KiB limit, which it does not announce; only a lower
     // setting is announced (Maximum Packet Size), since announcing one makes CONNECT carry a
-    // property. A setting above 10 KiB needs announcing too once something large is to come in
-    // (answers to requests), and then a 3.1.1-only broker must be recognised another way.
+    // property. Answers to requests need more than 10 KiB, and the crate can raise its limit
+    // without announcing it only by removing it: then the broker's own Maximum Packet Size
+    // bounds what it sends, and `--max-response-bytes` bounds what a job keeps.
     if settings.max_incoming_packet_bytes < UNANNOUNCED_INCOMING_LIMIT {
         let limit = u32::try_from(settings.max_incoming_packet_bytes.max(1)).unwrap_or(u32::MAX);
         options.set_incoming_packet_size_limit(IncomingPacketSizeLimit::Bytes(limit));
+    } else if settings.max_incoming_packet_bytes > UNANNOUNCED_INCOMING_LIMIT {
+        options.set_incoming_packet_size_limit(IncomingPacketSizeLimit::Unlimited);
     }
     if let Some(username) = &target.username {
         let password = target
@@ -103,6 +110,10 @@ pub(super) async fn open(
         // The only place this event loop is polled: poll() is never raced against anything.
         let end = loop {
             match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    record(&health, Seen::Incoming);
+                    route(&responses, incoming(publish));
+                }
                 Ok(event) => record(&health, seen(&event)),
                 Err(ConnectionError::RequestsDone) => break End::Closed,
                 Err(err) if ended.get().is_some() => {
@@ -184,6 +195,53 @@ pub(super) async fn publish(client: &AsyncClient, message: &Message, qos: Qos) -
         // The broker said in CONNACK that it keeps no retained messages.
         Err(PublishNoticeError::RetainNotSupported) => Acked::Refused(0x9A),
         Err(_) => Acked::Lost,
+    }
+}
+
+/// Subscribes to a response topic at QoS 1 with Retain Handling 2 ("do not send": a retained
+/// message is never an answer) and waits for the SUBACK.
+pub(super) async fn subscribe(client: &AsyncClient, topic: &str) -> SubAcked {
+    let filter = SubscribeFilterInput::new(topic, QoS::AtLeastOnce)
+        .retain_forward_rule(RetainForwardRule::Never);
+    let Ok(notice) = client.subscribe_many_tracked([filter]).await else {
+        return SubAcked::Lost;
+    };
+    match notice.wait_async().await {
+        Ok(suback) => match suback.return_codes.first() {
+            Some(SubscribeReasonCode::Success(_)) => SubAcked::Granted,
+            Some(code) => SubAcked::Refused(suback_code(*code)),
+            None => SubAcked::Refused(0x80),
+        },
+        Err(_) => SubAcked::Lost,
+    }
+}
+
+/// A refusing SUBACK reason code's number (the crate keeps its own mapping private).
+fn suback_code(code: SubscribeReasonCode) -> u8 {
+    match code {
+        SubscribeReasonCode::Success(_) => 0x00,
+        SubscribeReasonCode::Failure | SubscribeReasonCode::Unspecified => 0x80,
+        SubscribeReasonCode::ImplementationSpecific => 0x83,
+        SubscribeReasonCode::NotAuthorized => 0x87,
+        SubscribeReasonCode::TopicFilterInvalid => 0x8F,
+        SubscribeReasonCode::PkidInUse => 0x91,
+        SubscribeReasonCode::QuotaExceeded => 0x97,
+        SubscribeReasonCode::SharedSubscriptionsNotSupported => 0x9E,
+        SubscribeReasonCode::SubscriptionIdNotSupported => 0xA1,
+        SubscribeReasonCode::WildcardSubscriptionsNotSupported => 0xA2,
+    }
+}
+
+/// An incoming PUBLISH as the responses room sees it.
+fn incoming(publish: rumqttc5::Publish) -> Incoming {
+    let properties = publish.properties.unwrap_or_default();
+    Incoming {
+        topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+        payload: publish.payload,
+        retain: publish.retain,
+        correlation: properties.correlation_data,
+        content_type: properties.content_type,
+        user_properties: properties.user_properties,
     }
 }
 
