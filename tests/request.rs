@@ -528,3 +528,48 @@ async fn a_refused_subscription_is_exit_code_8_with_nothing_published() {
     assert_eq!(broker.publishes.load(Ordering::SeqCst), 0, "a command was published");
     bed.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_during_the_wait_is_reconnected_and_subscribed_again() {
+    let broker = Mosquitto::plain();
+    let proxy = TcpProxy::start(broker.port()).await;
+    let commands = unique_name("cmd");
+    let device = Device::start(broker.port(), &commands).await;
+    let mut bed = TestBed::new().await;
+    for (n, version) in ["3.1.1", "5"].into_iter().enumerate() {
+        let job = with(
+            request(
+                &format!("tcp://127.0.0.1:{}", proxy.port()),
+                version,
+                &commands,
+                &unique_name("resp"),
+                json!({"say": "after the cut", "delay-ms": 3000}),
+            ),
+            json!({"timeout": 15000}),
+        );
+        let correlation = unique_name("corr");
+        let connections_before = proxy.stats().total;
+        bed.amqp
+            .send_job(
+                &bed.queue,
+                job.to_string().as_bytes(),
+                Some(&bed.reply_queue),
+                Some(&correlation),
+            )
+            .await;
+        // The command reached the device: the worker is now waiting for the answer.
+        let deadline = Instant::now() + T;
+        while device.received() < n + 1 {
+            assert!(Instant::now() < deadline, "the device got no command");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy.cut();
+        let reply = bed.replies.expect_reply(T).await;
+        eprintln!("{version}: {}", reply.body);
+        assert_eq!(reply.exit_code(), 0, "{}", reply.body);
+        assert_eq!(reply.body["response"]["content"], "after the cut");
+        assert!(proxy.stats().total > connections_before + 1, "no new connection");
+        assert_eq!(device.received(), n + 1, "the command was published again");
+    }
+    bed.finish().await;
+}
