@@ -573,3 +573,115 @@ async fn a_connection_lost_during_the_wait_is_reconnected_and_subscribed_again()
     }
     bed.finish().await;
 }
+
+/// The latest `$SYS/broker/subscriptions/count` Mosquitto published that satisfies `pred`;
+/// panics after `within` with the last value seen.
+async fn subscriptions_until(
+    sys: &mut Subscriber,
+    pred: impl Fn(u64) -> bool,
+    within: Duration,
+) -> u64 {
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some(got) = sys.recv(Duration::from_millis(500)).await {
+            let count = got.payload_str().trim().parse::<u64>().unwrap_or(u64::MAX);
+            last = Some(count);
+            if pred(count) {
+                return count;
+            }
+        }
+    }
+    panic!("subscription count never as expected within {within:?}; last seen {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_requests_over_fifty_devices_and_four_workers_each_get_their_own_answer() {
+    const DEVICES: usize = 50;
+    const JOBS: usize = 1000;
+    let broker = Mosquitto::plain_with("sys_interval 1\n");
+    let mut devices = Vec::new();
+    let mut names = Vec::new();
+    for _ in 0..DEVICES {
+        let name = unique_name("dev");
+        devices.push(Device::start(broker.port(), &format!("cmd/{name}")).await);
+        names.push(name);
+    }
+    let mut sys = Subscriber::start(
+        broker.port(),
+        "$SYS/broker/subscriptions/count",
+        rumqttc::QoS::AtMostOnce,
+    )
+    .await;
+    // The devices' subscriptions and this one.
+    let baseline = u64::try_from(DEVICES + 1).expect("small");
+    subscriptions_until(&mut sys, |n| n == baseline, T).await;
+
+    let mut bed = TestBed::start_with(connectors_dir(), |o| o.mqtt.client_id_suffix = "-w0".into()).await;
+    let mut extra = Vec::new();
+    for w in 1..4 {
+        let mut options = mqtt_connector::worker::WorkerOptions::new(
+            amqp_url(),
+            bed.queue.clone(),
+            bed.connectors.path(),
+        );
+        options.mqtt.client_id_suffix = format!("-w{w}");
+        extra.push(common::worker::spawn_worker_with(options).await);
+    }
+    let broker_url = broker.url();
+    let mut expected = std::collections::HashMap::new();
+    let started = Instant::now();
+    for n in 0..JOBS {
+        let d = n % DEVICES;
+        // Half the devices speak to MQTT 5 jobs sharing one response topic per device
+        // (told apart by Correlation Data); the other half to 3.1.1 jobs, one topic each.
+        let (version, response) = if d % 2 == 0 {
+            ("5", format!("resp/{}", names[d]))
+        } else {
+            ("3.1.1", format!("resp/{}/{n}", names[d]))
+        };
+        let say = format!("answer {n}");
+        let job = with(
+            request(
+                &broker_url,
+                version,
+                &format!("cmd/{}", names[d]),
+                &response,
+                json!({"say": say}),
+            ),
+            json!({"client-id": format!("fleet-{}", names[d]), "timeout": 30000}),
+        );
+        let correlation = format!("job-{n}");
+        bed.amqp
+            .send_job(
+                &bed.queue,
+                job.to_string().as_bytes(),
+                Some(&bed.reply_queue),
+                Some(&correlation),
+            )
+            .await;
+        expected.insert(correlation, say);
+    }
+    for _ in 0..JOBS {
+        let reply = bed.replies.expect_reply(Duration::from_secs(60)).await;
+        assert_eq!(reply.exit_code(), 0, "{}", reply.body);
+        let id = reply.correlation_id.clone().expect("correlation id");
+        let say = expected.remove(&id).expect("one reply per job");
+        assert_eq!(reply.body["response"]["content"], json!(say), "{}", reply.body);
+    }
+    let elapsed = started.elapsed();
+    let commands: usize = devices.iter().map(Device::received).sum();
+    assert_eq!(commands, JOBS, "every command published exactly once");
+    // Every response topic was unsubscribed with its last job: back to the baseline.
+    let after = subscriptions_until(&mut sys, |n| n == baseline, T).await;
+    eprintln!(
+        "{JOBS} requests over {DEVICES} devices and 4 workers answered in {:.1} s ({:.0}/s); \
+         subscriptions on the broker afterwards: {after} (the {DEVICES} devices' and the probe's)",
+        elapsed.as_secs_f64(),
+        JOBS as f64 / elapsed.as_secs_f64()
+    );
+    for worker in extra {
+        worker.stop().await;
+    }
+    bed.finish().await;
+}
