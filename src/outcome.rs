@@ -206,7 +206,10 @@ mod tests {
     #[test]
     fn an_answer_in_utf_8_is_a_string_and_any_other_is_base64() {
         let text = Response::new("r".into(), "grüß".as_bytes(), None, Vec::new());
-        assert_eq!((text.content_encoding, text.content.as_str()), ("utf-8", "grüß"));
+        assert_eq!(
+            (text.content_encoding, text.content.as_str()),
+            ("utf-8", "grüß")
+        );
         let binary = Response::new("r".into(), &[0xff, 0x00, 0x80], None, Vec::new());
         assert_eq!(
             (binary.content_encoding, binary.content.as_str()),

@@ -621,7 +621,14 @@ impl Pipeline {
                         let resume = tokio::time::Instant::now() + backoff.next_delay();
                         if resume >= deadline {
                             let waited = acked_at.elapsed();
-                            return no_answer(job, request, published, waited, losses, last_failure);
+                            return no_answer(
+                                job,
+                                request,
+                                published,
+                                waited,
+                                losses,
+                                last_failure,
+                            );
                         }
                         tokio::time::sleep_until(resume).await;
                         continue;
@@ -641,7 +648,9 @@ impl Pipeline {
                 Ok(None) => {
                     losses += 1;
                     last_failure = Some(lease.lost());
-                    tracing::debug!("connection lost while waiting for an answer; subscribing again");
+                    tracing::debug!(
+                        "connection lost while waiting for an answer; subscribing again"
+                    );
                 }
                 Err(_elapsed) => {
                     let waited = acked_at.elapsed();
@@ -718,9 +727,8 @@ fn correlate(params: &mut Params, correlation_id: Option<&str>) -> Result<(), Jo
         .as_deref()
         .is_some_and(|topic| topic.contains(CORRELATION_ID));
     let is_v5 = MqttVersion::parse(params.mqtt_version.clone()) == Ok(MqttVersion::V5);
-    let as_data = params.action.as_deref() == Some("request")
-        && is_v5
-        && params.correlation_data.is_none();
+    let as_data =
+        params.action.as_deref() == Some("request") && is_v5 && params.correlation_data.is_none();
     if !in_topic && !as_data {
         return Ok(());
     }
@@ -984,7 +992,8 @@ mod tests {
 
     #[test]
     fn the_jobs_own_correlation_data_is_kept() {
-        let mut params = request(serde_json::json!({"mqtt-version": 5, "correlation-data": "mine"}));
+        let mut params =
+            request(serde_json::json!({"mqtt-version": 5, "correlation-data": "mine"}));
         correlate(&mut params, Some("amqp")).expect("ok");
         assert_eq!(params.correlation_data.as_deref(), Some("mine"));
         assert_eq!(params.response_topic.as_deref(), Some("dev/amqp/answer"));
@@ -1001,8 +1010,7 @@ mod tests {
 
     #[test]
     fn a_send_without_the_placeholder_is_left_as_it_is() {
-        let mut params =
-            Params::decode(br#"{"mqtt-version": "5"}"#).expect("params");
+        let mut params = Params::decode(br#"{"mqtt-version": "5"}"#).expect("params");
         correlate(&mut params, Some("a/b")).expect("ok");
         assert_eq!(params.correlation_data, None);
     }

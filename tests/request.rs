@@ -160,7 +160,13 @@ async fn a_request_is_answered_over_mqtt_3_1_1_and_mqtt_5() {
     for version in ["3.1.1", "5"] {
         let response = unique_name("resp");
         let say = format!("done over {version}");
-        let job = request(&broker.url(), version, &commands, &response, json!({"say": say}));
+        let job = request(
+            &broker.url(),
+            version,
+            &commands,
+            &response,
+            json!({"say": say}),
+        );
         let reply = bed.run(job, T).await;
         assert_eq!(reply.exit_code(), 0, "{}", reply.body);
         let answer = &reply.body["response"];
@@ -200,7 +206,10 @@ async fn the_correlation_id_stands_in_the_response_topic_and_is_the_correlation_
     let reply = bed.run(job, T).await;
     assert_eq!(reply.exit_code(), 0, "{}", reply.body);
     let id = reply.correlation_id.clone().expect("correlation id");
-    assert_eq!(reply.body["response"]["topic"], json!(format!("{prefix}/{id}")));
+    assert_eq!(
+        reply.body["response"]["topic"],
+        json!(format!("{prefix}/{id}"))
+    );
     bed.finish().await;
 }
 
@@ -311,14 +320,22 @@ async fn two_concurrent_requests_on_one_response_topic_answered_in_reverse_order
     }
     let first_back = bed.replies.expect_reply(T).await;
     let second_back = bed.replies.expect_reply(T).await;
-    assert_eq!(first_back.correlation_id.as_deref(), Some(sent[1].0.as_str()));
+    assert_eq!(
+        first_back.correlation_id.as_deref(),
+        Some(sent[1].0.as_str())
+    );
     for reply in [first_back, second_back] {
         assert_eq!(reply.exit_code(), 0, "{}", reply.body);
         let (_, say) = sent
             .iter()
             .find(|(id, _)| Some(id.as_str()) == reply.correlation_id.as_deref())
             .expect("a reply to a job sent");
-        assert_eq!(reply.body["response"]["content"], json!(say), "{}", reply.body);
+        assert_eq!(
+            reply.body["response"]["content"],
+            json!(say),
+            "{}",
+            reply.body
+        );
     }
     bed.finish().await;
 }
@@ -341,7 +358,8 @@ async fn a_retained_message_on_the_response_topic_is_not_taken() {
             .await
             .expect("publish retained");
         // The retained message is on the broker once a fresh subscriber gets it.
-        let mut check = Subscriber::start(broker.port(), &response, rumqttc::QoS::AtLeastOnce).await;
+        let mut check =
+            Subscriber::start(broker.port(), &response, rumqttc::QoS::AtLeastOnce).await;
         assert_eq!(check.expect(T).await.payload_str(), "stale");
         let job = request(
             &broker.url(),
@@ -431,7 +449,10 @@ async fn a_device_that_answers_inside_its_message_callback_is_never_missed() {
             );
             let reply = bed.run(job, T).await;
             assert_eq!(reply.exit_code(), 0, "{version} #{n}: {}", reply.body);
-            assert_eq!(reply.body["response"]["content"], json!(format!("at once {n}")));
+            assert_eq!(
+                reply.body["response"]["content"],
+                json!(format!("at once {n}"))
+            );
         }
     }
     bed.finish().await;
@@ -478,10 +499,14 @@ async fn refuse_subscriptions(mut stream: tokio::net::TcpStream, publishes: Arc<
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut v5 = false;
     loop {
-        let Ok(first) = stream.read_u8().await else { return };
+        let Ok(first) = stream.read_u8().await else {
+            return;
+        };
         let mut len = 0usize;
         for shift in [0, 7, 14, 21] {
-            let Ok(b) = stream.read_u8().await else { return };
+            let Ok(b) = stream.read_u8().await else {
+                return;
+            };
             len |= usize::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 break;
@@ -494,7 +519,11 @@ async fn refuse_subscriptions(mut stream: tokio::net::TcpStream, publishes: Arc<
         let answer = match first >> 4 {
             1 => {
                 v5 = body.get(6) == Some(&5);
-                if v5 { vec![0x20, 3, 0, 0, 0] } else { vec![0x20, 2, 0, 0] }
+                if v5 {
+                    vec![0x20, 3, 0, 0, 0]
+                } else {
+                    vec![0x20, 2, 0, 0]
+                }
             }
             3 => {
                 publishes.fetch_add(1, Ordering::SeqCst);
@@ -525,7 +554,11 @@ async fn a_refused_subscription_is_exit_code_8_with_nothing_published() {
         assert!(reply.message().contains(code), "{}", reply.body);
         assert_eq!(reply.body["attempts"], 1, "{}", reply.body);
     }
-    assert_eq!(broker.publishes.load(Ordering::SeqCst), 0, "a command was published");
+    assert_eq!(
+        broker.publishes.load(Ordering::SeqCst),
+        0,
+        "a command was published"
+    );
     bed.finish().await;
 }
 
@@ -568,7 +601,10 @@ async fn a_connection_lost_during_the_wait_is_reconnected_and_subscribed_again()
         eprintln!("{version}: {}", reply.body);
         assert_eq!(reply.exit_code(), 0, "{}", reply.body);
         assert_eq!(reply.body["response"]["content"], "after the cut");
-        assert!(proxy.stats().total > connections_before + 1, "no new connection");
+        assert!(
+            proxy.stats().total > connections_before + 1,
+            "no new connection"
+        );
         assert_eq!(device.received(), n + 1, "the command was published again");
     }
     bed.finish().await;
@@ -617,7 +653,8 @@ async fn a_thousand_requests_over_fifty_devices_and_four_workers_each_get_their_
     let baseline = u64::try_from(DEVICES + 1).expect("small");
     subscriptions_until(&mut sys, |n| n == baseline, T).await;
 
-    let mut bed = TestBed::start_with(connectors_dir(), |o| o.mqtt.client_id_suffix = "-w0".into()).await;
+    let mut bed =
+        TestBed::start_with(connectors_dir(), |o| o.mqtt.client_id_suffix = "-w0".into()).await;
     let mut extra = Vec::new();
     for w in 1..4 {
         let mut options = mqtt_connector::worker::WorkerOptions::new(
@@ -635,7 +672,7 @@ async fn a_thousand_requests_over_fifty_devices_and_four_workers_each_get_their_
         let d = n % DEVICES;
         // Half the devices speak to MQTT 5 jobs sharing one response topic per device
         // (told apart by Correlation Data); the other half to 3.1.1 jobs, one topic each.
-        let (version, response) = if d % 2 == 0 {
+        let (version, response) = if d.is_multiple_of(2) {
             ("5", format!("resp/{}", names[d]))
         } else {
             ("3.1.1", format!("resp/{}/{n}", names[d]))
@@ -667,7 +704,12 @@ async fn a_thousand_requests_over_fifty_devices_and_four_workers_each_get_their_
         assert_eq!(reply.exit_code(), 0, "{}", reply.body);
         let id = reply.correlation_id.clone().expect("correlation id");
         let say = expected.remove(&id).expect("one reply per job");
-        assert_eq!(reply.body["response"]["content"], json!(say), "{}", reply.body);
+        assert_eq!(
+            reply.body["response"]["content"],
+            json!(say),
+            "{}",
+            reply.body
+        );
     }
     let elapsed = started.elapsed();
     let commands: usize = devices.iter().map(Device::received).sum();

@@ -642,7 +642,11 @@ mod tests {
         let request = job.request.expect("a request");
         assert_eq!(request.correlation.as_deref(), Some(&b"c-1"[..]));
         assert_eq!(
-            job.message.properties.response_topic.as_ref().map(Topic::as_str),
+            job.message
+                .properties
+                .response_topic
+                .as_ref()
+                .map(Topic::as_str),
             Some("r/1")
         );
     }
@@ -653,7 +657,10 @@ mod tests {
             params(with("action", json!("request"))),
             Limits::default(),
         ));
-        assert!(message.contains("\"response-topic\" is missing"), "{message}");
+        assert!(
+            message.contains("\"response-topic\" is missing"),
+            "{message}"
+        );
     }
 
     #[test]

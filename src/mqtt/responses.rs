@@ -149,7 +149,11 @@ impl<E> Responses<E> {
         };
         let mut incoming = incoming;
         // A job that gave up may not have released yet: its closed channel passes the answer on.
-        while let Some(at) = topic.waiters.iter().position(|w| w.matching.accepts(&incoming)) {
+        while let Some(at) = topic
+            .waiters
+            .iter()
+            .position(|w| w.matching.accepts(&incoming))
+        {
             let waiter = topic.waiters.remove(at);
             match waiter.answer.send(incoming) {
                 Ok(()) => return Delivered::Answered,
@@ -346,10 +350,7 @@ mod tests {
         let gone = room.register("r/1", Matching::First);
         let mut stays = room.register("r/1", Matching::First);
         drop(gone.answer);
-        assert_eq!(
-            room.deliver(message("r/1", "x", None)),
-            Delivered::Answered
-        );
+        assert_eq!(room.deliver(message("r/1", "x", None)), Delivered::Answered);
         assert_eq!(stays.answer.try_recv().expect("answer").payload, "x");
     }
 
