@@ -727,3 +727,41 @@ async fn a_thousand_requests_over_fifty_devices_and_four_workers_each_get_their_
     }
     bed.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_for_an_answer_is_not_closed_as_idle() {
+    let broker = Mosquitto::plain();
+    let commands = unique_name("cmd");
+    let device = Device::start(broker.port(), &commands).await;
+    // Idle connections are closed after 1 s; the answer takes 3 s.
+    let mut bed = TestBed::start_with(connectors_dir(), |o| {
+        o.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let client_id = unique_name("waiter");
+    let job = with(
+        request(
+            &broker.url(),
+            "5",
+            &commands,
+            &unique_name("resp"),
+            json!({"say": "slow", "delay-ms": 3000}),
+        ),
+        json!({"client-id": client_id}),
+    );
+    let reply = bed.run(job, T).await;
+    assert_eq!(reply.exit_code(), 0, "{}", reply.body);
+    assert_eq!(reply.body["response"]["content"], "slow");
+    let log = broker.log();
+    let connections = log
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains(&client_id))
+        .count();
+    assert_eq!(connections, 1, "{log}");
+    assert!(
+        !log.lines().any(|l| l.contains(&client_id) && l.contains("disconnected")),
+        "the waiting connection was closed: {log}"
+    );
+    assert_eq!(device.received(), 1);
+    bed.finish().await;
+}
