@@ -329,6 +329,15 @@ impl Pipeline {
     async fn prepare(&self, body: &[u8], correlation_id: Option<&str>) -> Prepared<'_> {
         let none = &self.labels.none;
         let params = Params::decode(body).map_err(|err| (err, none))?;
+        if let Some(action) = params
+            .action
+            .as_deref()
+            .filter(|action| !matches!(*action, "send" | "request"))
+        {
+            let message =
+                format!("unknown action {action:?}: the actions are \"send\" and \"request\"");
+            return Err((JobError::Invalid(message), none));
+        }
         let (connector, label) = match params.connector.as_deref() {
             None => (None, none),
             Some(name) => match self.connectors.get_named(name) {

@@ -759,7 +759,8 @@ async fn a_connection_waiting_for_an_answer_is_not_closed_as_idle() {
         .count();
     assert_eq!(connections, 1, "{log}");
     assert!(
-        !log.lines().any(|l| l.contains(&client_id) && l.contains("disconnected")),
+        !log.lines()
+            .any(|l| l.contains(&client_id) && l.contains("disconnected")),
         "the waiting connection was closed: {log}"
     );
     assert_eq!(device.received(), 1);
