@@ -23,9 +23,6 @@ use crate::job::{Message, Qos, Target, Transport};
 use crate::mqtt::responses::Incoming;
 use crate::mqtt::{MqttError, reason};
 
-/// rumqttc-v5's incoming packet limit when none is set (it is not sent to the broker).
-const UNANNOUNCED_INCOMING_LIMIT: usize = 10 * 1024;
-
 pub(super) async fn open(
     target: &Target,
     settings: &ConnectionSettings,
@@ -45,20 +42,15 @@ pub(super) async fn open(
         .set_outgoing_inflight_upper_limit(settings.inflight.max(1))
         .set_request_channel_capacity(usize::from(settings.inflight.max(1)) * 2)
         .set_max_request_batch(REQUEST_BATCH);
-    // CONNECT carries no properties: a 3.1.1-only broker then parses it far enough to answer
-    // "unacceptable protocol version" (amqtt waits for ever on a CONNECT with properties).
     // What we send is bounded by the broker's Maximum Packet Size (CONNACK). What comes in is
-    // bounded by rumqttc-v5's own 10 KiB limit, which it does not announce; only a lower
-    // setting is announced (Maximum Packet Size), since announcing one makes CONNECT carry a
-    // property. Answers to requests need more than 10 KiB, and the crate can raise its limit
-    // without announcing it only by removing it: then the broker's own Maximum Packet Size
-    // bounds what it sends, and `--max-response-bytes` bounds what a job keeps.
-    if settings.max_incoming_packet_bytes < UNANNOUNCED_INCOMING_LIMIT {
-        let limit = u32::try_from(settings.max_incoming_packet_bytes.max(1)).unwrap_or(u32::MAX);
-        options.set_incoming_packet_size_limit(IncomingPacketSizeLimit::Bytes(limit));
-    } else if settings.max_incoming_packet_bytes > UNANNOUNCED_INCOMING_LIMIT {
-        options.set_incoming_packet_size_limit(IncomingPacketSizeLimit::Unlimited);
-    }
+    // bounded by our setting, announced in CONNECT as Maximum Packet Size (so the broker does
+    // not send more, and a larger packet ends the connection, not our memory). rumqttc-v5 can
+    // raise its own unannounced 10 KiB limit (too small for answers to requests) only by
+    // announcing a limit or removing it. Announcing makes CONNECT carry a property, on which
+    // amqtt 0.12 (3.1.1 only) waits for ever instead of refusing: a CONNECT left unanswered is
+    // therefore probed (see `probe_when_silent`).
+    let limit = u32::try_from(settings.max_incoming_packet_bytes.max(1)).unwrap_or(u32::MAX);
+    options.set_incoming_packet_size_limit(IncomingPacketSizeLimit::Bytes(limit));
     if let Some(username) = &target.username {
         let password = target
             .password
@@ -80,8 +72,34 @@ pub(super) async fn open(
                 reason: err.to_string(),
             })?;
 
+    let silent = probe_when_silent(target);
+    tokio::pin!(silent);
+    let mut probed = false;
     let connack = loop {
-        match eventloop.poll().await {
+        // The poll is never cancelled: the probe runs beside it, and only its verdict "3.1.1
+        // only" abandons the connection (and with it the event loop).
+        let poll = eventloop.poll();
+        tokio::pin!(poll);
+        let polled = loop {
+            tokio::select! {
+                polled = &mut poll => break polled,
+                answer = &mut silent, if !probed => {
+                    probed = true;
+                    if answers_as_3_1_1_only(&answer) {
+                        return Err(MqttError::NoMqtt5 {
+                            broker: broker.to_owned(),
+                            reason: format!(
+                                "it left an MQTT 5 CONNECT unanswered for {} s, and answered \
+                                 another with MQTT 3.1.1's CONNACK \"unacceptable protocol \
+                                 version\"",
+                                SILENT_CONNECT.as_secs()
+                            ),
+                        });
+                    }
+                }
+            }
+        };
+        match polled {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => break connack,
             Ok(_) => {}
             Err(err) if closed_before_connack(&err) => {
@@ -313,6 +331,27 @@ fn closed_before_connack(err: &ConnectionError) -> bool {
         ConnectionError::Io(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
         _ => false,
     }
+}
+
+/// How long an MQTT 5 CONNECT may go unanswered before [`probe_when_silent`] asks whether the
+/// broker speaks MQTT 5 at all.
+const SILENT_CONNECT: Duration = Duration::from_secs(2);
+
+/// After [`SILENT_CONNECT`] without CONNACK, over plain TCP, the answer of a bare MQTT 5
+/// CONNECT (no properties, a throwaway client-id): amqtt 0.12 answers that with 3.1.1's
+/// "unacceptable protocol version" while it never answers ours, which carries Maximum Packet
+/// Size. Never resolves over TLS and websockets.
+async fn probe_when_silent(target: &Target) -> Vec<u8> {
+    if target.broker.transport != Transport::Tcp {
+        return std::future::pending().await;
+    }
+    tokio::time::sleep(SILENT_CONNECT).await;
+    tokio::time::timeout(
+        PROBE_TIMEOUT,
+        probe(&target.broker.host, target.broker.port),
+    )
+    .await
+    .unwrap_or_default()
 }
 
 /// How long the probe of [`closed_early`] waits for an answer.
