@@ -40,7 +40,7 @@ fn record(health: &SharedHealth, seen: health::Seen) {
 }
 
 /// The default for [`ConnectionSettings::max_incoming_packet_bytes`]: acknowledgements are a few
-/// bytes; answers to requests (a later feature) need up to `--max-response-bytes` plus headers.
+/// bytes; answers to requests need up to `--max-response-bytes` plus headers.
 pub const DEFAULT_MAX_INCOMING_PACKET_BYTES: usize = 1024 * 1024;
 
 /// How connections are opened; the same for every target.
@@ -55,9 +55,8 @@ pub struct ConnectionSettings {
     /// Largest MQTT packet we send.
     pub max_packet_bytes: usize,
     /// Largest MQTT packet we accept from a broker: any broker a job names could otherwise make
-    /// us buffer a huge packet. MQTT 5: rumqttc-v5 applies its own 10 KiB limit without
-    /// announcing it; a setting below that is announced in CONNECT (Maximum Packet Size), one
-    /// above it is not yet (see `v5::open`).
+    /// us buffer a huge packet. MQTT 5: also announced in CONNECT as Maximum Packet Size (see
+    /// `v5::open`).
     pub max_incoming_packet_bytes: usize,
     /// Appended to every client-id, so workers sharing a connector do not share a client-id
     /// (MQTT lets only one connection hold one). Empty: client-ids are used as written.
