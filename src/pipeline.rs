@@ -728,16 +728,19 @@ fn matching(request: &Request) -> Matching {
 const CORRELATION_ID: &str = "{correlation-id}";
 
 /// Puts the job's correlation id (the AMQP one, or one made here) where the job needs it:
-/// `{correlation-id}` in `response-topic`, and an MQTT 5 request's Correlation Data when the
-/// job sets none. An id that cannot stand in a topic level is an invalid job.
+/// `{correlation-id}` in `response-topic`, and with MQTT 5 the Correlation Data when the job
+/// sets none (a request's answer is recognised by it; a `send` that names its response topic by
+/// the id tells the device the same). An id that cannot stand in a topic level is an invalid
+/// job.
 fn correlate(params: &mut Params, correlation_id: Option<&str>) -> Result<(), JobError> {
     let in_topic = params
         .response_topic
         .as_deref()
         .is_some_and(|topic| topic.contains(CORRELATION_ID));
     let is_v5 = MqttVersion::parse(params.mqtt_version.clone()) == Ok(MqttVersion::V5);
-    let as_data =
-        params.action.as_deref() == Some("request") && is_v5 && params.correlation_data.is_none();
+    let as_data = (in_topic || params.action.as_deref() == Some("request"))
+        && is_v5
+        && params.correlation_data.is_none();
     if !in_topic && !as_data {
         return Ok(());
     }
@@ -1015,6 +1018,16 @@ mod tests {
             let err = correlate(&mut params, Some(bad)).expect_err(bad);
             assert!(matches!(err, JobError::Invalid(_)), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_mqtt_5_send_naming_its_response_topic_by_the_id_carries_it_as_correlation_data() {
+        let mut params =
+            Params::decode(br#"{"mqtt-version": "5", "response-topic": "r/{correlation-id}"}"#)
+                .expect("params");
+        correlate(&mut params, Some("c-9")).expect("ok");
+        assert_eq!(params.response_topic.as_deref(), Some("r/c-9"));
+        assert_eq!(params.correlation_data.as_deref(), Some("c-9"));
     }
 
     #[test]
