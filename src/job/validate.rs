@@ -131,18 +131,10 @@ pub struct ClientCert {
 
 impl Job {
     /// Checks merged parameters and builds the job. `connector` is the caller's business and
-    /// ignored here; `action` is `send` (or absent) or `request`.
+    /// ignored here; so is an unknown `action` (the pipeline refuses it first): `request` makes
+    /// a request, anything else a send.
     pub fn validate(mut params: Params, limits: Limits) -> Result<Job, JobError> {
-        let is_request = match params.action.as_deref() {
-            None | Some("send") => false,
-            Some("request") => true,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "unknown action {:?}: the actions are \"send\" and \"request\"",
-                    quote_limited(other)
-                )));
-            }
-        };
+        let is_request = params.action.as_deref() == Some("request");
         let v5 = MqttVersion::parse(params.mqtt_version.clone())? == MqttVersion::V5;
         // A 3.1.1 request uses its response topic itself: it is no publish property there.
         let own_response_topic = if is_request && !v5 {
@@ -670,15 +662,6 @@ mod tests {
             Limits::default(),
         ));
         assert!(message.contains("MQTT 5"), "{message}");
-    }
-
-    #[test]
-    fn an_unknown_action_is_invalid() {
-        let message = message_of(Job::validate(
-            params(with("action", json!("call"))),
-            Limits::default(),
-        ));
-        assert!(message.contains("unknown action"), "{message}");
     }
 
     #[test]
