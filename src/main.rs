@@ -161,6 +161,10 @@ struct WorkerArgs {
     /// idle one is closed. 1 to 100000.
     #[arg(long, env = "MQTT_CONNECTOR_MAX_CONNECTIONS", default_value_t = 1000, value_name = "N", allow_negative_numbers = true, value_parser = bounded::<1, 100_000>)]
     max_connections: u64,
+    /// Largest answer to a `request` kept, in bytes: 1 to 268435456; a larger answer is
+    /// exit-code 10.
+    #[arg(long, env = "MQTT_CONNECTOR_MAX_RESPONSE_BYTES", default_value_t = DEFAULT_MAX_RESPONSE_BYTES, value_name = "BYTES", allow_negative_numbers = true, value_parser = bounded::<1, MAX_CONTENT_BYTES>)]
+    max_response_bytes: u64,
     #[command(flatten)]
     request_queue: RequestQueueArgs,
 }
@@ -226,6 +230,9 @@ struct CheckArgs {
 /// `--max-content-bytes` at most, also its default: 256 MiB, about MQTT's largest packet
 /// (268,435,455 bytes); no larger content could be published.
 const MAX_CONTENT_BYTES: u64 = 256 * 1024 * 1024;
+const DEFAULT_MAX_RESPONSE_BYTES: u64 = 256 * 1024;
+const _: () =
+    assert!(DEFAULT_MAX_RESPONSE_BYTES == mqtt_connector::job::DEFAULT_MAX_RESPONSE_BYTES as u64);
 const _: () = assert!(MAX_CONTENT_BYTES == mqtt_connector::job::DEFAULT_MAX_CONTENT_BYTES as u64);
 
 /// A whole number from `MIN` to `MAX`, for clap: every duration and count is bounded where it
@@ -325,6 +332,7 @@ async fn worker(args: WorkerArgs) -> ExitCode {
     options.grace_period = Duration::from_secs(args.grace_period);
     options.limits = Limits {
         max_content_bytes: fit::<usize>(args.max_content_bytes),
+        max_response_bytes: fit::<usize>(args.max_response_bytes),
     };
     options.policy = match policy(&args.allow_broker, args.job_files.as_deref()) {
         Ok(policy) => policy,
@@ -334,6 +342,10 @@ async fn worker(args: WorkerArgs) -> ExitCode {
     options.mqtt = ConnectionSettings {
         inflight: fit::<u16>(args.mqtt_inflight),
         max_packet_bytes: fit::<usize>(args.max_content_bytes).saturating_add(64 * 1024),
+        // An answer must fit in with its topic and properties.
+        max_incoming_packet_bytes: fit::<usize>(args.max_response_bytes)
+            .saturating_add(64 * 1024)
+            .max(mqtt_connector::mqtt::connection::DEFAULT_MAX_INCOMING_PACKET_BYTES),
         client_id_suffix: client_id_suffix(&args.client_id_suffix),
         ..ConnectionSettings::default()
     };

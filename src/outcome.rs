@@ -20,10 +20,12 @@ pub enum ExitCode {
     MessageRefused = 8,
     /// The job's `not-after` or its AMQP `timestamp` + `expiration` had passed: nothing published.
     Expired = 9,
+    /// `request`: published and acknowledged, but no usable answer within the timeout.
+    NoResponse = 10,
 }
 
 impl ExitCode {
-    pub const ALL: [ExitCode; 10] = [
+    pub const ALL: [ExitCode; 11] = [
         ExitCode::Published,
         ExitCode::InvalidJob,
         ExitCode::UnknownConnector,
@@ -34,6 +36,7 @@ impl ExitCode {
         ExitCode::PublishFailed,
         ExitCode::MessageRefused,
         ExitCode::Expired,
+        ExitCode::NoResponse,
     ];
 
     pub fn code(self) -> u8 {
@@ -60,9 +63,9 @@ impl ExitCode {
         )
     }
 
-    /// The code as a metric label value ("0".."9"), without allocating.
+    /// The code as a metric label value ("0".."10"), without allocating.
     pub fn label(self) -> &'static str {
-        ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"][self as usize]
+        ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"][self as usize]
     }
 }
 
@@ -73,6 +76,50 @@ pub struct Outcome {
     pub message: String,
     /// Publish attempts made; 0 when the job never got as far as the broker.
     pub attempts: u32,
+    /// `request`: the device's answer.
+    pub response: Option<Response>,
+}
+
+/// A device's answer to a `request`, as the reply carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Response {
+    pub topic: String,
+    /// `utf-8` (then `content` is the answer) or `base64` (then `content` is its bytes in base64).
+    #[serde(rename = "content-encoding")]
+    pub content_encoding: &'static str,
+    pub content: String,
+    /// MQTT 5 Content Type, when the answer carries one.
+    #[serde(rename = "content-type", skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// MQTT 5 user properties as `[name, value]` pairs, in order, repeats kept; when present.
+    #[serde(rename = "user-properties", skip_serializing_if = "Vec::is_empty")]
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl Response {
+    /// The answer's payload as the reply carries it: a UTF-8 string when it is one, else base64.
+    pub fn new(
+        topic: String,
+        payload: &[u8],
+        content_type: Option<String>,
+        user_properties: Vec<(String, String)>,
+    ) -> Self {
+        use base64::Engine as _;
+        let (content_encoding, content) = match std::str::from_utf8(payload) {
+            Ok(text) => ("utf-8", text.to_owned()),
+            Err(_) => (
+                "base64",
+                base64::engine::general_purpose::STANDARD.encode(payload),
+            ),
+        };
+        Self {
+            topic,
+            content_encoding,
+            content,
+            content_type,
+            user_properties,
+        }
+    }
 }
 
 impl Outcome {
@@ -81,6 +128,7 @@ impl Outcome {
             exit_code,
             message: message.into(),
             attempts,
+            response: None,
         }
     }
 }
@@ -104,6 +152,9 @@ pub struct Reply<'a> {
     pub attempts: u32,
     #[serde(rename = "duration-ms")]
     pub duration_ms: u64,
+    /// `request` answered: the device's answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<&'a Response>,
 }
 
 impl<'a> Reply<'a> {
@@ -113,6 +164,7 @@ impl<'a> Reply<'a> {
             message: &outcome.message,
             attempts: outcome.attempts,
             duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            response: outcome.response.as_ref(),
         }
     }
 
@@ -149,6 +201,42 @@ mod tests {
         for code in ExitCode::ALL {
             assert_eq!(code.label(), code.code().to_string());
         }
+    }
+
+    #[test]
+    fn an_answer_in_utf_8_is_a_string_and_any_other_is_base64() {
+        let text = Response::new("r".into(), "grüß".as_bytes(), None, Vec::new());
+        assert_eq!(
+            (text.content_encoding, text.content.as_str()),
+            ("utf-8", "grüß")
+        );
+        let binary = Response::new("r".into(), &[0xff, 0x00, 0x80], None, Vec::new());
+        assert_eq!(
+            (binary.content_encoding, binary.content.as_str()),
+            ("base64", "/wCA")
+        );
+    }
+
+    #[test]
+    fn a_reply_with_an_answer_carries_it_under_response() {
+        let mut outcome = Outcome::new(ExitCode::Published, "answered", 1);
+        outcome.response = Some(Response::new(
+            "r/1".into(),
+            b"ok",
+            Some("text/plain".into()),
+            vec![("k".into(), "1".into()), ("k".into(), "2".into())],
+        ));
+        let json: serde_json::Value =
+            serde_json::from_slice(&Reply::new(&outcome, Duration::ZERO).to_json()).expect("json");
+        assert_eq!(
+            json["response"],
+            serde_json::json!({"topic": "r/1", "content-encoding": "utf-8", "content": "ok",
+                "content-type": "text/plain", "user-properties": [["k", "1"], ["k", "2"]]})
+        );
+        let plain = Outcome::new(ExitCode::Published, "published", 1);
+        let json: serde_json::Value =
+            serde_json::from_slice(&Reply::new(&plain, Duration::ZERO).to_json()).expect("json");
+        assert!(json.get("response").is_none());
     }
 
     #[test]

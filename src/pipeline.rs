@@ -12,6 +12,11 @@
 //! AMQP `timestamp` + `expiration`) has passed ends 9, checked when taken, while it waits for a
 //! connection and right before each publish; with MQTT 5 the publish carries the validity left
 //! as its Message Expiry Interval.
+//!
+//! A `request` subscribes to its response topic on the connection it publishes on (SUBACK
+//! before the publish), publishes as a `send` does (never again once acknowledged), then waits
+//! for the answer within what is left of its timeout, subscribing again on a new connection if
+//! the one it waited on is lost; no answer in time is exit-code 10.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -26,12 +31,13 @@ use tokio::time::timeout_at;
 use crate::backoff::Backoff;
 use crate::connectors::{Connector, ConnectorStore};
 use crate::expiry::{self, Check, Validity};
-use crate::job::{Job, JobError, Limits, MqttVersion, Params, Qos};
+use crate::job::{Job, JobError, Limits, MqttVersion, Params, Qos, Request};
 use crate::metrics::{ConnectorMetrics, Metrics};
 use crate::mqtt::MqttError;
-use crate::mqtt::connection::{Ack, End};
-use crate::mqtt::pool::{Gate, Pool, Suspect, Waited};
-use crate::outcome::{ExitCode, Outcome};
+use crate::mqtt::connection::{Ack, AnswerWait, End};
+use crate::mqtt::pool::{Gate, Lease, Pool, Suspect, Waited};
+use crate::mqtt::responses::{Incoming, Matching};
+use crate::outcome::{ExitCode, Outcome, Response};
 use crate::policy::{self, JobFiles, Policy};
 
 /// Metric handles of every connector label, built once.
@@ -286,8 +292,19 @@ impl Pipeline {
     /// Runs one job body to its final outcome and records it in the metrics. `taken` says when
     /// a worker first took the job (its timeout counts from then) and how often it was handed back.
     pub async fn run(&self, body: &[u8], taken: Taken) -> Finished {
+        self.run_correlated(body, taken, None).await
+    }
+
+    /// [`Pipeline::run`] for a job with an AMQP `correlation_id` (what `{correlation-id}`
+    /// stands for, and a MQTT 5 request's Correlation Data unless the job sets its own).
+    pub async fn run_correlated(
+        &self,
+        body: &[u8],
+        taken: Taken,
+        correlation_id: Option<&str>,
+    ) -> Finished {
         let started = Instant::now();
-        let (result, label) = match self.prepare(body).await {
+        let (result, label) = match self.prepare(body, correlation_id).await {
             Ok((job, label)) => (self.publish(&job, label, taken).await, label),
             Err((err, label)) => (Ok(Outcome::from(err)), label),
         };
@@ -315,11 +332,16 @@ impl Pipeline {
 
     /// Decode, hold to the trust boundary, merge, validate; also which connector label the
     /// job counts under.
-    async fn prepare(&self, body: &[u8]) -> Prepared<'_> {
+    async fn prepare(&self, body: &[u8], correlation_id: Option<&str>) -> Prepared<'_> {
         let none = &self.labels.none;
         let params = Params::decode(body).map_err(|err| (err, none))?;
-        if let Some(action) = params.action.as_deref().filter(|action| *action != "send") {
-            let message = format!("unknown action {action:?}: the only action is \"send\"");
+        if let Some(action) = params
+            .action
+            .as_deref()
+            .filter(|action| !matches!(*action, "send" | "request"))
+        {
+            let message =
+                format!("unknown action {action:?}: the actions are \"send\" and \"request\"");
             return Err((JobError::Invalid(message), none));
         }
         let (connector, label) = match params.connector.as_deref() {
@@ -340,7 +362,7 @@ impl Pipeline {
             },
         };
         let job = self
-            .admit(params, connector)
+            .admit(params, connector, correlation_id)
             .await
             .map_err(|err| (err, label))?;
         Ok((job, label))
@@ -352,18 +374,20 @@ impl Pipeline {
         &self,
         params: Params,
         connector: Option<(&str, &Connector)>,
+        correlation_id: Option<&str>,
     ) -> Result<Job, JobError> {
         if let Some((name, connector)) = connector {
             policy::job_may_set(&params, name, connector)?;
         }
         let params = self.resolve_files(params).await?;
-        let merged = match connector {
+        let mut merged = match connector {
             Some((name, connector)) => {
                 policy::secrets_stay_with_broker(&params, name, connector)?;
                 params.over(&connector.defaults)
             }
             None => params,
         };
+        correlate(&mut merged, correlation_id)?;
         let job = Job::validate(merged, self.limits)?;
         self.policy.allowed_brokers.check(&job.target.broker)?;
         Ok(job)
@@ -445,7 +469,16 @@ impl Pipeline {
                 Phase::Connecting
             };
             let failure = match attempt {
-                Ok(Ok(ack)) => return Ok(published(job, ack, attempts, &self.pool)),
+                Ok(Ok((ack, waiting))) => {
+                    let published = published(job, ack, attempts, &self.pool);
+                    return Ok(match (&job.request, waiting) {
+                        (Some(request), Some(waiting)) => {
+                            self.await_answer(job, request, published, waiting, deadline)
+                                .await
+                        }
+                        _ => published,
+                    });
+                }
                 Ok(Err(Missed::Expired(validity))) => {
                     let failure = last_failure.as_ref().or(waited.paused.as_ref());
                     let tried = Tried::new(attempts, ever_sent, started.elapsed());
@@ -541,7 +574,7 @@ impl Pipeline {
         validity: Option<Validity>,
         published: &AtomicBool,
         waited: &mut Waited,
-    ) -> Result<Ack, Missed> {
+    ) -> Result<(Ack, Option<Waiting>), Missed> {
         let (_alone_turn, _turn) = if alone {
             (Some(gate.alone().await), None)
         } else {
@@ -567,6 +600,15 @@ impl Pipeline {
             }
             Some((_, Check::Valid { .. })) => Cow::Borrowed(&job.message),
         };
+        // A request has its SUBACK before it publishes: no answer can come before it listens.
+        let wait = match &job.request {
+            Some(request) => Some(
+                connection
+                    .await_answer(request.response_topic.as_str(), matching(request))
+                    .await?,
+            ),
+            None => None,
+        };
         published.store(true, Ordering::Relaxed);
         let sent = Instant::now();
         // No stall timer of our own: the connection gives itself up when the broker owes an
@@ -589,8 +631,204 @@ impl Pipeline {
             }
         };
         self.publish_latency[usize::from(ack.qos.level())].observe(sent.elapsed().as_secs_f64());
-        Ok(ack)
+        // The lease is kept while the job waits: a connection with answers awaited is busy, so
+        // idle eviction and `--max-connections` never close it under the job.
+        Ok((ack, wait.map(|wait| (connection, wait))))
     }
+
+    /// A request published and acknowledged: waits for its answer until `deadline`, on the
+    /// connection it published on and, once that is lost, on new ones (subscribing again) while
+    /// time is left. Never publishes again.
+    async fn await_answer(
+        &self,
+        job: &Job,
+        request: &Request,
+        published: Outcome,
+        waiting: Waiting,
+        deadline: tokio::time::Instant,
+    ) -> Outcome {
+        let acked_at = Instant::now();
+        let mut held = Some(waiting);
+        let mut backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
+        let mut losses = 0u32;
+        let mut last_failure: Option<MqttError> = None;
+        loop {
+            let (lease, mut wait) = match held.take() {
+                Some(held) => held,
+                None => match timeout_at(deadline, self.resubscribe(job, request)).await {
+                    Ok(Ok(held)) => {
+                        backoff = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
+                        held
+                    }
+                    Ok(Err(failure)) => {
+                        tracing::debug!(error = %failure, "subscribing again failed");
+                        last_failure = Some(failure);
+                        let resume = tokio::time::Instant::now() + backoff.next_delay();
+                        if resume >= deadline {
+                            let waited = acked_at.elapsed();
+                            return no_answer(
+                                job,
+                                request,
+                                published,
+                                waited,
+                                losses,
+                                last_failure,
+                            );
+                        }
+                        tokio::time::sleep_until(resume).await;
+                        continue;
+                    }
+                    Err(_elapsed) => {
+                        let waited = acked_at.elapsed();
+                        return no_answer(job, request, published, waited, losses, last_failure);
+                    }
+                },
+            };
+            match timeout_at(deadline, wait.answer()).await {
+                Ok(Some(answer)) => {
+                    drop(wait);
+                    drop(lease);
+                    return self.answered(published, answer, acked_at.elapsed());
+                }
+                Ok(None) => {
+                    losses += 1;
+                    last_failure = Some(lease.lost());
+                    tracing::debug!(
+                        "connection lost while waiting for an answer; subscribing again"
+                    );
+                }
+                Err(_elapsed) => {
+                    let waited = acked_at.elapsed();
+                    return no_answer(job, request, published, waited, losses, last_failure);
+                }
+            }
+        }
+    }
+
+    /// A lease on a working connection to the job's broker and the job's wait on it, subscribed.
+    async fn resubscribe(&self, job: &Job, request: &Request) -> Result<Waiting, MqttError> {
+        let lease = self.pool.lease(&job.target).await?;
+        let wait = lease
+            .await_answer(request.response_topic.as_str(), matching(request))
+            .await?;
+        Ok((lease, wait))
+    }
+
+    /// The answer in the reply, or 10 when it is over `--max-response-bytes`.
+    fn answered(&self, published: Outcome, answer: Incoming, waited: Duration) -> Outcome {
+        let size = answer.payload.len();
+        let max = self.limits.max_response_bytes;
+        if size > max {
+            return Outcome::new(
+                ExitCode::NoResponse,
+                format!(
+                    "{}; the answer on {} came after {} ms but is {size} bytes, over this \
+                     worker's --max-response-bytes of {max}: not kept",
+                    published.message,
+                    answer.topic,
+                    waited.as_millis()
+                ),
+                published.attempts,
+            );
+        }
+        let message = format!(
+            "{}; answered on {} after {} ms ({size} bytes)",
+            published.message,
+            answer.topic,
+            waited.as_millis()
+        );
+        let mut outcome = Outcome::new(ExitCode::Published, message, published.attempts);
+        outcome.response = Some(Response::new(
+            answer.topic,
+            &answer.payload,
+            answer.content_type,
+            answer.user_properties,
+        ));
+        outcome
+    }
+}
+
+/// A request's connection (held, so the pool counts it busy) and its wait for the answer.
+type Waiting = (Lease, AnswerWait);
+
+/// How a request's answer is recognised: MQTT 5 by its Correlation Data, 3.1.1 as the first
+/// message on the topic.
+fn matching(request: &Request) -> Matching {
+    match &request.correlation {
+        Some(data) => Matching::Correlation(data.clone()),
+        None => Matching::First,
+    }
+}
+
+/// What `{correlation-id}` is replaced with in a response topic.
+const CORRELATION_ID: &str = "{correlation-id}";
+
+/// Puts the job's correlation id (the AMQP one, or one made here) where the job needs it:
+/// `{correlation-id}` in `response-topic`, and with MQTT 5 the Correlation Data when the job
+/// sets none (a request's answer is recognised by it; a `send` that names its response topic by
+/// the id tells the device the same). An id that cannot stand in a topic level is an invalid
+/// job.
+fn correlate(params: &mut Params, correlation_id: Option<&str>) -> Result<(), JobError> {
+    let in_topic = params
+        .response_topic
+        .as_deref()
+        .is_some_and(|topic| topic.contains(CORRELATION_ID));
+    let is_v5 = MqttVersion::parse(params.mqtt_version.clone()) == Ok(MqttVersion::V5);
+    let as_data = (in_topic || params.action.as_deref() == Some("request"))
+        && is_v5
+        && params.correlation_data.is_none();
+    if !in_topic && !as_data {
+        return Ok(());
+    }
+    let id = match correlation_id {
+        Some(id) => id.to_owned(),
+        None => uuid::Uuid::new_v4().simple().to_string(),
+    };
+    if in_topic {
+        if let Some(bad) = id.chars().find(|c| matches!(c, '/' | '+' | '#' | '\0')) {
+            return Err(JobError::Invalid(format!(
+                "the correlation id {:?} holds {bad:?}, which cannot stand in the response topic's \
+                 {CORRELATION_ID} (no '/', '+', '#' or U+0000)",
+                id.chars().take(200).collect::<String>()
+            )));
+        }
+        params.response_topic = params
+            .response_topic
+            .take()
+            .map(|topic| topic.replace(CORRELATION_ID, &id));
+    }
+    if as_data {
+        params.correlation_data = Some(id);
+    }
+    Ok(())
+}
+
+/// A request that got no usable answer in time: 10, saying how long it waited.
+fn no_answer(
+    job: &Job,
+    request: &Request,
+    published: Outcome,
+    waited: Duration,
+    losses: u32,
+    last_failure: Option<MqttError>,
+) -> Outcome {
+    let mut message = format!(
+        "{}; no answer on {} within the job's {} ms timeout (waited {} ms after the \
+         acknowledgement; the command was published once and not repeated)",
+        published.message,
+        request.response_topic.as_str(),
+        job.timeout.as_millis(),
+        waited.as_millis()
+    );
+    if losses > 0 {
+        message.push_str(&format!(
+            "; the connection was lost {losses} time(s) during the wait"
+        ));
+    }
+    if let Some(failure) = last_failure {
+        message.push_str(&format!("; last: {failure}"));
+    }
+    Outcome::new(ExitCode::NoResponse, message, published.attempts)
 }
 
 /// Where an attempt was when the timeout ran out.
@@ -771,6 +1009,69 @@ fn gave_up(job: &Job, failure: &MqttError, attempts: u32, elapsed: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(extra: serde_json::Value) -> Params {
+        let mut body = serde_json::json!({"action": "request", "response-topic": "dev/{correlation-id}/answer"});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        Params::decode(body.to_string().as_bytes()).expect("params")
+    }
+
+    #[test]
+    fn the_amqp_correlation_id_takes_the_place_of_the_placeholder() {
+        let mut params = request(serde_json::json!({}));
+        correlate(&mut params, Some("abc-1")).expect("ok");
+        assert_eq!(params.response_topic.as_deref(), Some("dev/abc-1/answer"));
+        // 3.1.1: no Correlation Data.
+        assert_eq!(params.correlation_data, None);
+    }
+
+    #[test]
+    fn without_an_amqp_correlation_id_the_worker_makes_one_and_sends_it_as_correlation_data() {
+        let mut params = request(serde_json::json!({"mqtt-version": "5"}));
+        correlate(&mut params, None).expect("ok");
+        let id = params.correlation_data.clone().expect("made");
+        assert_eq!(
+            params.response_topic.as_deref(),
+            Some(format!("dev/{id}/answer").as_str())
+        );
+    }
+
+    #[test]
+    fn the_jobs_own_correlation_data_is_kept() {
+        let mut params =
+            request(serde_json::json!({"mqtt-version": 5, "correlation-data": "mine"}));
+        correlate(&mut params, Some("amqp")).expect("ok");
+        assert_eq!(params.correlation_data.as_deref(), Some("mine"));
+        assert_eq!(params.response_topic.as_deref(), Some("dev/amqp/answer"));
+    }
+
+    #[test]
+    fn a_correlation_id_that_cannot_stand_in_a_topic_is_an_invalid_job() {
+        for bad in ["a/b", "a+", "#", "a\0b"] {
+            let mut params = request(serde_json::json!({}));
+            let err = correlate(&mut params, Some(bad)).expect_err(bad);
+            assert!(matches!(err, JobError::Invalid(_)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_mqtt_5_send_naming_its_response_topic_by_the_id_carries_it_as_correlation_data() {
+        let mut params =
+            Params::decode(br#"{"mqtt-version": "5", "response-topic": "r/{correlation-id}"}"#)
+                .expect("params");
+        correlate(&mut params, Some("c-9")).expect("ok");
+        assert_eq!(params.response_topic.as_deref(), Some("r/c-9"));
+        assert_eq!(params.correlation_data.as_deref(), Some("c-9"));
+    }
+
+    #[test]
+    fn a_send_without_the_placeholder_is_left_as_it_is() {
+        let mut params = Params::decode(br#"{"mqtt-version": "5"}"#).expect("params");
+        correlate(&mut params, Some("a/b")).expect("ok");
+        assert_eq!(params.correlation_data, None);
+    }
 
     fn lost() -> MqttError {
         MqttError::PublishLost {

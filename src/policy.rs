@@ -555,6 +555,21 @@ mod tests {
     }
 
     #[test]
+    fn a_locked_connector_allows_requests_only_on_its_own_response_topic() {
+        let locked = connector(json!({"broker": "tcp://h", "response-topic": "dev/answers",
+                                      "job-may-set": ["content"]}));
+        let own = params(json!({"connector": "locked", "action": "request", "content": "x"}));
+        assert!(job_may_set(&own, "locked", &locked).is_ok());
+        let elsewhere = params(json!({"connector": "locked", "action": "request",
+                                      "response-topic": "other/secrets", "content": "x"}));
+        let text = message(job_may_set(&elsewhere, "locked", &locked));
+        assert!(text.contains("\"response-topic\""), "{text}");
+        let listed = connector(json!({"broker": "tcp://h",
+                                      "job-may-set": ["content", "response-topic"]}));
+        assert!(job_may_set(&elsewhere, "listed", &listed).is_ok());
+    }
+
+    #[test]
     fn broker_patterns_match_hosts_label_by_label_and_ports() {
         let cases = [
             (

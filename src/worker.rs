@@ -655,9 +655,12 @@ impl Job {
                 SystemTime::now(),
             )
         };
-        let finished = self.pipeline.run(&self.delivery.data, taken).await;
         let properties = &self.delivery.properties;
         let correlation_id = properties.correlation_id().as_ref().map(|id| id.as_str());
+        let finished = self
+            .pipeline
+            .run_correlated(&self.delivery.data, taken, correlation_id)
+            .await;
         if let Some(delay) = finished.requeue_after {
             // Not final: back to the queue, unanswered, for the worker holding the client-id.
             tracing::debug!(requeue_in = ?delay, handbacks = taken.handbacks, "{}", finished.outcome.message);

@@ -12,8 +12,8 @@ pub use broker::{Broker, DEFAULT_WEBSOCKET_PATH, Transport};
 pub use message::{Message, PayloadFormat, Properties, Qos, Topic};
 pub use params::{Alpn, Params, UserProperties, VersionValue};
 pub use validate::{
-    ClientCert, DEFAULT_MAX_CONTENT_BYTES, DEFAULT_TIMEOUT, Job, Limits, MAX_TIMEOUT, MqttVersion,
-    Target, TlsSettings,
+    ClientCert, DEFAULT_MAX_CONTENT_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, Job,
+    Limits, MAX_TIMEOUT, MqttVersion, Request, Target, TlsSettings,
 };
 
 /// Error messages quote user input; this keeps a huge key or value from making a huge reply.

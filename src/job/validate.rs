@@ -23,18 +23,33 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
 /// MQTT's own ceiling for a packet (256 MiB); the default content limit.
 pub const DEFAULT_MAX_CONTENT_BYTES: usize = 256 * 1024 * 1024;
 
+/// The largest answer to a `request` kept by default (`--max-response-bytes`).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 256 * 1024;
+
 /// Limits the worker applies to every job.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_content_bytes: usize,
+    /// A `request`'s answer larger than this is no usable answer (exit-code 10).
+    pub max_response_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
+}
+
+/// What makes a job a `request`: where its answer comes and how it is recognised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub response_topic: Topic,
+    /// MQTT 5: the Correlation Data the answer must carry. 3.1.1: none, the first message on
+    /// the topic is the answer.
+    pub correlation: Option<Bytes>,
 }
 
 /// A job that passed validation: every value is one the MQTT side can use as it is.
@@ -45,6 +60,8 @@ pub struct Job {
     pub timeout: Duration,
     /// The moment after which it must not be published (`not-after`); see [`crate::expiry`].
     pub not_after: Option<SystemTime>,
+    /// `"action": "request"`: wait for the device's answer after publishing.
+    pub request: Option<Request>,
 }
 
 /// Where and as whom to connect. Two jobs with equal targets share one MQTT connection.
@@ -68,7 +85,7 @@ pub enum MqttVersion {
 }
 
 impl MqttVersion {
-    fn parse(value: Option<VersionValue>) -> Result<MqttVersion, JobError> {
+    pub fn parse(value: Option<VersionValue>) -> Result<MqttVersion, JobError> {
         match value {
             None => Ok(MqttVersion::V3_1_1),
             Some(VersionValue::Number(5)) => Ok(MqttVersion::V5),
@@ -113,9 +130,18 @@ pub struct ClientCert {
 }
 
 impl Job {
-    /// Checks merged parameters and builds the job. `action` and `connector` are the caller's
-    /// business and ignored here.
-    pub fn validate(params: Params, limits: Limits) -> Result<Job, JobError> {
+    /// Checks merged parameters and builds the job. `connector` is the caller's business and
+    /// ignored here; so is an unknown `action` (the pipeline refuses it first): `request` makes
+    /// a request, anything else a send.
+    pub fn validate(mut params: Params, limits: Limits) -> Result<Job, JobError> {
+        let is_request = params.action.as_deref() == Some("request");
+        let v5 = MqttVersion::parse(params.mqtt_version.clone())? == MqttVersion::V5;
+        // A 3.1.1 request uses its response topic itself: it is no publish property there.
+        let own_response_topic = if is_request && !v5 {
+            params.response_topic.take()
+        } else {
+            None
+        };
         let missing = |key: &str| {
             invalid(format!(
                 "key {key:?} is missing (set it in the job or its connector)"
@@ -155,6 +181,24 @@ impl Job {
                 .transpose()?,
         };
         properties.check()?;
+        let request = if is_request {
+            let response_topic = match (own_response_topic, &properties.response_topic) {
+                (Some(topic), _) => Topic::parse_key("response-topic", topic)?,
+                (None, Some(topic)) => topic.clone(),
+                (None, None) => {
+                    return Err(invalid(
+                        "key \"response-topic\" is missing: a request needs the topic its answer \
+                         comes on (set it in the job or its connector)",
+                    ));
+                }
+            };
+            Some(Request {
+                response_topic,
+                correlation: properties.correlation_data.clone(),
+            })
+        } else {
+            None
+        };
         if version == MqttVersion::V3_1_1
             && let Some(key) = properties.first_key_set()
         {
@@ -220,6 +264,7 @@ impl Job {
             message,
             timeout,
             not_after,
+            request,
         })
     }
 }
@@ -458,6 +503,7 @@ mod tests {
     fn content_over_the_limit_is_invalid() {
         let limits = Limits {
             max_content_bytes: 4,
+            ..Limits::default()
         };
         let result = Job::validate(params(with("content", json!("12345"))), limits);
         assert!(message_of(result).contains("limit"));
@@ -570,6 +616,55 @@ mod tests {
     }
 
     #[test]
+    fn a_3_1_1_request_waits_on_its_response_topic_without_sending_it_as_a_property() {
+        let mut body = with("action", json!("request"));
+        body["response-topic"] = json!("dev/1/answers");
+        let job = Job::validate(params(body), Limits::default()).expect("valid");
+        let request = job.request.expect("a request");
+        assert_eq!(request.response_topic.as_str(), "dev/1/answers");
+        assert_eq!(request.correlation, None);
+        assert!(job.message.properties.is_empty());
+    }
+
+    #[test]
+    fn an_mqtt_5_request_is_answered_by_its_correlation_data() {
+        let mut body = v5(json!({"response-topic": "r/1", "correlation-data": "c-1"}));
+        body["action"] = json!("request");
+        let job = Job::validate(params(body), Limits::default()).expect("valid");
+        let request = job.request.expect("a request");
+        assert_eq!(request.correlation.as_deref(), Some(&b"c-1"[..]));
+        assert_eq!(
+            job.message
+                .properties
+                .response_topic
+                .as_ref()
+                .map(Topic::as_str),
+            Some("r/1")
+        );
+    }
+
+    #[test]
+    fn a_request_without_a_response_topic_is_invalid() {
+        let message = message_of(Job::validate(
+            params(with("action", json!("request"))),
+            Limits::default(),
+        ));
+        assert!(
+            message.contains("\"response-topic\" is missing"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_3_1_1_send_with_a_response_topic_is_still_invalid() {
+        let message = message_of(Job::validate(
+            params(with("response-topic", json!("r/1"))),
+            Limits::default(),
+        ));
+        assert!(message.contains("MQTT 5"), "{message}");
+    }
+
+    #[test]
     fn a_response_topic_with_a_wildcard_is_invalid() {
         let message = message_of(job(v5(json!({"response-topic": "r/#"}))));
         assert!(message.contains("response-topic"), "{message}");
@@ -607,6 +702,7 @@ mod tests {
     fn the_content_limit_applies_to_the_decoded_bytes() {
         let limits = Limits {
             max_content_bytes: 3,
+            ..Limits::default()
         };
         let mut body = with("content-encoding", json!("base64"));
         body["content"] = json!("AAEC"); // 4 characters, 3 bytes

@@ -5,6 +5,7 @@
 pub mod connection;
 pub mod pool;
 pub mod reason;
+pub mod responses;
 pub mod tls;
 
 use crate::outcome::ExitCode;
@@ -66,6 +67,17 @@ pub enum MqttError {
         client_id: String,
         rest_ms: u128,
     },
+    /// The broker refused a request's SUBSCRIBE to its response topic (SUBACK 0x80 or more);
+    /// nothing was published.
+    #[error(
+        "{broker} refused the subscription to response topic {topic:?}: {}; nothing was published",
+        reason::describe(*.code)
+    )]
+    SubscribeRefused {
+        broker: String,
+        topic: String,
+        code: u8,
+    },
     /// The job's values cannot make a connection (e.g. a client-id the client refuses).
     #[error("cannot connect to {broker} with these values: {reason}")]
     BadOptions { broker: String, reason: String },
@@ -87,7 +99,9 @@ impl MqttError {
             MqttError::BadOptions { .. }
             | MqttError::TooLarge { .. }
             | MqttError::OverWorkerLimit { .. } => ExitCode::InvalidJob,
-            MqttError::MessageRefused { .. } => ExitCode::MessageRefused,
+            MqttError::MessageRefused { .. } | MqttError::SubscribeRefused { .. } => {
+                ExitCode::MessageRefused
+            }
             MqttError::NoMqtt5 { .. } => ExitCode::NotAuthorized,
         }
     }

@@ -2,6 +2,8 @@
 //! (CONNECT until CONNACK), then one task owns its event loop while any number of publishes
 //! are in flight. Each publish gets its own completion: the broker's PUBACK or PUBCOMP for that
 //! very packet (with its MQTT 5 reason code), or the reason the connection ended.
+//! Requests also wait on it for answers: the connection subscribes to their response topics
+//! (one SUBSCRIBE per topic, SUBACK awaited) and routes what comes in through [`Responses`].
 //! A connection is never silently re-established: once it ends, it is closed for good and the
 //! pool opens a new one, so no publish is replayed behind a job's back.
 
@@ -14,10 +16,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::MqttError;
+use super::responses::{Incoming, Matching, Released, Responses};
 use crate::job::{Message, MqttVersion, Qos, Target};
 use crate::metrics::Metrics;
 
@@ -42,7 +45,7 @@ fn record(health: &SharedHealth, seen: health::Seen) {
 }
 
 /// The default for [`ConnectionSettings::max_incoming_packet_bytes`]: acknowledgements are a few
-/// bytes; answers to requests (a later feature) need up to `--max-response-bytes` plus headers.
+/// bytes; answers to requests need up to `--max-response-bytes` plus headers.
 pub const DEFAULT_MAX_INCOMING_PACKET_BYTES: usize = 1024 * 1024;
 
 /// How connections are opened; the same for every target.
@@ -57,9 +60,8 @@ pub struct ConnectionSettings {
     /// Largest MQTT packet we send.
     pub max_packet_bytes: usize,
     /// Largest MQTT packet we accept from a broker: any broker a job names could otherwise make
-    /// us buffer a huge packet. MQTT 5: rumqttc-v5 applies its own 10 KiB limit without
-    /// announcing it; a setting below that is announced in CONNECT (Maximum Packet Size), one
-    /// above it is not yet (see `v5::open`).
+    /// us buffer a huge packet. MQTT 5: also announced in CONNECT as Maximum Packet Size (see
+    /// `v5::open`).
     pub max_incoming_packet_bytes: usize,
     /// Appended to every client-id, so workers sharing a connector do not share a client-id
     /// (MQTT lets only one connection hold one). Empty: client-ids are used as written.
@@ -90,6 +92,18 @@ pub struct Ack {
     pub lowered_to_max_qos: Option<Qos>,
 }
 
+/// How a SUBSCRIBE ended, as a version's client reports it.
+enum SubAcked {
+    Granted,
+    /// A SUBACK reason code of 0x80 or more.
+    Refused(u8),
+    /// The connection ended first.
+    Lost,
+}
+
+/// The jobs waiting for answers on one connection, fed by its event loop.
+type SharedResponses = Arc<Responses<MqttError>>;
+
 /// How a publish ended, as a version's client reports it.
 enum Acked {
     Ack(Ack),
@@ -100,6 +114,7 @@ enum Acked {
 }
 
 /// The client of one protocol version.
+#[derive(Clone)]
 enum Client {
     V4(rumqttc::AsyncClient),
     V5(rumqttc5::AsyncClient),
@@ -131,6 +146,8 @@ pub struct Connection {
     ended: Arc<OnceLock<End>>,
     /// Cancelled once the event loop has been dropped (every publish it had taken has failed).
     gone: CancellationToken,
+    /// Requests waiting for their answers on this connection.
+    responses: SharedResponses,
     /// Publishes currently using this connection (the pool never closes a busy one; the
     /// watchdog looks for progress only while there are some).
     pub(crate) in_use: Arc<AtomicUsize>,
@@ -172,14 +189,17 @@ impl Connection {
         let ended = Arc::new(OnceLock::new());
         let keep_alive = settings.keep_alive.max(Duration::from_secs(1));
         let health = Arc::new(Mutex::new(health::Health::new(Instant::now(), keep_alive)));
+        let responses: SharedResponses = Arc::new(Responses::default());
         let opened = match target.version {
             MqttVersion::V3_1_1 => {
                 let (ended, health) = (Arc::clone(&ended), Arc::clone(&health));
-                v4::open(target, settings, &broker, tls, ended, health).await?
+                let responses = Arc::clone(&responses);
+                v4::open(target, settings, &broker, tls, ended, health, responses).await?
             }
             MqttVersion::V5 => {
                 let (ended, health) = (Arc::clone(&ended), Arc::clone(&health));
-                v5::open(target, settings, &broker, tls, ended, health).await?
+                let responses = Arc::clone(&responses);
+                v5::open(target, settings, &broker, tls, ended, health, responses).await?
             }
         };
         let in_use = Arc::new(AtomicUsize::new(0));
@@ -195,6 +215,7 @@ impl Connection {
         );
         let gone = CancellationToken::new();
         let dropped = gone.clone();
+        let cleared = Arc::clone(&responses);
         tokio::spawn(async move {
             // The event loop is dropped when `run` ends, or when the watchdog gives the
             // connection up (having recorded why): every publish still waiting has failed and
@@ -204,6 +225,8 @@ impl Connection {
                 () = watch => {}
             }
             dropped.cancel();
+            // Every request still waiting learns that its subscription went with the connection.
+            cleared.clear();
             gauge.dec();
             drop(place);
         });
@@ -216,6 +239,7 @@ impl Connection {
             max_outgoing: settings.max_packet_bytes,
             ended,
             gone,
+            responses,
             in_use,
             last_used_ms: AtomicU64::new(0),
             acked: AtomicBool::new(false),
@@ -288,6 +312,57 @@ impl Connection {
                 Err(self.lost())
             }
         }
+    }
+
+    /// Starts waiting for an answer on `topic`: the job is registered first, then the topic is
+    /// subscribed (QoS 1; MQTT 5 with Retain Handling "do not send") unless another job on this
+    /// connection already did, and this returns once the broker granted the SUBACK, so an
+    /// answer to a publish made after it cannot be missed. A refused SUBACK is
+    /// [`MqttError::SubscribeRefused`]. Dropping the wait releases the job's place, and the last
+    /// job on a topic unsubscribes it.
+    pub async fn await_answer(
+        &self,
+        topic: &str,
+        matching: Matching,
+    ) -> Result<AnswerWait, MqttError> {
+        if self.is_ended() {
+            return Err(self.lost());
+        }
+        let registered = self.responses.register(topic, matching);
+        let wait = AnswerWait {
+            responses: Arc::clone(&self.responses),
+            client: self.client.clone(),
+            topic: topic.to_owned(),
+            id: registered.id,
+            answer: registered.answer,
+        };
+        registered
+            .suback
+            .get_or_init(|| self.subscribe(topic))
+            .await
+            .clone()?;
+        Ok(wait)
+    }
+
+    async fn subscribe(&self, topic: &str) -> Result<(), MqttError> {
+        let acked = match &self.client {
+            Client::V4(client) => v4::subscribe(client, topic).await,
+            Client::V5(client) => v5::subscribe(client, topic).await,
+        };
+        match acked {
+            SubAcked::Granted => Ok(()),
+            SubAcked::Refused(code) => Err(MqttError::SubscribeRefused {
+                broker: self.broker.clone(),
+                topic: topic.to_owned(),
+                code,
+            }),
+            SubAcked::Lost => Err(self.lost()),
+        }
+    }
+
+    /// Requests waiting for answers on this connection (for tests and the pool's accounting).
+    pub fn answers_awaited(&self) -> usize {
+        self.responses.holders()
     }
 
     /// The connection has ended (lost or closed); it will not carry another publish.
@@ -386,6 +461,46 @@ async fn until_gone(
             Acked::Lost
         }
     }
+}
+
+/// One job's wait for its answer on one connection (see [`Connection::await_answer`]).
+pub struct AnswerWait {
+    responses: SharedResponses,
+    client: Client,
+    topic: String,
+    id: u64,
+    answer: oneshot::Receiver<Incoming>,
+}
+
+impl AnswerWait {
+    /// The job's answer; `None` when the connection ended first (subscribe again on another).
+    pub async fn answer(&mut self) -> Option<Incoming> {
+        (&mut self.answer).await.ok()
+    }
+}
+
+impl Drop for AnswerWait {
+    fn drop(&mut self) {
+        if self.responses.release(&self.topic, self.id) != Released::Unsubscribe {
+            return;
+        }
+        // Queued without waiting: a job that leaves (answered, timed out, dropped) must not
+        // block, and on an ended connection the subscription is gone anyway.
+        let queued = match &self.client {
+            Client::V4(client) => client.try_unsubscribe(self.topic.as_str()).is_ok(),
+            Client::V5(client) => client.try_unsubscribe(self.topic.as_str()).is_ok(),
+        };
+        if !queued {
+            tracing::debug!(topic = %self.topic, "UNSUBSCRIBE not queued (connection ended or busy)");
+        }
+    }
+}
+
+/// What an incoming PUBLISH is to the requests waiting on the connection.
+fn route(responses: &Responses<MqttError>, incoming: Incoming) {
+    let topic = incoming.topic.clone();
+    let delivered = responses.deliver(incoming);
+    tracing::trace!(%topic, ?delivered, "message on a response topic");
 }
 
 /// Resolves when the connection's health says to give it up, having recorded why in `ended`.

@@ -6,16 +6,18 @@ use std::sync::{Arc, OnceLock};
 use futures_util::FutureExt;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, NetworkOptions, Outgoing, Packet,
-    PublishOptions,
+    PublishOptions, QoS, SubscribeReasonCode,
 };
 
 use super::health::Seen;
 use super::{
     Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth,
-    closed_during_handshake, record, rustls_error, transport_options, websocket_advice,
+    SharedResponses, SubAcked, closed_during_handshake, record, route, rustls_error,
+    transport_options, websocket_advice,
 };
 use crate::job::{Message, Target, Transport};
 use crate::mqtt::MqttError;
+use crate::mqtt::responses::Incoming;
 
 pub(super) async fn open(
     target: &Target,
@@ -24,6 +26,7 @@ pub(super) async fn open(
     tls: Option<Arc<rustls::ClientConfig>>,
     ended: Arc<OnceLock<End>>,
     health: SharedHealth,
+    responses: SharedResponses,
 ) -> Result<Opened, MqttError> {
     let mut options: rumqttc::MqttOptions =
         transport_options!(rumqttc, target, settings, broker, tls)?;
@@ -31,8 +34,8 @@ pub(super) async fn open(
         .set_keep_alive(u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX))
         .set_clean_session(true)
         .set_inflight(settings.inflight.max(1));
-    // A broker sends us acknowledgements only: it has no reason to send anything large, so
-    // what we accept is bounded far below what we may send.
+    // A broker sends us acknowledgements and answers to requests only: what we accept is
+    // bounded (by `--max-response-bytes` plus headers) far below what we may send.
     options.set_max_packet_size(
         settings.max_incoming_packet_bytes.max(1),
         settings.max_packet_bytes,
@@ -73,6 +76,10 @@ pub(super) async fn open(
         // The only place this event loop is polled: poll() is never raced against anything.
         let end = loop {
             match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    record(&health, Seen::Incoming);
+                    route(&responses, incoming(publish));
+                }
                 Ok(event) => record(&health, seen(&event)),
                 Err(ConnectionError::RequestsDone) => break End::Closed,
                 Err(err) if ended.get().is_some() => {
@@ -110,6 +117,33 @@ pub(super) async fn publish(client: &AsyncClient, message: &Message) -> Acked {
             lowered_to_max_qos: None,
         }),
         Err(_) => Acked::Lost,
+    }
+}
+
+/// Subscribes to a response topic at QoS 1 and waits for the SUBACK (3.1.1 has one refusal
+/// code, 0x80).
+pub(super) async fn subscribe(client: &AsyncClient, topic: &str) -> SubAcked {
+    let Ok(notice) = client.subscribe_tracked(topic, QoS::AtLeastOnce).await else {
+        return SubAcked::Lost;
+    };
+    match notice.wait_async().await {
+        Ok(suback) => match suback.return_codes.first() {
+            Some(SubscribeReasonCode::Success(_)) => SubAcked::Granted,
+            _ => SubAcked::Refused(0x80),
+        },
+        Err(_) => SubAcked::Lost,
+    }
+}
+
+/// An incoming PUBLISH as the responses room sees it (3.1.1 has no properties).
+fn incoming(publish: rumqttc::Publish) -> Incoming {
+    Incoming {
+        topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+        payload: publish.payload,
+        retain: publish.retain,
+        correlation: None,
+        content_type: None,
+        user_properties: Vec::new(),
     }
 }
 

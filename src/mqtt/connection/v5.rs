@@ -9,19 +9,19 @@ use futures_util::FutureExt;
 use rumqttc5::{
     AsyncClient, ConnectReturnCode, ConnectionError, DisconnectReasonCode, Event,
     IncomingPacketSizeLimit, NetworkOptions, Outgoing, Packet, PublishNoticeError, PublishOptions,
-    PublishProperties, PublishResult, StateError,
+    PublishProperties, PublishResult, QoS, RetainForwardRule, StateError, SubscribeFilterInput,
+    SubscribeReasonCode,
 };
 
 use super::health::Seen;
 use super::{
     Ack, Acked, Client, ConnectionSettings, End, Opened, REQUEST_BATCH, SharedHealth,
-    closed_during_handshake, record, rustls_error, transport_options, websocket_advice,
+    SharedResponses, SubAcked, closed_during_handshake, record, route, rustls_error,
+    transport_options, websocket_advice,
 };
 use crate::job::{Message, Qos, Target, Transport};
+use crate::mqtt::responses::Incoming;
 use crate::mqtt::{MqttError, reason};
-
-/// rumqttc-v5's incoming packet limit when none is set (it is not sent to the broker).
-const UNANNOUNCED_INCOMING_LIMIT: usize = 10 * 1024;
 
 pub(super) async fn open(
     target: &Target,
@@ -30,6 +30,7 @@ pub(super) async fn open(
     tls: Option<Arc<rustls::ClientConfig>>,
     ended: Arc<OnceLock<End>>,
     health: SharedHealth,
+    responses: SharedResponses,
 ) -> Result<Opened, MqttError> {
     let mut options: rumqttc5::MqttOptions =
         transport_options!(rumqttc5, target, settings, broker, tls)?;
@@ -41,17 +42,15 @@ pub(super) async fn open(
         .set_outgoing_inflight_upper_limit(settings.inflight.max(1))
         .set_request_channel_capacity(usize::from(settings.inflight.max(1)) * 2)
         .set_max_request_batch(REQUEST_BATCH);
-    // CONNECT carries no properties: a 3.1.1-only broker then parses it far enough to answer
-    // "unacceptable protocol version" (amqtt waits for ever on a CONNECT with properties).
     // What we send is bounded by the broker's Maximum Packet Size (CONNACK). What comes in is
-    // bounded by rumqttc-v5's own 10 KiB limit, which it does not announce; only a lower
-    // setting is announced (Maximum Packet Size), since announcing one makes CONNECT carry a
-    // property. A setting above 10 KiB needs announcing too once something large is to come in
-    // (answers to requests), and then a 3.1.1-only broker must be recognised another way.
-    if settings.max_incoming_packet_bytes < UNANNOUNCED_INCOMING_LIMIT {
-        let limit = u32::try_from(settings.max_incoming_packet_bytes.max(1)).unwrap_or(u32::MAX);
-        options.set_incoming_packet_size_limit(IncomingPacketSizeLimit::Bytes(limit));
-    }
+    // bounded by our setting, announced in CONNECT as Maximum Packet Size (so the broker does
+    // not send more, and a larger packet ends the connection, not our memory). rumqttc-v5 can
+    // raise its own unannounced 10 KiB limit (too small for answers to requests) only by
+    // announcing a limit or removing it. Announcing makes CONNECT carry a property, on which
+    // amqtt 0.12 (3.1.1 only) waits for ever instead of refusing: a CONNECT left unanswered is
+    // therefore probed (see `probe_when_silent`).
+    let limit = u32::try_from(settings.max_incoming_packet_bytes.max(1)).unwrap_or(u32::MAX);
+    options.set_incoming_packet_size_limit(IncomingPacketSizeLimit::Bytes(limit));
     if let Some(username) = &target.username {
         let password = target
             .password
@@ -73,8 +72,34 @@ pub(super) async fn open(
                 reason: err.to_string(),
             })?;
 
+    let silent = probe_when_silent(target);
+    tokio::pin!(silent);
+    let mut probed = false;
     let connack = loop {
-        match eventloop.poll().await {
+        // The poll is never cancelled: the probe runs beside it, and only its verdict "3.1.1
+        // only" abandons the connection (and with it the event loop).
+        let poll = eventloop.poll();
+        tokio::pin!(poll);
+        let polled = loop {
+            tokio::select! {
+                polled = &mut poll => break polled,
+                answer = &mut silent, if !probed => {
+                    probed = true;
+                    if answers_as_3_1_1_only(&answer) {
+                        return Err(MqttError::NoMqtt5 {
+                            broker: broker.to_owned(),
+                            reason: format!(
+                                "it left an MQTT 5 CONNECT unanswered for {} s, and answered \
+                                 another with MQTT 3.1.1's CONNACK \"unacceptable protocol \
+                                 version\"",
+                                SILENT_CONNECT.as_secs()
+                            ),
+                        });
+                    }
+                }
+            }
+        };
+        match polled {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => break connack,
             Ok(_) => {}
             Err(err) if closed_before_connack(&err) => {
@@ -103,6 +128,10 @@ pub(super) async fn open(
         // The only place this event loop is polled: poll() is never raced against anything.
         let end = loop {
             match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    record(&health, Seen::Incoming);
+                    route(&responses, incoming(publish));
+                }
                 Ok(event) => record(&health, seen(&event)),
                 Err(ConnectionError::RequestsDone) => break End::Closed,
                 Err(err) if ended.get().is_some() => {
@@ -187,6 +216,53 @@ pub(super) async fn publish(client: &AsyncClient, message: &Message, qos: Qos) -
     }
 }
 
+/// Subscribes to a response topic at QoS 1 with Retain Handling 2 ("do not send": a retained
+/// message is never an answer) and waits for the SUBACK.
+pub(super) async fn subscribe(client: &AsyncClient, topic: &str) -> SubAcked {
+    let filter = SubscribeFilterInput::new(topic, QoS::AtLeastOnce)
+        .retain_forward_rule(RetainForwardRule::Never);
+    let Ok(notice) = client.subscribe_many_tracked([filter]).await else {
+        return SubAcked::Lost;
+    };
+    match notice.wait_async().await {
+        Ok(suback) => match suback.return_codes.first() {
+            Some(SubscribeReasonCode::Success(_)) => SubAcked::Granted,
+            Some(code) => SubAcked::Refused(suback_code(*code)),
+            None => SubAcked::Refused(0x80),
+        },
+        Err(_) => SubAcked::Lost,
+    }
+}
+
+/// A refusing SUBACK reason code's number (the crate keeps its own mapping private).
+fn suback_code(code: SubscribeReasonCode) -> u8 {
+    match code {
+        SubscribeReasonCode::Success(_) => 0x00,
+        SubscribeReasonCode::Failure | SubscribeReasonCode::Unspecified => 0x80,
+        SubscribeReasonCode::ImplementationSpecific => 0x83,
+        SubscribeReasonCode::NotAuthorized => 0x87,
+        SubscribeReasonCode::TopicFilterInvalid => 0x8F,
+        SubscribeReasonCode::PkidInUse => 0x91,
+        SubscribeReasonCode::QuotaExceeded => 0x97,
+        SubscribeReasonCode::SharedSubscriptionsNotSupported => 0x9E,
+        SubscribeReasonCode::SubscriptionIdNotSupported => 0xA1,
+        SubscribeReasonCode::WildcardSubscriptionsNotSupported => 0xA2,
+    }
+}
+
+/// An incoming PUBLISH as the responses room sees it.
+fn incoming(publish: rumqttc5::Publish) -> Incoming {
+    let properties = publish.properties.unwrap_or_default();
+    Incoming {
+        topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+        payload: publish.payload,
+        retain: publish.retain,
+        correlation: properties.correlation_data,
+        content_type: properties.content_type,
+        user_properties: properties.user_properties,
+    }
+}
+
 fn accepted(qos: Qos, code: u8) -> Acked {
     match reason::ack(code) {
         reason::AckVerdict::Accepted => Acked::Ack(Ack {
@@ -255,6 +331,27 @@ fn closed_before_connack(err: &ConnectionError) -> bool {
         ConnectionError::Io(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
         _ => false,
     }
+}
+
+/// How long an MQTT 5 CONNECT may go unanswered before [`probe_when_silent`] asks whether the
+/// broker speaks MQTT 5 at all.
+const SILENT_CONNECT: Duration = Duration::from_secs(2);
+
+/// After [`SILENT_CONNECT`] without CONNACK, over plain TCP, the answer of a bare MQTT 5
+/// CONNECT (no properties, a throwaway client-id): amqtt 0.12 answers that with 3.1.1's
+/// "unacceptable protocol version" while it never answers ours, which carries Maximum Packet
+/// Size. Never resolves over TLS and websockets.
+async fn probe_when_silent(target: &Target) -> Vec<u8> {
+    if target.broker.transport != Transport::Tcp {
+        return std::future::pending().await;
+    }
+    tokio::time::sleep(SILENT_CONNECT).await;
+    tokio::time::timeout(
+        PROBE_TIMEOUT,
+        probe(&target.broker.host, target.broker.port),
+    )
+    .await
+    .unwrap_or_default()
 }
 
 /// How long the probe of [`closed_early`] waits for an answer.
