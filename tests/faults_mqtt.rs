@@ -243,8 +243,23 @@ async fn a_connection_cut_with_jobs_in_flight_costs_each_job_at_most_one_retry()
             .expect("a fifth of the burst received within 20 s");
         *received.entry(got.payload_str()).or_default() += 1;
     }
+    // Acknowledgements held back until the cut, so that it surely catches publishes in flight
+    // (on a loaded machine the worker may otherwise be between deliveries at that moment).
+    proxy.stall();
+    let in_flight_by = Instant::now() + T;
+    // With no acknowledgement coming, the jobs the worker takes pile up on the connection.
+    while common::worker::metric_sum(&worker.metrics().await, "mqtt_connector_jobs_in_flight")
+        < 100.0
+    {
+        assert!(
+            Instant::now() < in_flight_by,
+            "jobs did not pile up behind the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let before_cut = proxy.stats();
     proxy.cut();
+    proxy.resume();
     let cut_at = started.elapsed();
 
     let answered = Replies::gather(
