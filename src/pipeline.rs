@@ -131,6 +131,10 @@ pub struct Finished {
 /// queue does not spin, short enough that the job soon reaches the worker holding its client-id.
 const DEFER_MIN: Duration = Duration::from_millis(500);
 const DEFER_MAX: Duration = Duration::from_millis(2000);
+/// Hand-backs after which a job is no longer handed back: the worker holding it takes the
+/// client-id back for it (in a fleet of N, a job handed back at random reaches the holder with
+/// 1/N a time; without this bound a few jobs of thousands bounced until their deadline).
+const MAX_HANDBACKS: u32 = 3;
 
 /// What to do after an attempt failed with a transient error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -533,13 +537,16 @@ impl Pipeline {
                 }
             };
             let now = tokio::time::Instant::now();
-            match next_after(
-                &failure,
-                self.siblings.as_ref().is_some_and(Siblings::present),
-                now,
-                deadline,
-                backoff.next_delay(),
-            ) {
+            let may_defer = self.siblings.as_ref().is_some_and(Siblings::present)
+                && taken.handbacks < MAX_HANDBACKS;
+            let next = next_after(&failure, may_defer, now, deadline, backoff.next_delay());
+            if matches!(failure, MqttError::HeldElsewhere { .. }) && matches!(next, Next::Retry(_))
+            {
+                // Handed back often enough, or too close to its deadline to go round again:
+                // this worker takes the client-id for it.
+                self.pool.take_back(&job.target);
+            }
+            match next {
                 Next::Defer => {
                     return Err(Outcome::new(
                         failure.exit_code(),

@@ -299,6 +299,21 @@ impl Pool {
         gate
     }
 
+    /// Ends a yield of `target`'s client-id at once, so the next lease connects (taking the
+    /// session over): for a job handed back too often, or too close to its deadline, to wait for
+    /// the holder any longer. One takeover, rather than a job that never reaches the holder.
+    pub fn take_back(&self, target: &Target) {
+        if let Some(slot) = self.lock().get_mut(target)
+            && let State::Resting {
+                until,
+                rest: Rest::Yield,
+                ..
+            } = &mut slot.state
+        {
+            *until = Instant::now();
+        }
+    }
+
     /// Yield client-ids taken over only while `siblings` says other workers consume the queue.
     pub fn follow_siblings(&self, siblings: Siblings) {
         let _ = self.inner.siblings.set(siblings);
@@ -995,6 +1010,27 @@ mod tests {
         };
         let pool = Pool::new(settings, Duration::from_secs(60), 10, Metrics::new());
         assert_eq!(pool.client_id(&target(MqttVersion::V5)), "c-host-42");
+    }
+
+    #[tokio::test]
+    async fn taking_a_client_id_back_ends_its_yield_at_once() {
+        let pool = Pool::new(
+            ConnectionSettings::default(),
+            Duration::from_secs(60),
+            10,
+            Metrics::new(),
+        );
+        let target = target(MqttVersion::V3_1_1);
+        let mut yielded = slot();
+        yield_slot(&mut yielded, &target, "c");
+        pool.lock().insert(target.clone(), yielded);
+        let resting_until = |pool: &Pool| match &pool.lock().get(&target).expect("slot").state {
+            State::Resting { until, .. } => *until,
+            _ => panic!("expected a rest"),
+        };
+        assert!(resting_until(&pool) > Instant::now());
+        pool.take_back(&target);
+        assert!(resting_until(&pool) <= Instant::now());
     }
 
     #[test]
