@@ -32,8 +32,9 @@ fn takeovers(log: &str) -> usize {
 /// `max_takeovers`: the bound the broker's log must stay under. `quorum`: the workers declare
 /// the request queue as a quorum queue whose delivery limit dead-letters a job at its first
 /// return, into a dead-letter queue the test reads: a job handed back by a nack (or returned by
-/// any stray redelivery) lands there, one republished as a new message does not.
-async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) {
+/// any stray redelivery) lands there, one republished as a new message does not. Returns how
+/// many jobs were handed back.
+async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) -> f64 {
     let mut broker = Mosquitto::plain();
     reconfigure(&mut broker, UNLIMITED_QUEUES);
     let topic = unique_name("shared");
@@ -132,10 +133,6 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) {
             Some(0),
             "jobs returned to the quorum queue (nacked or redelivered)"
         );
-        assert!(
-            deferred > 0.0,
-            "no job was handed back: this run cannot tell a republish from a nack"
-        );
     }
     for worker in running {
         worker.stop().await;
@@ -145,6 +142,7 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) {
         amqp.delete_queue(&classic_queue).await;
         amqp.delete_queue(&dead_letters).await;
     }
+    deferred
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,5 +170,13 @@ async fn eight_workers_share_a_client_id_without_failures() {
 /// however often it is handed back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_handed_back_do_not_count_against_a_quorum_delivery_limit() {
-    shared_client_id(4, 30, true).await;
+    // A fleet that settles quickly may hand nothing back; such a run proves nothing here, so
+    // the burst is run again (on fresh queues) until jobs were handed back.
+    for round in 1..=3 {
+        if shared_client_id(4, 30, true).await > 0.0 {
+            return;
+        }
+        eprintln!("round {round}: no job was handed back; again");
+    }
+    panic!("no job was handed back in 3 rounds: this test cannot tell a republish from a nack");
 }
