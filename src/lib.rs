@@ -30,6 +30,8 @@ pub mod pipeline;
 pub mod policy;
 pub mod secret;
 pub mod settle;
+#[cfg(test)]
+mod test_support;
 pub mod worker;
 
 /// Installs the process-wide rustls crypto provider (ring). Call once at start-up: if two
