@@ -12,7 +12,9 @@
 //! Around it: [`metrics`] (every metric name in one place), [`http`] (`/metrics`, `/healthz`,
 //! `/readyz`), [`client`] (the Rust client API: submit jobs, await replies; the CLI's `submit`),
 //! [`job_args`] (a job from `--set KEY=VALUE`), [`expiry`] (stale commands: `not-after`, AMQP
-//! expiration), [`check`] (connector diagnosis) and [`backoff`].
+//! expiration), [`check`] (connector diagnosis) and [`backoff`]. Test builds with the feature
+//! `soak-faults` add `fault` (switches that break the contract on purpose, for the soak's
+//! self-test).
 
 pub mod amqp;
 pub mod backoff;
@@ -20,6 +22,8 @@ pub mod check;
 pub mod client;
 pub mod connectors;
 pub mod expiry;
+#[cfg(feature = "soak-faults")]
+pub mod fault;
 pub mod http;
 pub mod job;
 pub mod job_args;

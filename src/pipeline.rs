@@ -638,6 +638,10 @@ impl Pipeline {
             }
         };
         self.publish_latency[usize::from(ack.qos.level())].observe(sent.elapsed().as_secs_f64());
+        #[cfg(feature = "soak-faults")]
+        if crate::fault::double_publish() {
+            let _twice = connection.publish(&message).await;
+        }
         // The lease is kept while the job waits: a connection with answers awaited is busy, so
         // idle eviction and `--max-connections` never close it under the job.
         Ok((ack, wait.map(|wait| (connection, wait))))

@@ -209,6 +209,8 @@ impl Worker {
         options: WorkerOptions,
         shutdown: CancellationToken,
     ) -> Result<Worker, WorkerError> {
+        #[cfg(feature = "soak-faults")]
+        crate::fault::announce();
         let connectors = Arc::new(ConnectorStore::load(&options.connectors_dir)?);
         let queue = options.queue_settings();
         queue.validate()?;

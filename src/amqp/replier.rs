@@ -84,6 +84,10 @@ pub async fn reply(
     correlation_id: Option<&str>,
     body: &[u8],
 ) -> ReplyStatus {
+    #[cfg(feature = "soak-faults")]
+    if crate::fault::drop_reply(correlation_id) {
+        return ReplyStatus::Confirmed;
+    }
     let mut budget = Budget::new(REPLY_WINDOW, flow.clone());
     let mut delay = RETRY_FIRST;
     loop {
