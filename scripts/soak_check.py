@@ -568,7 +568,7 @@ def write_picture(check, path):
     kinds = sorted({f["kind"] for f in run.faults})
     colour = {k: FAULT_COLOURS[i % len(FAULT_COLOURS)] for i, k in enumerate(kinds)}
 
-    width, left, right, top = 1100, 70, 20, 40
+    width, left, right, top = 1200, 170, 20, 40
     plot_h = 300
     lane_h = 16
     lanes_top = top + plot_h + 40
@@ -604,10 +604,8 @@ def write_picture(check, path):
                    f'<title>{esc(check.describe(fault))}</title></rect>')
     for lane, kind in enumerate(kinds):
         count = sum(1 for f in run.faults if f["kind"] == kind)
-        svg.append(f'<text x="{left - 4}" y="{lanes_top + lane * lane_h + 12}" text-anchor="end" '
-                   f'fill="{colour[kind]}">{esc(kind)}</text>')
-        svg.append(f'<text x="{width - right}" y="{lanes_top + lane * lane_h + 12}" '
-                   f'text-anchor="end" fill="#555">{count}×</text>')
+        svg.append(f'<text x="{left - 6}" y="{lanes_top + lane * lane_h + 12}" text-anchor="end" '
+                   f'fill="{colour[kind]}">{esc(kind)} ({count}×)</text>')
     if not kinds:
         svg.append(f'<text x="{left}" y="{lanes_top + 12}" fill="#555">no faults</text>')
     # Axes and grid.
@@ -633,7 +631,10 @@ def write_picture(check, path):
     if is_number(load_ended):
         svg.append(f'<line x1="{x(load_ended):.1f}" x2="{x(load_ended):.1f}" y1="{top}" '
                    f'y2="{top + plot_h}" stroke="#333" stroke-dasharray="4 3"/>')
-        svg.append(f'<text x="{x(load_ended) + 3:.1f}" y="{top + 12}" fill="#333">load ended</text>')
+        # Near the right edge the label goes to the left of the line.
+        anchor, dx = ("end", -3) if x(load_ended) > left + plot_w * 0.85 else ("start", 3)
+        svg.append(f'<text x="{x(load_ended) + dx:.1f}" y="{top + 12}" text-anchor="{anchor}" '
+                   'fill="#333">load ended</text>')
     # The two series as step lines.
     for series, stroke in ((rate, "#1f5fbf"), (err_rate, "#d62728")):
         points = []

@@ -308,5 +308,10 @@ class CheckerTest(unittest.TestCase):
         self.assertIn(">30:00<", svg)
 
 
+    def test_the_docs_state_the_rules_the_checker_applies(self):
+        docs = (Path(__file__).resolve().parent.parent / "docs" / "soak.md").read_text()
+        self.assertIn(soak_check.RULES, docs)
+
+
 if __name__ == "__main__":
     unittest.main()
