@@ -28,6 +28,10 @@ MQTT_PATH_FAULTS = {"mqtt-stop", "mqtt-kill", "partition", "proxy-latency", "pro
                     "proxy-reset"}
 # The self-test's own switch is what is under test: it never explains anything.
 NEVER_EXPLAINS = {"worker-fault-switch"}
+# Faults that cannot make a job published or answered twice: a reply RabbitMQ refuses or cannot
+# route is retried, then the job is settled without it (never run again); an alarm only makes
+# jobs wait. They explain no duplicate.
+NO_DUPLICATES = {"reply-queue-delete", "reply-queue-full", "memory-alarm"}
 # Exit codes that mean "nothing was sent" (invalid job, unknown connector, credentials or
 # identity refused, TLS, broker refused the message).
 NOTHING_SENT = {1, 2, 4, 5, 8}
@@ -62,7 +66,9 @@ T = the job's timeout_s; a fault's window is [t_start - T, t_end + B]; faults of
 8. **Duplicates**: the same payload received more than once by one subscriber on one broker
    (retained re-deliveries, retain=1 after a first receipt, are not counted), and a job with
    more than one reply. Explained when the first receipt (first reply) lies in the window of a
-   fault; the covering fault is named as the cause, one on the same broker first. Else
+   fault that can make a job run twice (every kind but {", ".join(sorted(NO_DUPLICATES))}:
+   those only delay or lose a reply); the covering fault is named as the cause: one on the same
+   broker first, then one whose [t_start - T, t_end + T] covers it, then the nearest. Else
    UNEXPLAINED: a violation (at least once is the contract, an unexplained duplicate is a
    finding).
 9. **Record problems**: a malformed line (not JSON, not an object, a required field missing or
@@ -250,7 +256,14 @@ class Check:
         covering = [f for f in self.faults
                     if f["kind"] not in NEVER_EXPLAINS and (kinds is None or f["kind"] in kinds)
                     and f["t_start"] - timeout_s <= t <= f["t_end"] + self.run.bound]
-        return sorted(covering, key=lambda f: (f.get("target") != broker, abs(f["t_start"] - t)))
+        def on_broker(fault):  # targets such as "a", "w3-a" (a worker's link to broker a)
+            return broker is not None and broker in str(fault.get("target") or "").split("-")
+
+        def tight(fault):  # the job's life overlaps the fault itself
+            return fault["t_start"] - timeout_s <= t <= fault["t_end"] + timeout_s
+
+        return sorted(covering, key=lambda f: (not on_broker(f), not tight(f),
+                                               abs(f["t_start"] - t)))
 
     def overlapping(self, start, end):
         return [f for f in self.faults if f["kind"] not in NEVER_EXPLAINS
@@ -377,7 +390,8 @@ class Check:
                                timeout_of(run.jobs[job_id]))
 
     def duplicate(self, what, job_id, broker, count, first, timeout_s):
-        covering = self.explaining(first, timeout_s, None, broker)
+        kinds = {f["kind"] for f in self.faults} - NO_DUPLICATES
+        covering = self.explaining(first, timeout_s, kinds, broker)
         cause = self.describe(covering[0]) if covering else "UNEXPLAINED"
         self.duplicates.append(Duplicate(what, job_id, broker, count, first, cause))
         if not covering:

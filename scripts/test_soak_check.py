@@ -226,6 +226,23 @@ class CheckerTest(unittest.TestCase):
         _, _, rules, _ = self.check()
         self.assertEqual(rules, {"unexplained duplicate": ["s5"]})
 
+    def test_a_fault_that_only_delays_or_loses_replies_explains_no_duplicate(self):
+        self.a_clean_run()
+        self.run_dir.fault("reply-queue-full", 5, 8, target="soak.replies.full")
+        self.run_dir.fault("memory-alarm", 5, 8, target="node0")
+        self.run_dir.received("s6", 6.5)
+        _, _, rules, _ = self.check()
+        self.assertEqual(rules, {"unexplained duplicate": ["s6"]})
+
+    def test_the_cause_named_is_a_fault_on_the_duplicates_broker_first(self):
+        self.a_clean_run()
+        self.run_dir.fault("proxy-reset", 8.5, 8.6, target="a")
+        self.run_dir.fault("partition", 8, 9, target="w2-b")
+        self.run_dir.received("s8", 8.7)
+        _, _, rules, check = self.check()
+        self.assertEqual(rules, {})
+        self.assertTrue(check.duplicates[0].cause.startswith("proxy-reset a"), check.duplicates)
+
     def test_a_retained_redelivery_is_not_a_duplicate(self):
         self.a_clean_run()
         self.run_dir.received("s4", 20, retain=True)
