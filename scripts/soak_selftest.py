@@ -33,6 +33,7 @@ import soak_check  # noqa: E402  (beside this file)
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTY = ROOT / "target" / "soak" / "mqtt-connector-faulty"
+SOAK = ROOT / "scripts" / "soak"
 RUN_DIR_RE = re.compile(r"(\S*target/soak/\d{8}T\d{6}-seed\d+)")
 DROPPED_RE = re.compile(r"reply dropped.*?fault_correlation_id\W+([^\"\s,}]+)"
                         r"|fault_correlation_id\W+([^\"\s,}]+).*?reply dropped")
@@ -58,7 +59,7 @@ def build():
 
 def soak(minutes, seed, env_name, every):
     """Runs the soak with one switch on; returns (exit status, run dir, its output)."""
-    command = [str(ROOT / "scripts" / "soak"), "--minutes", str(minutes), "--no-faults",
+    command = [str(SOAK), "--minutes", f"{minutes:g}", "--no-faults",
                "--worker-bin", str(FAULTY)]
     if seed is not None:
         command += ["--seed", str(seed)]
@@ -105,8 +106,8 @@ def check_dropped_replies(status, run_dir, output):
         problems.append(f"checker's lost jobs {sorted(lost)} != replies dropped and not "
                         f"dead-lettered {sorted(expected)}")
     others = sorted({f.rule for f in check.findings} - {"lost"})
-    if others:
-        problems.append(f"other findings too, not caused by the switch: {others}")
+    if others:  # the switch loses replies only: these are the soak's own findings
+        say(f"drop-reply run: other findings, not the switch's (see the report): {others}")
     unnamed = sorted(job for job in lost if job not in output
                      and job not in (run_dir / "report.md").read_text(encoding="utf-8"))
     if unnamed:
@@ -172,8 +173,8 @@ def main():
     parser.add_argument("--skip-build", action="store_true",
                         help="use the target/soak/mqtt-connector-faulty already built")
     args = parser.parse_args()
-    if not (ROOT / "scripts" / "soak").exists():
-        say("scripts/soak is missing: the self-test drives it")
+    if not SOAK.exists():
+        say(f"{SOAK} is missing: the self-test drives it")
         return 2
     return 0 if selftest(args.minutes, args.seed, args.drop_every, args.double_every,
                          args.skip_build) else 1
