@@ -12,6 +12,7 @@ written once, in RULES below, and printed at the top of every report. Python 3.1
 
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -44,9 +45,11 @@ Rules (one line each; B = meta.json's answer_bound_seconds, {DEFAULT_BOUND_S:g} 
 T = the job's timeout_s; a fault's window is [t_start - T, t_end + B]; faults of kind
 `worker-fault-switch` never explain anything):
 1. **Lost**: a job with no line in replies.jsonl and none in dead.jsonl. Violation.
-2. **Send not received**: a reply with exit-code 0 to a `send` job whose payload `soak <id>` was
-   never received on the job's broker. Violation, except a QoS 0 job (at most once) whose reply
-   time lies in the window of a fault of kind {", ".join(sorted(MQTT_PATH_FAULTS))}.
+2. **Send not received**: a reply with exit-code 0 to a `send` job at QoS 1 or 2 whose payload
+   `soak <id>` was never received on the job's broker. Violation. At QoS 0 (at most once: its
+   exit-code 0 means written to the connection) such sends are counted and listed, with a fault
+   of kind {", ".join(sorted(MQTT_PATH_FAULTS))} whose window covers the reply if any, but are
+   no violation.
 3. **Wrong answer**: a reply with exit-code 0 to a `request` job whose response payload is not
    exactly `answer <its own id>` (another job's answer is named). Violation.
 4. **Expired published**: a job with not_after whose payload was received later than
@@ -68,9 +71,12 @@ T = the job's timeout_s; a fault's window is [t_start - T, t_end + B]; faults of
    more than one reply. Explained when the first receipt (first reply) lies in the window of a
    fault that can make a job run twice (every kind but {", ".join(sorted(NO_DUPLICATES))}:
    those only delay or lose a reply); the covering fault is named as the cause: one on the same
-   broker first, then one whose [t_start - T, t_end + T] covers it, then the nearest. Else
-   UNEXPLAINED: a violation (at least once is the contract, an unexplained duplicate is a
-   finding).
+   broker first, then one whose [t_start - T, t_end + T] covers it, then the nearest. Without
+   such a fault, the worker's own account explains it: its log line for the job (workers/*.log,
+   or an `attempts` field of the reply) says the delivery was redelivered, or, for an MQTT
+   duplicate, that the publish took more than one attempt (a retry after the connection was
+   lost, e.g. to a client-id takeover between workers sharing a client-id). Else UNEXPLAINED: a
+   violation (at least once is the contract, an unexplained duplicate is a finding).
 9. **Record problems**: a malformed line (not JSON, not an object, a required field missing or
    of the wrong type, a job id seen twice) is reported with its file and line, never crashes the
    check, and is a violation (a record that cannot be read cannot vouch for the run). A reply
@@ -103,6 +109,7 @@ class Run:
     faults: list
     malformed: list = field(default_factory=list)  # "file:line: why"
     missing: list = field(default_factory=list)    # files absent (read as empty)
+    accounts: dict = field(default_factory=dict)   # job id -> (attempts, redelivered, worker)
 
     @property
     def bound(self):
@@ -166,6 +173,40 @@ def read_jsonl(run_dir, name, malformed, missing):
     return records
 
 
+# The worker's one line per finished job (text or JSON log format), for its attempts and whether
+# the delivery was a redelivery: used only to explain a duplicate, never to find a violation.
+TEXT_SUMMARY_RE = re.compile(r'\bcorrelation_id="([^"]*)".*?\battempts=(\d+)\b.*?\bredelivered=(true|false)')
+
+
+def worker_accounts(run_dir):
+    """job id -> (most attempts, redelivered, worker) from workers/*.log; {} without logs."""
+    accounts = {}
+    for path in sorted((run_dir / "workers").glob("*.log")):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if "attempts" not in line or "redelivered" not in line:
+                    continue
+                found = None
+                if line.lstrip().startswith("{"):
+                    try:
+                        fields = json.loads(line).get("fields", {})
+                        found = (fields.get("correlation_id"), fields.get("attempts"),
+                                 fields.get("redelivered"))
+                    except (json.JSONDecodeError, AttributeError):
+                        found = None
+                else:
+                    match = TEXT_SUMMARY_RE.search(line)
+                    if match:
+                        found = (match[1], int(match[2]), match[3] == "true")
+                if not found or not isinstance(found[0], str) or not isinstance(found[1], int):
+                    continue
+                job_id, attempts, redelivered = found
+                before = accounts.get(job_id, (0, False, path.stem))
+                accounts[job_id] = (max(attempts, before[0]), bool(redelivered) or before[1],
+                                    path.stem if attempts >= before[0] else before[2])
+    return accounts
+
+
 class Unreadable(Exception):
     """The run directory cannot be checked at all."""
 
@@ -191,7 +232,7 @@ def load(run_dir):
             continue
         jobs[job["id"]] = job
     return Run(run_dir, meta, jobs, records["replies"], records["dead"], records["mqtt"],
-               records["answers"], records["faults"], malformed, missing)
+               records["answers"], records["faults"], malformed, missing, worker_accounts(run_dir))
 
 
 def timeout_of(job):
@@ -233,7 +274,7 @@ class Check:
         self.duplicates = []
         self.worst = None          # (seconds, job id, explained)
         self.worst_unexplained = None
-        self.expected_losses = []  # QoS 0 sends not received, explained by a fault
+        self.qos0_losses = []      # (job, a fault on the MQTT path then, or "-")
         self.foreign = 0           # received payloads that are no job's
         self.retained_again = 0
         self.faults = [f for f in run.faults]
@@ -315,9 +356,10 @@ class Check:
     def check_reply(self, job_id, job, reply, receipts, timeout_s):
         code, kind, expect = reply["exit_code"], job["kind"], job.get("expect")
         if code == 0 and kind == "send" and not receipts:
-            covering = self.explaining(reply["t"], timeout_s, MQTT_PATH_FAULTS, job.get("broker"))
-            if job.get("qos") == 0 and covering:
-                self.expected_losses.append((job_id, self.describe(covering[0])))
+            if job.get("qos") == 0:
+                covering = self.explaining(reply["t"], timeout_s, MQTT_PATH_FAULTS,
+                                           job.get("broker"))
+                self.qos0_losses.append((job_id, self.describe(covering[0]) if covering else "-"))
             else:
                 self.find("send not received", job_id,
                           f"replied 0 at {reply.where}, `soak {job_id}` never received on broker "
@@ -392,12 +434,23 @@ class Check:
     def duplicate(self, what, job_id, broker, count, first, timeout_s):
         kinds = {f["kind"] for f in self.faults} - NO_DUPLICATES
         covering = self.explaining(first, timeout_s, kinds, broker)
-        cause = self.describe(covering[0]) if covering else "UNEXPLAINED"
+        cause = self.describe(covering[0]) if covering else self.account(what, job_id)
         self.duplicates.append(Duplicate(what, job_id, broker, count, first, cause))
-        if not covering:
+        if cause == "UNEXPLAINED":
             self.find("unexplained duplicate", job_id,
                       f"{what} {count}x{' on broker ' + broker if what == 'mqtt' else ''}, "
                       "no fault window covers the first")
+
+    def account(self, what, job_id):
+        """The worker's own account of a job run twice, or UNEXPLAINED."""
+        attempts, redelivered, worker = self.run.accounts.get(job_id, (1, False, None))
+        reply_attempts = [r.get("attempts") for r in self.replies_by_job.get(job_id, [])]
+        attempts = max([attempts] + [a for a in reply_attempts if isinstance(a, int)])
+        if redelivered:
+            return f"redelivered (log of {worker})"
+        if what == "mqtt" and attempts > 1:
+            return f"retried, attempts={attempts}" + (f" (log of {worker})" if worker else "")
+        return "UNEXPLAINED"
 
     @property
     def offending(self):
@@ -429,7 +482,9 @@ def summary_lines(check):
                  "answer time", "unknown job", "malformed"):
         lines.append(f"  {rule}: {counts.get(rule, 0)}")
     explained = sum(1 for d in check.duplicates if d.cause != "UNEXPLAINED")
-    lines.append(f"  duplicates: {len(check.duplicates)} ({explained} explained by a fault)")
+    lines.append(f"  duplicates: {len(check.duplicates)} ({explained} explained)")
+    qos0 = sum(1 for j in run.jobs.values() if j["kind"] == "send" and j.get("qos") == 0)
+    lines.append(f"  QoS 0 sends not received (not a violation): {len(check.qos0_losses)} of {qos0}")
     if check.worst:
         took, job_id, _ = check.worst
         lines.append(f"  worst answer time: {took:.2f}s (job {job_id})")
@@ -489,9 +544,10 @@ def write_report(check, path):
 
     out += listed("lost", "Lost")
     out += listed("send not received", "Sends replied 0, never received")
-    if check.expected_losses:
-        out += ["", "QoS 0 sends not received, explained by a fault (at most once): "
-                + ", ".join(f"{j} ({c})" for j, c in check.expected_losses)]
+    qos0 = sum(1 for j in run.jobs.values() if j["kind"] == "send" and j.get("qos") == 0)
+    out += ["", f"## QoS 0 sends replied 0, never received ({len(check.qos0_losses)} of {qos0} "
+            "QoS 0 sends; at most once: counted, not a violation)", "",
+            table(["job", "a fault on the MQTT path then"], check.qos0_losses)]
     out += listed("wrong answer", "Wrong answers")
     out += listed("expired published", "Expired published")
     out += listed("published though refused", "Published though the reply says nothing was sent")
