@@ -2,7 +2,7 @@
 """The soak checker's self-test: the same soak against workers that break the contract on
 purpose must fail, and say why.
 
-    scripts/soak_selftest.py [--minutes N] [--seed S] [--drop-every N] [--double-every N] [--skip-build]
+    scripts/soak_selftest.py [--minutes N] [--seed S] [--rate R] [--drop-every N] [--double-every N] [--skip-build]
 
 1. Builds the worker with the cargo feature `soak-faults` and copies it to
    target/soak/mqtt-connector-faulty, then builds the ordinary binary again, so
@@ -57,12 +57,14 @@ def build():
     subprocess.run(cargo, cwd=ROOT, check=True)
 
 
-def soak(minutes, seed, env_name, every):
+def soak(minutes, seed, rate, env_name, every):
     """Runs the soak with one switch on; returns (exit status, run dir, its output)."""
     command = [str(SOAK), "--minutes", f"{minutes:g}", "--no-faults",
                "--worker-bin", str(FAULTY)]
     if seed is not None:
         command += ["--seed", str(seed)]
+    if rate is not None:
+        command += ["--rate", f"{rate:g}"]
     env = dict(os.environ, **{env_name: str(every)})
     say(f"{env_name}={every} {' '.join(command)}")
     started = time.time()
@@ -97,7 +99,7 @@ def check_dropped_replies(status, run_dir, output):
         problems.append(f"no worker log in {run_dir / 'workers'}: cannot tell which replies were dropped")
     elif not dropped:
         problems.append("no worker logged a dropped reply: each worker answered fewer replies than "
-                        "the switch's N (raise --minutes or lower --drop-every)")
+                        "the switch's N (raise --minutes or --rate, or lower --drop-every)")
     check = soak_check.Check(soak_check.load(run_dir)).run_all()
     lost = {f.job for f in check.findings if f.rule == "lost"}
     dead = {d["id"] for d in check.run.dead}
@@ -144,7 +146,7 @@ def check_double_publish(status, run_dir, output):
     return problems
 
 
-def selftest(minutes=1, seed=None, drop_every=500, double_every=200, skip_build=False):
+def selftest(minutes=1, seed=None, drop_every=500, double_every=200, skip_build=False, rate=None):
     """Both runs; True when each failed as it should."""
     if not skip_build:
         build()
@@ -153,7 +155,7 @@ def selftest(minutes=1, seed=None, drop_every=500, double_every=200, skip_build=
             ("drop-reply", "MQTT_CONNECTOR_FAULT_DROP_REPLY_EVERY", drop_every, check_dropped_replies),
             ("double-publish", "MQTT_CONNECTOR_FAULT_DOUBLE_PUBLISH_EVERY", double_every,
              check_double_publish)):
-        status, run_dir, output = soak(minutes, seed, env_name, every)
+        status, run_dir, output = soak(minutes, seed, rate, env_name, every)
         problems = verify(status, run_dir, output)
         for problem in problems:
             say(f"{name}: FAIL: {problem}")
@@ -168,6 +170,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=1)
     parser.add_argument("--seed")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="jobs a second, passed to the soak (default: the soak's)")
     parser.add_argument("--drop-every", type=int, default=500)
     parser.add_argument("--double-every", type=int, default=200)
     parser.add_argument("--skip-build", action="store_true",
@@ -177,7 +181,7 @@ def main():
         say(f"{SOAK} is missing: the self-test drives it")
         return 2
     return 0 if selftest(args.minutes, args.seed, args.drop_every, args.double_every,
-                         args.skip_build) else 1
+                         args.skip_build, args.rate) else 1
 
 
 if __name__ == "__main__":
