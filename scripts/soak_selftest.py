@@ -101,13 +101,13 @@ def check_dropped_replies(status, run_dir, output):
         problems.append("no worker logged a dropped reply: each worker answered fewer replies than "
                         "the switch's N (raise --minutes or --rate, or lower --drop-every)")
     check = soak_check.Check(soak_check.load(run_dir)).run_all()
-    lost = {f.job for f in check.findings if f.rule == "lost"}
+    lost = {f.job for f in check.violations if f.rule == "lost"}
     dead = {d["id"] for d in check.run.dead}
     expected = dropped - dead
     if lost != expected:
         problems.append(f"checker's lost jobs {sorted(lost)} != replies dropped and not "
                         f"dead-lettered {sorted(expected)}")
-    others = sorted({f.rule for f in check.findings} - {"lost"})
+    others = sorted({f.rule for f in check.violations} - {"lost"})
     if others:  # the switch loses replies only: these are the soak's own findings
         say(f"drop-reply run: other findings, not the switch's (see the report): {others}")
     unnamed = sorted(job for job in lost if job not in output

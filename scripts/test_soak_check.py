@@ -186,7 +186,7 @@ class CheckerTest(unittest.TestCase):
         self.run_dir.received("late", 15)
         self.run_dir.reply("late", 15.1)
         # Replied 9 (nothing published), yet received after its not-after.
-        self.run_dir.job("liar", 11, not_after=11.5)
+        self.run_dir.job("liar", 11, expect="expired", not_after=11.5)
         self.run_dir.received("liar", 11.6)
         self.run_dir.reply("liar", 11.7, exit_code=9)
         status, printed, rules, _ = self.check()
@@ -293,6 +293,17 @@ class CheckerTest(unittest.TestCase):
         self.run_dir.reply("b2", 10.2, exit_code=0)
         _, _, rules, _ = self.check()
         self.assertEqual(rules, {"contradicted expectation": ["b2"]})
+
+    def test_a_job_expected_ok_failing_is_named_unless_a_fault_overlaps_it(self):
+        self.a_clean_run()
+        self.run_dir.job("f1", 40)
+        self.run_dir.reply("f1", 48, exit_code=6)
+        self.run_dir.job("f2", 29)
+        self.run_dir.reply("f2", 37, exit_code=3)  # the worker-kill at +30 overlaps it
+        status, printed, rules, _ = self.check()
+        self.assertEqual(rules, {"failed without a fault": ["f1"]})
+        self.assertEqual(status, 0)
+        self.assertIn("failed without a fault (noted, not a violation): 1", printed)
 
     def test_a_job_received_though_its_reply_says_nothing_was_sent_is_named(self):
         self.a_clean_run()
