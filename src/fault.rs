@@ -1,8 +1,9 @@
 //! Fault switches of test builds (cargo feature `soak-faults`, never in a release): the soak's
 //! self-test runs a worker that breaks the delivery contract on purpose, to prove the soak's
 //! checker notices. `MQTT_CONNECTOR_FAULT_DROP_REPLY_EVERY=N`: every Nth reply is not sent but
-//! reported as confirmed, so its job is acked unanswered. `MQTT_CONNECTOR_FAULT_DOUBLE_PUBLISH_EVERY=N`:
-//! every Nth acknowledged MQTT publish is published once more.
+//! reported as confirmed, so its job is settled unanswered.
+//! `MQTT_CONNECTOR_FAULT_DOUBLE_PUBLISH_EVERY=N`: every Nth acknowledged MQTT publish is
+//! published once more. Counts are per worker process.
 
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -640,6 +640,7 @@ impl Pipeline {
         self.publish_latency[usize::from(ack.qos.level())].observe(sent.elapsed().as_secs_f64());
         #[cfg(feature = "soak-faults")]
         if crate::fault::double_publish() {
+            // The job keeps the first acknowledgement; the copy only has to reach subscribers.
             let _twice = connection.publish(&message).await;
         }
         // The lease is kept while the job waits: a connection with answers awaited is busy, so
