@@ -5,8 +5,9 @@
 //! For each of `examples/python/submit.py` (pika) and `examples/node/submit.js` (amqplib):
 //! a job through connector `local` is answered 0, its content reaches an MQTT subscriber, and
 //! the process exits 0; a job naming an unknown connector makes it exit 2 (the job's exit-code);
-//! a queue that does not exist is an error, not a silent loss. Without python3 and pika, or node
-//! and amqplib, the tests fail and say to run `scripts/test`, which installs them.
+//! a queue that does not exist is an error, not a silent loss. With `--response-topic` each sends
+//! a `request` to a real device (over MQTT 3.1.1 and 5) and prints its answer. Without python3 and
+//! pika, or node and amqplib, the tests fail and say to run `scripts/test`, which installs them.
 
 mod common;
 
@@ -108,19 +109,74 @@ fn printed_reply(output: &Output) -> serde_json::Value {
     })
 }
 
-async fn example_submits_and_exits_with_the_exit_code(example: Example) {
-    example.require();
-    let queue = unique_name(&format!("examples-{}", example.name));
+/// A worker on `queue` with the shipped connectors (so `local`: the machine's Mosquitto).
+async fn shipped_worker(queue: &str) -> common::worker::RunningWorker {
     let mut options = WorkerOptions::new(
         amqp_url(),
-        queue.clone(),
+        queue.to_owned(),
         repository().join("config/connectors"),
     );
     options.metrics_addr = Some("127.0.0.1:0".parse().expect("socket address"));
     // The shipped `local` connector has one client-id: a suffix keeps this worker from taking
     // it over from any other worker on this machine (scripts/run-local, say).
     options.mqtt.client_id_suffix = format!("-{}", unique_name("test"));
-    let worker = spawn_worker_with(options).await;
+    spawn_worker_with(options).await
+}
+
+async fn example_sends_a_request_and_prints_the_answer(example: Example) {
+    example.require();
+    let queue = unique_name(&format!("examples-requests-{}", example.name));
+    let worker = shipped_worker(&queue).await;
+    let commands = unique_name(&format!("examples/{}/cmd", example.name));
+    let device = Device::start(1883, &commands).await;
+    for version in ["3.1.1", "5"] {
+        let response = unique_name(&format!("examples/{}/answer", example.name));
+        let say = format!("meter 42 over {version}");
+        let content = serde_json::json!({"say": say, "reply": response}).to_string();
+        let args = [
+            "--amqp-url",
+            &amqp_url(),
+            "--queue",
+            &queue,
+            "--topic",
+            &commands,
+            "--content",
+            &content,
+            "--response-topic",
+            &response,
+            "--mqtt-version",
+            version,
+            "--timeout",
+            "10000",
+        ]
+        .map(str::to_owned);
+        let out = example.run(&args).await;
+        let reply = printed_reply(&out);
+        assert_eq!(reply["exit-code"], 0, "{reply}");
+        assert_eq!(out.status.code(), Some(0), "{reply}");
+        assert_eq!(reply["response"]["topic"], response.as_str(), "{reply}");
+        assert_eq!(reply["response"]["content"], say.as_str(), "{reply}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("answer on {response}: ")) && stderr.contains(&say),
+            "the answer shown: {stderr}"
+        );
+        if version == "5" {
+            assert!(
+                stderr.contains("device: d1"),
+                "user properties shown: {stderr}"
+            );
+        }
+    }
+    assert_eq!(device.received(), 2, "one command per request");
+    worker.stop().await;
+    Amqp::connect().await.delete_queue(&queue).await;
+}
+
+async fn example_submits_and_exits_with_the_exit_code(example: Example) {
+    example.require();
+    let queue = unique_name(&format!("examples-{}", example.name));
+    let worker = shipped_worker(&queue).await;
     let topic = unique_name(&format!("examples/{}", example.name));
     let mut sub = Subscriber::start(1883, &topic, QoS::AtLeastOnce).await;
     let content = unique_name("hello");
@@ -181,4 +237,14 @@ async fn python_example_submits_a_job_and_exits_with_its_exit_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_example_submits_a_job_and_exits_with_its_exit_code() {
     example_submits_and_exits_with_the_exit_code(NODE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example_sends_a_request_and_prints_the_answer() {
+    example_sends_a_request_and_prints_the_answer(PYTHON).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_example_sends_a_request_and_prints_the_answer() {
+    example_sends_a_request_and_prints_the_answer(NODE).await;
 }
