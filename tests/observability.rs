@@ -2,7 +2,9 @@
 //! every PromQL query of the Grafana dashboard and of the alert rules; `promtool check metrics`
 //! accepts a real scrape; the worker binary logs one JSON line per job with its correlation id,
 //! connector, exit-code and duration, respects `RUST_LOG` and never logs a password; `/healthz`
-//! and `/readyz` follow RabbitMQ's reachability.
+//! and `/readyz` follow RabbitMQ's reachability; the request and expiry metrics count real jobs
+//! (answered, no answer, too large, never published; answer latency; expired when taken or
+//! while retrying).
 //!
 //! Alert rules: an alert's expression returns nothing unless it fires, so on a healthy system
 //! each rule is checked through [`alert_probes`]: every top-level operand of `and`/`or`/`unless`
@@ -202,6 +204,128 @@ async fn prometheus_answers_every_dashboard_and_alert_query() {
         "{by_code:?}"
     );
     drop(prometheus);
+    bed.finish().await;
+}
+
+/// The value of the one sample of `series` (name and labels exactly as exposed), or `None`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A request job to the device on `commands` at `broker` (MQTT 5), with `command`'s keys in
+/// its content.
+fn request_job(broker: &Mosquitto, commands: &str, command: Json) -> Json {
+    with(
+        job(&broker.url(), commands, &command.to_string()),
+        json!({"action": "request", "mqtt-version": "5",
+               "response-topic": format!("{}/{{correlation-id}}", unique_name("answers"))}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_expiry_metrics_count_real_jobs() {
+    let broker = Mosquitto::plain();
+    let commands = unique_name("cmd");
+    let device = Device::start(broker.port(), &commands).await;
+    let mut bed = TestBed::new().await;
+    let closed = format!("tcp://127.0.0.1:{}", free_port());
+    let past = mqtt_connector::expiry::rfc3339(std::time::SystemTime::now() - T);
+    let soon =
+        mqtt_connector::expiry::rfc3339(std::time::SystemTime::now() + Duration::from_millis(1500));
+    let jobs = [
+        (
+            request_job(&broker, &commands, json!({"say": "a", "delay-ms": 50})),
+            0,
+        ),
+        (
+            request_job(&broker, &commands, json!({"say": "b", "delay-ms": 50})),
+            0,
+        ),
+        (request_job(&broker, &commands, json!({"say": "c"})), 0),
+        (
+            with(
+                request_job(&broker, &commands, json!({"silent": true})),
+                json!({"timeout": 400}),
+            ),
+            10,
+        ),
+        (
+            request_job(&broker, &commands, json!({"size": 300_000})),
+            10,
+        ),
+        // Never published: a broker that is not there.
+        (
+            with(
+                request_job(&broker, &commands, json!({})),
+                json!({"broker": closed, "timeout": 500}),
+            ),
+            3,
+        ),
+        // Not a valid request (no response topic): not counted as a request.
+        (
+            with(
+                request_job(&broker, &commands, json!({})),
+                json!({"response-topic": null}),
+            ),
+            1,
+        ),
+        // Expired: when taken, and while retrying against a broker that is not there.
+        (
+            with(
+                job(&broker.url(), &commands, "stale"),
+                json!({"not-after": past}),
+            ),
+            9,
+        ),
+        (
+            with(
+                job(&closed, &commands, "late"),
+                json!({"not-after": soon, "timeout": 10000}),
+            ),
+            9,
+        ),
+    ];
+    for (body, code) in jobs {
+        let reply = bed.run(body.clone(), T).await;
+        assert_eq!(reply.exit_code(), code, "{body}: {}", reply.body);
+    }
+    let text = bed.worker.metrics().await;
+    let value = |series: &str| {
+        sample(&text, series).unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+    };
+    let requests = |outcome: &str| {
+        value(&format!(
+            "mqtt_connector_requests_total{{outcome=\"{outcome}\"}}"
+        ))
+    };
+    assert_eq!(requests("answered"), 3.0, "{text}");
+    assert_eq!(requests("no_answer"), 1.0, "{text}");
+    assert_eq!(requests("too_large"), 1.0, "{text}");
+    assert_eq!(requests("not_published"), 1.0, "{text}");
+    assert_eq!(requests("subscription_refused"), 0.0, "{text}");
+    // Every answer that came is timed, the one too large too; the two delayed ones took 50 ms.
+    assert_eq!(
+        value("mqtt_connector_request_answer_seconds_count"),
+        4.0,
+        "{text}"
+    );
+    let latency = value("mqtt_connector_request_answer_seconds_sum");
+    assert!(
+        (0.05..20.0).contains(&latency),
+        "answer latency sum {latency}:\n{text}"
+    );
+    assert_eq!(
+        value(r#"mqtt_connector_jobs_expired_total{when="taken"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(r#"mqtt_connector_jobs_expired_total{when="retrying"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(device.received(), 5, "one command per published request");
     bed.finish().await;
 }
 

@@ -441,6 +441,11 @@ async fn a_refused_subscription_is_exit_code_8_with_nothing_published() {
         0,
         "a command was published"
     );
+    let metrics = bed.worker.metrics().await;
+    assert!(
+        metrics.contains("mqtt_connector_requests_total{outcome=\"subscription_refused\"} 2\n"),
+        "both refusals counted:\n{metrics}"
+    );
     bed.finish().await;
 }
 
