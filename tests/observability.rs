@@ -54,9 +54,24 @@ fn write_mix_connectors(dir: &Path, proxy: &TcpProxy) {
 }
 
 /// Successes at QoS 0, 1 and 2 (local and through the proxy), and failures: unknown connector
-/// (2), closed port (3, retried), invalid job (1). Asserts every reply's exit-code.
-async fn run_job_mix(bed: &mut TestBed) {
+/// (2), closed port (3, retried), invalid job (1); requests to the device listening on
+/// `commands` (answered 0 over MQTT 5, silent 10) and a stale command (9). Asserts every reply's
+/// exit-code.
+async fn run_job_mix(bed: &mut TestBed, commands: &str) {
+    let request = |command: Json, timeout: u64| {
+        json!({"connector": "local", "action": "request", "mqtt-version": "5",
+               "topic": commands, "content": command.to_string(), "timeout": timeout,
+               "response-topic": format!("{}/{{correlation-id}}", unique_name("obs/answers"))})
+    };
+    let past = mqtt_connector::expiry::rfc3339(std::time::SystemTime::now() - T);
     let jobs = [
+        (request(json!({"say": "on"}), 5000), 0),
+        (request(json!({"say": "later", "delay-ms": 20}), 5000), 0),
+        (request(json!({"silent": true}), 300), 10),
+        (
+            json!({"connector": "local", "content": "stale", "not-after": past}),
+            9,
+        ),
         (json!({"connector": "local", "content": "q0", "qos": 0}), 0),
         (json!({"connector": "local", "content": "q1", "qos": 1}), 0),
         (json!({"connector": "local", "content": "q2", "qos": 2}), 0),
@@ -95,10 +110,12 @@ async fn prometheus_answers_every_dashboard_and_alert_query() {
     let mut bed = TestBed::start(dir).await;
     let worker_addr = bed.worker.metrics_addr();
     let prometheus = Prometheus::start(&[worker_addr]).await;
+    let commands = unique_name("obs/commands");
+    let _device = Device::start(1883, &commands).await;
 
     // First batch: creates every series. Prometheus takes a series' first sample as its
     // start, so wait until it has scraped them before the second batch makes them move.
-    run_job_mix(&mut bed).await;
+    run_job_mix(&mut bed, &commands).await;
     let finished = metric_sum(&bed.worker.metrics().await, "mqtt_connector_jobs_total");
     wait_query(
         &prometheus,
@@ -115,7 +132,7 @@ async fn prometheus_answers_every_dashboard_and_alert_query() {
     );
     proxy.cut();
     wait_worker_metric(&bed.worker, "mqtt_connector_mqtt_connections", |v| v < open).await;
-    run_job_mix(&mut bed).await;
+    run_job_mix(&mut bed, &commands).await;
     let text = bed.worker.metrics().await;
     assert!(
         metric_sum(&text, "mqtt_connector_mqtt_reconnects_total") >= 1.0,
@@ -200,7 +217,7 @@ async fn prometheus_answers_every_dashboard_and_alert_query() {
         .collect();
     assert_eq!(
         codes,
-        ["0", "1", "2", "3"].into_iter().collect(),
+        ["0", "1", "2", "3", "9", "10"].into_iter().collect(),
         "{by_code:?}"
     );
     drop(prometheus);
@@ -399,7 +416,9 @@ async fn promtool_accepts_a_real_scrape() {
     let dir = connectors_dir();
     write_mix_connectors(dir.path(), &proxy);
     let mut bed = TestBed::start(dir).await;
-    run_job_mix(&mut bed).await;
+    let commands = unique_name("obs/commands");
+    let _device = Device::start(1883, &commands).await;
+    run_job_mix(&mut bed, &commands).await;
     let text = bed.worker.metrics().await;
     for name in [
         "mqtt_connector_jobs_total",
@@ -408,6 +427,9 @@ async fn promtool_accepts_a_real_scrape() {
         "mqtt_connector_publish_duration_seconds_bucket",
         "mqtt_connector_mqtt_connections",
         "mqtt_connector_build_info",
+        "mqtt_connector_requests_total",
+        "mqtt_connector_request_answer_seconds_bucket",
+        "mqtt_connector_jobs_expired_total",
     ] {
         assert!(text.contains(name), "scrape without {name}:\n{text}");
     }
