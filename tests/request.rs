@@ -523,9 +523,10 @@ async fn subscriptions_until(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_requests_over_fifty_devices_and_four_workers_each_get_their_own_answer() {
+async fn a_thousand_requests_over_fifty_devices_and_eight_workers_each_get_their_own_answer() {
     const DEVICES: usize = 50;
     const JOBS: usize = 1000;
+    const WORKERS: usize = 8;
     let broker = Mosquitto::plain_with("sys_interval 1\n");
     let mut devices = Vec::new();
     let mut names = Vec::new();
@@ -547,7 +548,7 @@ async fn a_thousand_requests_over_fifty_devices_and_four_workers_each_get_their_
     let mut bed =
         TestBed::start_with(connectors_dir(), |o| o.mqtt.client_id_suffix = "-w0".into()).await;
     let mut extra = Vec::new();
-    for w in 1..4 {
+    for w in 1..WORKERS {
         let mut options = mqtt_connector::worker::WorkerOptions::new(
             amqp_url(),
             bed.queue.clone(),
@@ -606,30 +607,29 @@ async fn a_thousand_requests_over_fifty_devices_and_four_workers_each_get_their_
     let commands: usize = devices.iter().map(Device::received).sum();
     assert_eq!(commands, JOBS, "every command published exactly once");
     // Every response topic was unsubscribed with its last job: back to the baseline. Mosquitto
-    // publishes the count only when it changed at its 1 s tick, and the whole run may fall
-    // between two ticks: a marker subscription makes a change the test controls, so the count
-    // seen with it is a fresh one, taken after the run.
+    // publishes the count only when it changed since it last published it, at its 1 s tick, and
+    // the whole run may fall between two ticks: marker subscriptions make a change the test
+    // controls, so the count seen with them is a fresh one, taken after the run. They take the
+    // count above every value published during the run: equal to the last one published, it
+    // would not be published again (seen: 1 run in 13 waited in vain with a single marker).
     let during: Vec<u64> = sys
         .drain()
         .iter()
         .filter_map(|got| got.payload_str().trim().parse().ok())
         .collect();
-    let marker = Subscriber::start(
-        broker.port(),
-        &unique_name("marker"),
-        rumqttc::QoS::AtMostOnce,
-    )
-    .await;
-    let with_marker = subscriptions_until(&mut sys, &broker, |n| n > baseline, T).await;
-    assert_eq!(
-        with_marker,
-        baseline + 1,
-        "subscriptions left on the broker"
-    );
-    drop(marker);
+    let peak = during.iter().copied().fold(baseline, u64::max);
+    let mut markers = Vec::new();
+    for _ in baseline..=peak {
+        let topic = unique_name("marker");
+        markers.push(Subscriber::start(broker.port(), &topic, rumqttc::QoS::AtMostOnce).await);
+    }
+    let expected = peak + 1;
+    let with_marker = subscriptions_until(&mut sys, &broker, |n| n >= expected, T).await;
+    assert_eq!(with_marker, expected, "subscriptions left on the broker");
+    drop(markers);
     let after = subscriptions_until(&mut sys, &broker, |n| n == baseline, T).await;
     eprintln!(
-        "{JOBS} requests over {DEVICES} devices and 4 workers answered in {:.1} s ({:.0}/s); \
+        "{JOBS} requests over {DEVICES} devices and {WORKERS} workers answered in {:.1} s ({:.0}/s); \
          subscriptions on the broker during the run (each tick): {during:?}; afterwards: {after} \
          (the {DEVICES} devices' and the probe's)",
         elapsed.as_secs_f64(),
