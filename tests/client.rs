@@ -171,8 +171,8 @@ async fn request_returns_the_devices_answer_typed_and_errors_for_other_exit_code
         answer.reply.message
     );
 
-    // 3.1.1 (the command names its topic, whose {correlation-id} the worker filled in: the
-    // device reads it from the content as sent) and a binary answer.
+    // 3.1.1 and a binary answer. The device learns the topic from the content, where the
+    // worker does not fill in {correlation-id}: the job names a topic of its own.
     let mut job = command("3.1.1", serde_json::json!({"binary": true}));
     let response = format!("{}/fixed", unique_name("answers"));
     job = job
