@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::outcome::ExitCode;
+use crate::outcome::{ExitCode, RequestEnd};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobLabels {
@@ -36,6 +36,16 @@ struct QosLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BrokerLabels {
     broker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExpiredLabels {
+    when: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,6 +80,55 @@ struct Inner {
     amqp_consumer_up: Gauge,
     amqp_connection_blocked: Gauge,
     replies_lost: Counter,
+    requests: Family<RequestLabels, Counter>,
+    answer_latency: Histogram,
+    expired: Family<ExpiredLabels, Counter>,
+}
+
+/// When an expired job (exit-code 9) was found: the `when` label of
+/// `mqtt_connector_jobs_expired_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiredWhen {
+    /// Already expired when the worker took it (it waited too long in the queue).
+    Taken,
+    /// Its validity passed while it retried or waited for a connection (a broker down).
+    Retrying,
+}
+
+impl ExpiredWhen {
+    const ALL: [ExpiredWhen; 2] = [ExpiredWhen::Taken, ExpiredWhen::Retrying];
+
+    fn label(self) -> &'static str {
+        match self {
+            ExpiredWhen::Taken => "taken",
+            ExpiredWhen::Retrying => "retrying",
+        }
+    }
+}
+
+/// The handles of the `request` and expiry metrics, resolved once (no label lookup per job).
+#[derive(Clone)]
+pub struct RequestMetrics {
+    ended: [Counter; RequestEnd::ALL.len()],
+    answer_latency: Histogram,
+    expired: [Counter; ExpiredWhen::ALL.len()],
+}
+
+impl RequestMetrics {
+    /// A request that ended as `end`.
+    pub fn ended(&self, end: RequestEnd) {
+        self.ended[end as usize].inc();
+    }
+
+    /// An answer that came `after` the broker acknowledged the command.
+    pub fn answered_after(&self, after: Duration) {
+        self.answer_latency.observe(after.as_secs_f64());
+    }
+
+    /// A job that ended 9 (expired), found `when`.
+    pub fn expired(&self, when: ExpiredWhen) {
+        self.expired[when as usize].inc();
+    }
 }
 
 /// The metrics of one connector label (a connector's name, `none` or `unknown`).
@@ -198,6 +257,24 @@ impl Metrics {
             "Replies RabbitMQ refused, could not route or did not confirm within 30 s: the job was settled without one",
             replies_lost.clone(),
         );
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Request jobs (\"action\": \"request\") ended, by outcome: answered, no_answer, too_large, subscription_refused, not_published",
+            requests.clone(),
+        );
+        let answer_latency = latency_histogram();
+        registry.register(
+            "request_answer_seconds",
+            "Time from the broker's acknowledgement of a request's command to the device's answer",
+            answer_latency.clone(),
+        );
+        let expired = Family::default();
+        registry.register(
+            "jobs_expired",
+            "Jobs ended 9 because their not-after or AMQP expiration had passed (nothing published), by when: taken or retrying",
+            expired.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -223,6 +300,9 @@ impl Metrics {
                 amqp_consumer_up,
                 amqp_connection_blocked,
                 replies_lost,
+                requests,
+                answer_latency,
+                expired,
             }),
         }
     }
@@ -247,6 +327,25 @@ impl Metrics {
             duration: inner.job_duration.get_or_create_owned(&labels),
             retries: inner.retries.get_or_create_owned(&labels),
             deferred: inner.deferred.get_or_create_owned(&labels),
+        }
+    }
+
+    /// The handles of the request and expiry metrics; building them makes every series exist
+    /// from the start, at 0.
+    pub fn requests(&self) -> RequestMetrics {
+        let inner = &self.inner;
+        RequestMetrics {
+            ended: RequestEnd::ALL.map(|end| {
+                inner.requests.get_or_create_owned(&RequestLabels {
+                    outcome: end.label(),
+                })
+            }),
+            answer_latency: inner.answer_latency.clone(),
+            expired: ExpiredWhen::ALL.map(|when| {
+                inner
+                    .expired
+                    .get_or_create_owned(&ExpiredLabels { when: when.label() })
+            }),
         }
     }
 
@@ -405,6 +504,40 @@ mod tests {
         );
         assert!(
             text.contains("mqtt_connector_build_info{version="),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn requests_and_expired_jobs_are_counted_by_bounded_labels_and_exist_from_the_start() {
+        let metrics = Metrics::new();
+        let requests = metrics.requests();
+        let text = metrics.encode();
+        for end in RequestEnd::ALL {
+            let series = format!(
+                "mqtt_connector_requests_total{{outcome=\"{}\"}} 0",
+                end.label()
+            );
+            assert!(text.contains(&series), "{text}");
+        }
+        assert!(
+            text.contains(r#"mqtt_connector_jobs_expired_total{when="taken"} 0"#),
+            "{text}"
+        );
+        requests.ended(RequestEnd::TooLarge);
+        requests.answered_after(Duration::from_millis(30));
+        requests.expired(ExpiredWhen::Retrying);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"mqtt_connector_requests_total{outcome="too_large"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("mqtt_connector_request_answer_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"mqtt_connector_jobs_expired_total{when="retrying"} 1"#),
             "{text}"
         );
     }

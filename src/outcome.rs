@@ -78,6 +78,43 @@ pub struct Outcome {
     pub attempts: u32,
     /// `request`: the device's answer.
     pub response: Option<Response>,
+    /// `request`: how it ended, when it got as far as its subscription (for the metrics).
+    pub request_end: Option<RequestEnd>,
+}
+
+/// How a `request` ended: the `outcome` label of `mqtt_connector_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestEnd {
+    /// 0: the device's answer is in the reply.
+    Answered,
+    /// 10: published and acknowledged, no answer in time.
+    NoAnswer,
+    /// 10: an answer came, over `--max-response-bytes`.
+    TooLarge,
+    /// 8: the broker refused the subscription to the response topic; nothing published.
+    SubscriptionRefused,
+    /// Any other code: the command was never acknowledged (invalid, expired, broker down, …).
+    NotPublished,
+}
+
+impl RequestEnd {
+    pub const ALL: [RequestEnd; 5] = [
+        RequestEnd::Answered,
+        RequestEnd::NoAnswer,
+        RequestEnd::TooLarge,
+        RequestEnd::SubscriptionRefused,
+        RequestEnd::NotPublished,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RequestEnd::Answered => "answered",
+            RequestEnd::NoAnswer => "no_answer",
+            RequestEnd::TooLarge => "too_large",
+            RequestEnd::SubscriptionRefused => "subscription_refused",
+            RequestEnd::NotPublished => "not_published",
+        }
+    }
 }
 
 /// A device's answer to a `request`, as the reply carries it.
@@ -129,7 +166,14 @@ impl Outcome {
             message: message.into(),
             attempts,
             response: None,
+            request_end: None,
         }
+    }
+
+    /// The same outcome, marked with how its request ended.
+    pub fn ending(mut self, end: RequestEnd) -> Self {
+        self.request_end = Some(end);
+        self
     }
 }
 

@@ -32,12 +32,12 @@ use crate::backoff::Backoff;
 use crate::connectors::{Connector, ConnectorStore};
 use crate::expiry::{self, Check, Validity};
 use crate::job::{Job, JobError, Limits, MqttVersion, Params, Qos, Request};
-use crate::metrics::{ConnectorMetrics, Metrics};
+use crate::metrics::{ConnectorMetrics, ExpiredWhen, Metrics, RequestMetrics};
 use crate::mqtt::MqttError;
 use crate::mqtt::connection::{Ack, AnswerWait, End};
 use crate::mqtt::pool::{Gate, Lease, Pool, Suspect, Waited};
 use crate::mqtt::responses::{Incoming, Matching};
-use crate::outcome::{ExitCode, Outcome, Response};
+use crate::outcome::{ExitCode, Outcome, RequestEnd, Response};
 use crate::policy::{self, JobFiles, Policy};
 
 /// Metric handles of every connector label, built once.
@@ -70,6 +70,8 @@ pub struct Pipeline {
     /// Metric handles by connector label: every connector's name, `none` and `unknown`.
     labels: Arc<Labels>,
     publish_latency: Arc<[Histogram; 3]>,
+    /// Requests by how they ended, answer latency, expired jobs.
+    requests: RequestMetrics,
     pool: Pool,
     limits: Limits,
     policy: Arc<Policy>,
@@ -272,6 +274,7 @@ impl Pipeline {
             connectors,
             labels: Arc::new(labels),
             publish_latency: Arc::new(metrics.publish_latency()),
+            requests: metrics.requests(),
             pool,
             limits,
             policy: Arc::new(policy),
@@ -309,7 +312,14 @@ impl Pipeline {
     ) -> Finished {
         let started = Instant::now();
         let (result, label) = match self.prepare(body, correlation_id).await {
-            Ok((job, label)) => (self.publish(&job, label, taken).await, label),
+            Ok((job, label)) => {
+                let result = self.publish(&job, label, taken).await;
+                if let (Some(_), Ok(outcome)) = (&job.request, &result) {
+                    let end = outcome.request_end.unwrap_or(RequestEnd::NotPublished);
+                    self.requests.ended(end);
+                }
+                (result, label)
+            }
             Err((err, label)) => (Ok(Outcome::from(err)), label),
         };
         let connector = Arc::clone(&label.name);
@@ -426,6 +436,7 @@ impl Pipeline {
         if let Some(validity) = validity
             && let Check::Expired { ago } = validity.check(SystemTime::now())
         {
+            self.requests.expired(ExpiredWhen::Taken);
             return Ok(expired_when_taken(validity, ago));
         }
         let left = time_left(taken.first_taken, SystemTime::now(), job.timeout);
@@ -450,6 +461,7 @@ impl Pipeline {
             {
                 let failure = last_failure.as_ref();
                 let tried = Tried::new(attempts, ever_sent, started.elapsed());
+                self.requests.expired(ExpiredWhen::Retrying);
                 return Ok(expired_retrying(validity, failure, tried));
             }
             attempts += 1;
@@ -486,10 +498,17 @@ impl Pipeline {
                 Ok(Err(Missed::Expired(validity))) => {
                     let failure = last_failure.as_ref().or(waited.paused.as_ref());
                     let tried = Tried::new(attempts, ever_sent, started.elapsed());
+                    self.requests.expired(ExpiredWhen::Retrying);
                     return Ok(expired_retrying(validity, failure, tried));
                 }
                 Ok(Err(Missed::Failed(Failed { error, .. }))) if error.is_permanent() => {
-                    return Ok(Outcome::new(error.exit_code(), error.to_string(), attempts));
+                    let outcome = Outcome::new(error.exit_code(), error.to_string(), attempts);
+                    return Ok(match error {
+                        MqttError::SubscribeRefused { .. } => {
+                            outcome.ending(RequestEnd::SubscriptionRefused)
+                        }
+                        _ => outcome,
+                    });
                 }
                 Ok(Err(Missed::Failed(Failed {
                     error,
@@ -728,6 +747,7 @@ impl Pipeline {
 
     /// The answer in the reply, or 10 when it is over `--max-response-bytes`.
     fn answered(&self, published: Outcome, answer: Incoming, waited: Duration) -> Outcome {
+        self.requests.answered_after(waited);
         let size = answer.payload.len();
         let max = self.limits.max_response_bytes;
         if size > max {
@@ -741,7 +761,8 @@ impl Pipeline {
                     waited.as_millis()
                 ),
                 published.attempts,
-            );
+            )
+            .ending(RequestEnd::TooLarge);
         }
         let message = format!(
             "{}; answered on {} after {} ms ({size} bytes)",
@@ -749,7 +770,8 @@ impl Pipeline {
             answer.topic,
             waited.as_millis()
         );
-        let mut outcome = Outcome::new(ExitCode::Published, message, published.attempts);
+        let mut outcome = Outcome::new(ExitCode::Published, message, published.attempts)
+            .ending(RequestEnd::Answered);
         outcome.response = Some(Response::new(
             answer.topic,
             &answer.payload,
@@ -840,7 +862,7 @@ fn no_answer(
     if let Some(failure) = last_failure {
         message.push_str(&format!("; last: {failure}"));
     }
-    Outcome::new(ExitCode::NoResponse, message, published.attempts)
+    Outcome::new(ExitCode::NoResponse, message, published.attempts).ending(RequestEnd::NoAnswer)
 }
 
 /// Where an attempt was when the timeout ran out.

@@ -1,7 +1,8 @@
 //! The `mqtt-connector` binary as a user runs it: `send` (synchronous, no queue), `submit` with
 //! and without `--wait` against a `worker` child process configured by `MQTT_CONNECTOR_*`
 //! environment variables, `check`, the worker's refusal of a bad connector file, its
-//! `/healthz` and `/readyz`, and its clean exit on SIGTERM.
+//! `/healthz` and `/readyz`, and its clean exit on SIGTERM; `send` and `submit --wait` of a
+//! `request` print the device's answer.
 
 mod common;
 
@@ -254,6 +255,95 @@ async fn worker_process_health_submit_and_sigterm() {
     let amqp = Amqp::connect().await;
     assert_eq!(amqp.queue_message_count(&queue).await, Some(0));
     amqp.delete_queue(&queue).await;
+}
+
+/// `--set` arguments for a `request` to the device listening on `commands` at `broker`, which
+/// is asked to answer `say` on a fresh response topic (named in the command for 3.1.1).
+fn request_sets(broker: &Mosquitto, commands: &str, version: &str, say: &str) -> Vec<String> {
+    let response = unique_name("answers");
+    let keys = [
+        format!("broker={}", broker.url()),
+        format!("client-id={}", unique_name("cli")),
+        format!("topic={commands}"),
+        format!("content={}", json!({"say": say, "reply": response})),
+        "action=request".to_owned(),
+        format!("response-topic={response}"),
+        format!("mqtt-version={version}"),
+    ];
+    keys.into_iter()
+        .flat_map(|key| ["--set".to_owned(), key])
+        .collect()
+}
+
+/// The reply printed for an answered request says what the device said, as the SPEC's reply
+/// shows it.
+fn assert_answered(output: &Output, version: &str, say: &str) {
+    let result = printed_json(output);
+    assert_eq!(
+        result["exit-code"],
+        0,
+        "{result}; stderr: {}",
+        stderr(output)
+    );
+    assert_eq!(output.status.code(), Some(0), "{result}");
+    let response = &result["response"];
+    assert_eq!(response["content"], say, "{result}");
+    assert_eq!(response["content-encoding"], "utf-8", "{result}");
+    assert!(
+        response["topic"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("answers-")),
+        "{result}"
+    );
+    if version == "5" {
+        assert_eq!(response["content-type"], "text/plain", "{result}");
+        assert_eq!(
+            response["user-properties"],
+            json!([["device", "d1"], ["k", "1"], ["k", "2"]]),
+            "{result}"
+        );
+    } else {
+        assert!(response.get("content-type").is_none(), "{result}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_and_submit_wait_print_the_devices_answer() {
+    let broker = Mosquitto::plain();
+    let commands = unique_name("cmd");
+    let device = Device::start(broker.port(), &commands).await;
+    for version in ["3.1.1", "5"] {
+        let say = format!("unlocked over {version}");
+        let mut args = vec!["send".to_owned()];
+        args.extend(request_sets(&broker, &commands, version, &say));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_answered(&run(&args, &[]).await, version, &say);
+    }
+
+    let dir = connectors_dir();
+    let queue = unique_name("cli-requests");
+    let mut worker = start_worker(&queue, dir.path());
+    common::http::wait_for_status(worker.metrics_addr, "/readyz", 200, T).await;
+    let amqp_url = amqp_url();
+    let env = [("MQTT_CONNECTOR_AMQP_URL", amqp_url.as_str())];
+    for version in ["3.1.1", "5"] {
+        let say = format!("metered over {version}");
+        let mut args = vec!["submit".to_owned(), "--wait".into(), "--queue".into()];
+        args.push(queue.clone());
+        args.extend(request_sets(&broker, &commands, version, &say));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(&args, &env).await;
+        assert_answered(&out, version, &say);
+    }
+    assert_eq!(device.received(), 4, "one command per request");
+    worker.signal("TERM");
+    assert_eq!(
+        worker.wait_exit(T).await.code(),
+        Some(0),
+        "{}",
+        worker.output()
+    );
+    Amqp::connect().await.delete_queue(&queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,17 +1,18 @@
 //! The Rust client API against a real worker: `call` returns a typed reply (exit-code enum,
 //! message, extra keys), `submit` returns the correlation id and the job is published, many
 //! calls share one client, a dead first node in the URL list is skipped, and a queue nobody
-//! consumes gives `NoReply`.
+//! consumes gives `NoReply`; `request` returns a real device's answer typed (text, bytes, MQTT 5
+//! properties) and turns exit-codes 10 and others into errors.
 
 mod common;
 
 use std::time::Duration;
 
 use common::worker::spawn_worker;
-use common::{Mosquitto, Subscriber, unique_name};
+use common::{Device, Mosquitto, Subscriber, unique_name};
 use futures_util::future::join_all;
 use mqtt_connector::amqp::queue::QueueSettings;
-use mqtt_connector::client::{Client, ClientError, ClientOptions, JobRequest};
+use mqtt_connector::client::{Client, ClientError, ClientOptions, JobRequest, Payload};
 use mqtt_connector::outcome::ExitCode;
 use rumqttc::QoS;
 
@@ -119,5 +120,101 @@ async fn call_submit_and_typed_replies_against_a_real_worker() {
     assert!(matches!(err, ClientError::NoReply(_)), "{err}");
     client.close().await;
     common::Amqp::connect().await.delete_queue(&idle).await;
+    common::Amqp::connect().await.delete_queue(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_returns_the_devices_answer_typed_and_errors_for_other_exit_codes() {
+    let mosquitto = Mosquitto::plain();
+    let commands = unique_name("cmd");
+    let device = Device::start(mosquitto.port(), &commands).await;
+    let connectors = common::worker::connectors_dir();
+    let queue = unique_name("client-requests");
+    let worker = spawn_worker(&queue, connectors.path()).await;
+    let client = Client::connect_with(&common::amqp_url(), options(&queue))
+        .await
+        .expect("connect");
+    // A command for the device, answered on a topic of the job's own (named in the command for
+    // 3.1.1, where the device cannot learn it from a Response Topic property).
+    let command = |version: &str, command: serde_json::Value| {
+        let response = format!("{}/{{correlation-id}}", unique_name("answers"));
+        let mut content = command;
+        content["reply"] = serde_json::json!(response);
+        JobRequest::new()
+            .broker(mosquitto.url())
+            .client_id(unique_name("client"))
+            .topic(commands.as_str())
+            .content(content.to_string())
+            .qos(1)
+            .set("mqtt-version", version)
+            .response_topic(response)
+            .timeout(Duration::from_secs(5))
+    };
+
+    let answer = client
+        .request(&command("5", serde_json::json!({"say": "open"})), T)
+        .await
+        .expect("answered over MQTT 5");
+    assert_eq!(answer.payload, Payload::Text("open".into()));
+    assert_eq!(answer.content_type.as_deref(), Some("text/plain"));
+    let properties: Vec<(&str, &str)> = answer
+        .user_properties
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(properties, [("device", "d1"), ("k", "1"), ("k", "2")]);
+    assert!(answer.topic.starts_with("answers-"), "{}", answer.topic);
+    assert_eq!(answer.reply.exit_code, ExitCode::Published);
+    assert!(
+        answer.reply.message.contains("answered"),
+        "{}",
+        answer.reply.message
+    );
+
+    // 3.1.1 and a binary answer. The device learns the topic from the content, where the
+    // worker does not fill in {correlation-id}: the job names a topic of its own.
+    let mut job = command("3.1.1", serde_json::json!({"binary": true}));
+    let response = format!("{}/fixed", unique_name("answers"));
+    job = job
+        .response_topic(response.clone())
+        .content(serde_json::json!({"binary": true, "reply": response}).to_string());
+    let answer = client.request(&job, T).await.expect("answered over 3.1.1");
+    assert_eq!(
+        answer.payload,
+        Payload::Binary(vec![0xff, 0x00, 0x80, 0xfe])
+    );
+    assert_eq!(answer.payload.as_str(), None);
+    assert_eq!(answer.topic, response);
+    assert!(answer.content_type.is_none(), "3.1.1 has no properties");
+
+    // A silent device: exit-code 10 is an error that holds the reply.
+    let silent =
+        command("5", serde_json::json!({"silent": true})).timeout(Duration::from_millis(500));
+    match client.request(&silent, T).await {
+        Err(ClientError::NoAnswer(reply)) => {
+            assert_eq!(reply.exit_code, ExitCode::NoResponse);
+            assert!(reply.message.contains("no answer"), "{}", reply.message);
+        }
+        other => panic!("expected NoAnswer, got {other:?}"),
+    }
+    // No response topic: an invalid job (1), also an error holding the reply.
+    let job = JobRequest::new()
+        .broker(mosquitto.url())
+        .client_id(unique_name("client"))
+        .topic(commands.as_str())
+        .content("x");
+    let err = client
+        .request(&job, T)
+        .await
+        .expect_err("no response topic");
+    let text = err.to_string();
+    let ClientError::JobFailed(reply) = err else {
+        panic!("expected JobFailed, got {text}");
+    };
+    assert_eq!(reply.exit_code, ExitCode::InvalidJob, "{text}");
+    assert!(text.contains("exit-code 1"), "{text}");
+    assert_eq!(device.received(), 3, "one command per published request");
+    client.close().await;
+    worker.stop().await;
     common::Amqp::connect().await.delete_queue(&queue).await;
 }

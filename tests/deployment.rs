@@ -28,12 +28,16 @@ const METRICS: &[&str] = &[
     "mqtt_connector_mqtt_reconnects_total",
     "mqtt_connector_amqp_consumer_up",
     "mqtt_connector_build_info",
+    "mqtt_connector_requests_total",
+    "mqtt_connector_jobs_expired_total",
+    "mqtt_connector_replies_lost_total",
 ];
 
 /// Histograms the worker exposes (as `_bucket`, `_sum` and `_count`).
 const HISTOGRAMS: &[&str] = &[
     "mqtt_connector_job_duration_seconds",
     "mqtt_connector_publish_duration_seconds",
+    "mqtt_connector_request_answer_seconds",
 ];
 
 const COMPOSE: &str = "docker-compose.yml";
@@ -846,6 +850,8 @@ fn alert_rules_use_only_worker_metrics() {
         "MqttConnectorNoWorkersUp",
         "MqttConnectorJobsInFlightStuck",
         "MqttConnectorJobDurationP99High",
+        "MqttConnectorRequestTimeoutsHigh",
+        "MqttConnectorRepliesLost",
     ] {
         assert!(names.contains(expected), "alerts.yml: no alert {expected}");
     }
@@ -917,7 +923,7 @@ fn dashboard_queries_only_worker_metrics() {
         assert!(shown.contains(*m), "the dashboard never shows {m}");
     }
 
-    // Quantiles of both histograms, per worker and for the fleet.
+    // Quantiles of every histogram, per worker and for the fleet.
     for h in HISTOGRAMS {
         for q in ["0.5", "0.95", "0.99"] {
             let fleet = format!("histogram_quantile({q}, sum by (le) (rate({h}_bucket[1m])))");

@@ -2,7 +2,9 @@
 //! every PromQL query of the Grafana dashboard and of the alert rules; `promtool check metrics`
 //! accepts a real scrape; the worker binary logs one JSON line per job with its correlation id,
 //! connector, exit-code and duration, respects `RUST_LOG` and never logs a password; `/healthz`
-//! and `/readyz` follow RabbitMQ's reachability.
+//! and `/readyz` follow RabbitMQ's reachability; the request and expiry metrics count real jobs
+//! (answered, no answer, too large, never published; answer latency; expired when taken or
+//! while retrying).
 //!
 //! Alert rules: an alert's expression returns nothing unless it fires, so on a healthy system
 //! each rule is checked through [`alert_probes`]: every top-level operand of `and`/`or`/`unless`
@@ -52,9 +54,24 @@ fn write_mix_connectors(dir: &Path, proxy: &TcpProxy) {
 }
 
 /// Successes at QoS 0, 1 and 2 (local and through the proxy), and failures: unknown connector
-/// (2), closed port (3, retried), invalid job (1). Asserts every reply's exit-code.
-async fn run_job_mix(bed: &mut TestBed) {
+/// (2), closed port (3, retried), invalid job (1); requests to the device listening on
+/// `commands` (answered 0 over MQTT 5, silent 10) and a stale command (9). Asserts every reply's
+/// exit-code.
+async fn run_job_mix(bed: &mut TestBed, commands: &str) {
+    let request = |command: Json, timeout: u64| {
+        json!({"connector": "local", "action": "request", "mqtt-version": "5",
+               "topic": commands, "content": command.to_string(), "timeout": timeout,
+               "response-topic": format!("{}/{{correlation-id}}", unique_name("obs/answers"))})
+    };
+    let past = mqtt_connector::expiry::rfc3339(std::time::SystemTime::now() - T);
     let jobs = [
+        (request(json!({"say": "on"}), 5000), 0),
+        (request(json!({"say": "later", "delay-ms": 20}), 5000), 0),
+        (request(json!({"silent": true}), 300), 10),
+        (
+            json!({"connector": "local", "content": "stale", "not-after": past}),
+            9,
+        ),
         (json!({"connector": "local", "content": "q0", "qos": 0}), 0),
         (json!({"connector": "local", "content": "q1", "qos": 1}), 0),
         (json!({"connector": "local", "content": "q2", "qos": 2}), 0),
@@ -93,10 +110,12 @@ async fn prometheus_answers_every_dashboard_and_alert_query() {
     let mut bed = TestBed::start(dir).await;
     let worker_addr = bed.worker.metrics_addr();
     let prometheus = Prometheus::start(&[worker_addr]).await;
+    let commands = unique_name("obs/commands");
+    let _device = Device::start(1883, &commands).await;
 
     // First batch: creates every series. Prometheus takes a series' first sample as its
     // start, so wait until it has scraped them before the second batch makes them move.
-    run_job_mix(&mut bed).await;
+    run_job_mix(&mut bed, &commands).await;
     let finished = metric_sum(&bed.worker.metrics().await, "mqtt_connector_jobs_total");
     wait_query(
         &prometheus,
@@ -113,7 +132,7 @@ async fn prometheus_answers_every_dashboard_and_alert_query() {
     );
     proxy.cut();
     wait_worker_metric(&bed.worker, "mqtt_connector_mqtt_connections", |v| v < open).await;
-    run_job_mix(&mut bed).await;
+    run_job_mix(&mut bed, &commands).await;
     let text = bed.worker.metrics().await;
     assert!(
         metric_sum(&text, "mqtt_connector_mqtt_reconnects_total") >= 1.0,
@@ -198,10 +217,132 @@ async fn prometheus_answers_every_dashboard_and_alert_query() {
         .collect();
     assert_eq!(
         codes,
-        ["0", "1", "2", "3"].into_iter().collect(),
+        ["0", "1", "2", "3", "9", "10"].into_iter().collect(),
         "{by_code:?}"
     );
     drop(prometheus);
+    bed.finish().await;
+}
+
+/// The value of the one sample of `series` (name and labels exactly as exposed), or `None`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A request job to the device on `commands` at `broker` (MQTT 5), with `command`'s keys in
+/// its content.
+fn request_job(broker: &Mosquitto, commands: &str, command: Json) -> Json {
+    with(
+        job(&broker.url(), commands, &command.to_string()),
+        json!({"action": "request", "mqtt-version": "5",
+               "response-topic": format!("{}/{{correlation-id}}", unique_name("answers"))}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_expiry_metrics_count_real_jobs() {
+    let broker = Mosquitto::plain();
+    let commands = unique_name("cmd");
+    let device = Device::start(broker.port(), &commands).await;
+    let mut bed = TestBed::new().await;
+    let closed = format!("tcp://127.0.0.1:{}", free_port());
+    let past = mqtt_connector::expiry::rfc3339(std::time::SystemTime::now() - T);
+    let soon =
+        mqtt_connector::expiry::rfc3339(std::time::SystemTime::now() + Duration::from_millis(1500));
+    let jobs = [
+        (
+            request_job(&broker, &commands, json!({"say": "a", "delay-ms": 50})),
+            0,
+        ),
+        (
+            request_job(&broker, &commands, json!({"say": "b", "delay-ms": 50})),
+            0,
+        ),
+        (request_job(&broker, &commands, json!({"say": "c"})), 0),
+        (
+            with(
+                request_job(&broker, &commands, json!({"silent": true})),
+                json!({"timeout": 400}),
+            ),
+            10,
+        ),
+        (
+            request_job(&broker, &commands, json!({"size": 300_000})),
+            10,
+        ),
+        // Never published: a broker that is not there.
+        (
+            with(
+                request_job(&broker, &commands, json!({})),
+                json!({"broker": closed, "timeout": 500}),
+            ),
+            3,
+        ),
+        // Not a valid request (no response topic): not counted as a request.
+        (
+            with(
+                request_job(&broker, &commands, json!({})),
+                json!({"response-topic": null}),
+            ),
+            1,
+        ),
+        // Expired: when taken, and while retrying against a broker that is not there.
+        (
+            with(
+                job(&broker.url(), &commands, "stale"),
+                json!({"not-after": past}),
+            ),
+            9,
+        ),
+        (
+            with(
+                job(&closed, &commands, "late"),
+                json!({"not-after": soon, "timeout": 10000}),
+            ),
+            9,
+        ),
+    ];
+    for (body, code) in jobs {
+        let reply = bed.run(body.clone(), T).await;
+        assert_eq!(reply.exit_code(), code, "{body}: {}", reply.body);
+    }
+    let text = bed.worker.metrics().await;
+    let value = |series: &str| {
+        sample(&text, series).unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+    };
+    let requests = |outcome: &str| {
+        value(&format!(
+            "mqtt_connector_requests_total{{outcome=\"{outcome}\"}}"
+        ))
+    };
+    assert_eq!(requests("answered"), 3.0, "{text}");
+    assert_eq!(requests("no_answer"), 1.0, "{text}");
+    assert_eq!(requests("too_large"), 1.0, "{text}");
+    assert_eq!(requests("not_published"), 1.0, "{text}");
+    assert_eq!(requests("subscription_refused"), 0.0, "{text}");
+    // Every answer that came is timed, the one too large too; the two delayed ones took 50 ms.
+    assert_eq!(
+        value("mqtt_connector_request_answer_seconds_count"),
+        4.0,
+        "{text}"
+    );
+    let latency = value("mqtt_connector_request_answer_seconds_sum");
+    assert!(
+        (0.05..20.0).contains(&latency),
+        "answer latency sum {latency}:\n{text}"
+    );
+    assert_eq!(
+        value(r#"mqtt_connector_jobs_expired_total{when="taken"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(r#"mqtt_connector_jobs_expired_total{when="retrying"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(device.received(), 5, "one command per published request");
     bed.finish().await;
 }
 
@@ -275,7 +416,9 @@ async fn promtool_accepts_a_real_scrape() {
     let dir = connectors_dir();
     write_mix_connectors(dir.path(), &proxy);
     let mut bed = TestBed::start(dir).await;
-    run_job_mix(&mut bed).await;
+    let commands = unique_name("obs/commands");
+    let _device = Device::start(1883, &commands).await;
+    run_job_mix(&mut bed, &commands).await;
     let text = bed.worker.metrics().await;
     for name in [
         "mqtt_connector_jobs_total",
@@ -284,6 +427,9 @@ async fn promtool_accepts_a_real_scrape() {
         "mqtt_connector_publish_duration_seconds_bucket",
         "mqtt_connector_mqtt_connections",
         "mqtt_connector_build_info",
+        "mqtt_connector_requests_total",
+        "mqtt_connector_request_answer_seconds_bucket",
+        "mqtt_connector_jobs_expired_total",
     ] {
         assert!(text.contains(name), "scrape without {name}:\n{text}");
     }

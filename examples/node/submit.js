@@ -6,6 +6,14 @@
 //   node examples/node/submit.js --connector local --topic a/b --content hi \
 //       --amqp-url amqp://guest:guest@127.0.0.1:5672/%2f --queue mqtt-connector.send
 //
+// A command that answers: --response-topic makes the job a `request`; the worker publishes it,
+// waits for the device's answer on that topic and returns it under `response`, which this
+// script also writes on stderr (`answer on TOPIC: ...`). With MQTT 3.1.1 the device learns the
+// topic from the content; with --mqtt-version 5 also from the Response Topic property.
+//
+//   node examples/node/submit.js --topic meters/42/read --content '{"reply": "meters/42/answer"}' \
+//       --response-topic meters/42/answer
+//
 // The AMQP URL and the queue default to $MQTT_CONNECTOR_AMQP_URL and $MQTT_CONNECTOR_QUEUE, as
 // for the worker; the topic and the content to $MQTT_TOPIC and $MQTT_CONTENT. Needs amqplib
 // (`npm ci` in examples/node). The job goes out on a confirm channel with `mandatory`, so a
@@ -26,6 +34,9 @@ function options() {
       connector: { type: 'string', default: 'local' },
       topic: { type: 'string', default: env.MQTT_TOPIC },
       content: { type: 'string', default: env.MQTT_CONTENT || 'hello from Node.js' },
+      'response-topic': { type: 'string' },
+      'mqtt-version': { type: 'string' },
+      timeout: { type: 'string' },
       wait: { type: 'string', default: '60' },
     },
   });
@@ -36,12 +47,30 @@ function options() {
   return values;
 }
 
+// A request's answer, on stderr: the text, or the bytes when it was not UTF-8.
+function showAnswer(reply) {
+  const response = reply.response;
+  if (!response) return;
+  const content = response['content-encoding'] === 'base64'
+    ? `bytes ${Buffer.from(response.content, 'base64').toString('hex')}`
+    : JSON.stringify(response.content);
+  console.error(`answer on ${response.topic}: ${content}`);
+  for (const [name, value] of response['user-properties'] || []) {
+    console.error(`  ${name}: ${value}`);
+  }
+}
+
 async function main() {
   const args = options();
   const waitSeconds = Number(args.wait);
   // A cluster's URL list (comma-separated) is for the worker; a client needs one node.
   const url = args['amqp-url'].split(',')[0];
   const job = { connector: args.connector, topic: args.topic, content: args.content };
+  if (args['response-topic']) {
+    Object.assign(job, { action: 'request', 'response-topic': args['response-topic'] });
+  }
+  if (args['mqtt-version']) job['mqtt-version'] = args['mqtt-version'];
+  if (args.timeout) job.timeout = Number(args.timeout);
 
   const connection = await amqp.connect(url);
   try {
@@ -79,8 +108,10 @@ async function main() {
       console.log(JSON.stringify({ 'exit-code': 6, message: `no reply within ${waitSeconds} s` }));
       return 6;
     }
+    const parsed = JSON.parse(body);
+    showAnswer(parsed);
     console.log(body);
-    return JSON.parse(body)['exit-code'];
+    return parsed['exit-code'];
   } finally {
     await connection.close();
   }

@@ -28,6 +28,8 @@
 //! - [`child`]: the worker as a child process ([`child::ChildWorker`]), configured through
 //!   `MQTT_CONNECTOR_*` variables, for tests that need its exit status, signals, fds, RSS or
 //!   logs (the benchmark includes the same file).
+//! - [`device`]: a [`Device`] that answers `request` commands (MQTT 5 client; answers 3.1.1
+//!   workers on the topic the command names).
 //! - [`mock`]: fake brokers for the failures a real broker cannot produce ([`SilentServer`],
 //!   [`ConnackThenSilent`], [`ConnackThenClose`], [`DisconnectOnPublish5`]).
 //!
@@ -41,6 +43,7 @@ pub mod amqtt;
 pub mod certs;
 pub mod child;
 pub mod dashboard;
+pub mod device;
 pub mod http;
 pub mod mock;
 pub mod mosquitto;
@@ -54,6 +57,7 @@ pub mod worker;
 pub use amqp::{Amqp, Message, Reply, ReplyStream, amqp_url};
 pub use certs::{Certs, ClientCert};
 pub use child::ChildWorker;
+pub use device::Device;
 pub use mock::{ConnackThenClose, ConnackThenSilent, DisconnectOnPublish5, SilentServer};
 pub use mosquitto::Mosquitto;
 pub use mqtt::{Publisher, Received, Subscriber, mqtt_options, tls_options};

@@ -1,5 +1,6 @@
 //! The Rust client API: put jobs on the request queue from a Rust service, and await their
-//! replies. The CLI's `submit` is built on it.
+//! replies or, for commands that answer, the device's answer ([`answer`]). The CLI's `submit` is
+//! built on it.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), mqtt_connector::client::ClientError> {
@@ -16,6 +17,27 @@
 //! let correlation_id = client.submit(&job).await?; // fire and forget
 //! # let _ = correlation_id;
 //! client.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! A command that answers: [`Client::request`] sends it as `"action": "request"` and returns the
+//! device's [`Answer`] (an exit-code other than 0 is an error: [`ClientError::NoAnswer`] for 10,
+//! [`ClientError::JobFailed`] for the others).
+//!
+//! ```no_run
+//! # async fn example(client: &mqtt_connector::client::Client) -> Result<(), mqtt_connector::client::ClientError> {
+//! use std::time::Duration;
+//! use mqtt_connector::client::JobRequest;
+//!
+//! let job = JobRequest::new()
+//!     .connector("local")
+//!     .topic("meters/42/commands")
+//!     .content(r#"{"read": "meter"}"#)
+//!     .set("mqtt-version", 5)
+//!     .response_topic("meters/42/answers/{correlation-id}")
+//!     .timeout(Duration::from_secs(5));
+//! let answer = client.request(&job, Duration::from_secs(15)).await?;
+//! println!("the meter said {:?}", answer.payload.as_str());
 //! # Ok(()) }
 //! ```
 //!
@@ -41,6 +63,10 @@ use crate::amqp::tls::TlsFiles;
 use crate::amqp::{DEFAULT_QUEUE, consumer};
 use crate::job_args::{self, JobArgsError};
 use crate::outcome::ExitCode;
+
+mod answer;
+
+pub use answer::{Answer, Payload};
 
 /// Why a job could not be submitted, or its reply not received.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +97,12 @@ pub enum ClientError {
     BadReply(#[from] ReplyError),
     #[error("the connection to RabbitMQ is gone; connect a new client")]
     Disconnected,
+    /// A `request` published and acknowledged, but no usable answer in time (exit-code 10).
+    #[error("no answer (exit-code 10): {}", .0.message)]
+    NoAnswer(Box<Reply>),
+    /// A `request` that ended with another exit-code than 0 or 10.
+    #[error("the request failed with exit-code {}: {}", .0.exit_code.code(), .0.message)]
+    JobFailed(Box<Reply>),
 }
 
 /// A reply body that does not keep to the contract.
@@ -82,6 +114,10 @@ pub enum ReplyError {
     Missing(&'static str),
     #[error("the reply's exit-code {0} is not one this client knows")]
     UnknownExitCode(u64),
+    #[error("the reply's response is not an answer object")]
+    BadResponse(#[source] serde_json::Error),
+    #[error("the reply's response has a bad {0}")]
+    BadContent(&'static str),
 }
 
 /// A job to submit: the job keys as a JSON object. Typed setters for the common keys, and
@@ -162,6 +198,12 @@ impl JobRequest {
 
     pub fn password(self, password: impl Into<String>) -> Self {
         self.set("password", password.into())
+    }
+
+    /// The topic the device answers on (`{correlation-id}` stands for the job's id); needed by
+    /// [`Client::request`].
+    pub fn response_topic(self, topic: impl Into<String>) -> Self {
+        self.set("response-topic", topic.into())
     }
 
     /// The job's whole timeout, retries included (sent in milliseconds).
@@ -399,6 +441,25 @@ impl Client {
             lock(&self.waiting).remove(&correlation_id);
         }
         result
+    }
+
+    /// Sends `job` as a `request` (`"action": "request"`; it needs a `response-topic`, from the
+    /// job or its connector) and returns the device's answer. `timeout` bounds the whole call as
+    /// in [`Client::call`]; make it longer than the job's own `timeout`, which covers the wait
+    /// for the answer. A reply with another exit-code than 0 is an error:
+    /// [`ClientError::NoAnswer`] (10) or [`ClientError::JobFailed`], which hold the reply.
+    pub async fn request(
+        &self,
+        job: &JobRequest,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
+        let job = job.clone().set("action", "request");
+        let reply = self.call(&job, timeout).await?;
+        match reply.exit_code {
+            ExitCode::Published => Ok(Answer::from_reply(reply)?),
+            ExitCode::NoResponse => Err(ClientError::NoAnswer(Box::new(reply))),
+            _ => Err(ClientError::JobFailed(Box::new(reply))),
+        }
     }
 
     async fn publish(
