@@ -22,6 +22,23 @@ use tokio::time::Instant;
 
 const JOBS: usize = 2000;
 
+/// How the jobs come: all at once, or at a steady rate (where a job lands on any worker, one
+/// at a time: the case in which hand-backs through the request queue kept missing the holder).
+#[derive(Clone, Copy)]
+enum Load {
+    Burst,
+    Steady { jobs: usize, per_second: u64 },
+}
+
+impl Load {
+    fn jobs(self) -> usize {
+        match self {
+            Load::Burst => JOBS,
+            Load::Steady { jobs, .. } => jobs,
+        }
+    }
+}
+
 /// Mosquitto logs one line per takeover: "Client X already connected, closing old connection."
 fn takeovers(log: &str) -> usize {
     log.lines()
@@ -34,7 +51,8 @@ fn takeovers(log: &str) -> usize {
 /// return, into a dead-letter queue the test reads: a job handed back by a nack (or returned by
 /// any stray redelivery) lands there, one republished as a new message does not. Returns how
 /// many jobs were handed back.
-async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) -> f64 {
+async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool, load: Load) -> f64 {
+    let jobs = load.jobs();
     let mut broker = Mosquitto::plain();
     reconfigure(&mut broker, UNLIMITED_QUEUES);
     let topic = unique_name("shared");
@@ -67,17 +85,27 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) ->
         running.push(spawn_worker_with(options).await);
     }
     let run = unique_name("run");
-    let bodies: Vec<(String, Vec<u8>)> = (0..JOBS)
+    let bodies: Vec<(String, Vec<u8>)> = (0..jobs)
         .map(|i| {
             let body = json!({"connector": "shared", "content": format!("{run}-{i}")});
             (i.to_string(), body.to_string().into_bytes())
         })
         .collect();
     let started = Instant::now();
-    send_burst(&amqp, &queue, &reply_queue, &bodies).await;
+    match load {
+        Load::Burst => send_burst(&amqp, &queue, &reply_queue, &bodies).await,
+        Load::Steady { per_second, .. } => {
+            let mut tick = tokio::time::interval(Duration::from_millis(1000 / per_second));
+            for (correlation_id, body) in &bodies {
+                tick.tick().await;
+                amqp.send_job(&queue, body, Some(&reply_queue), Some(correlation_id))
+                    .await;
+            }
+        }
+    }
     let answered = Replies::gather(
         &mut replies,
-        JOBS,
+        jobs,
         Duration::from_secs(120),
         Duration::from_millis(500),
     )
@@ -87,7 +115,7 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) ->
     // published again, so count distinct messages until all are in.
     let mut received: HashSet<String> = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while received.len() < JOBS && Instant::now() < deadline {
+    while received.len() < jobs && Instant::now() < deadline {
         if let Some(message) = subscriber.recv(Duration::from_millis(500)).await {
             received.insert(message.payload_str());
         }
@@ -101,23 +129,23 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) ->
     }
     let takeovers = takeovers(&broker.log());
     println!(
-        "{workers} workers sharing a client-id: {JOBS} jobs in {elapsed:?}; codes {:?}; \
+        "{workers} workers sharing a client-id: {jobs} jobs in {elapsed:?}; codes {:?}; \
          {} distinct messages received; {takeovers} takeovers in the broker's log; \
          {deferred} deferrals (jobs handed back to the queue)",
         answered.codes(),
         received.len()
     );
-    assert_eq!(answered.total(), JOBS, "jobs not answered");
+    assert_eq!(answered.total(), jobs, "jobs not answered");
     assert!(answered.answered_twice().is_empty(), "jobs answered twice");
     assert_eq!(
         answered.codes(),
-        [(0, JOBS)].into_iter().collect(),
+        [(0, jobs)].into_iter().collect(),
         "{:?} {:?} {:?}",
         answered.examples(3, 2),
         answered.examples(6, 2),
         answered.examples(7, 2)
     );
-    let missing = (0..JOBS)
+    let missing = (0..jobs)
         .filter(|i| !received.contains(&format!("{run}-{i}")))
         .count();
     assert_eq!(missing, 0, "{missing} messages answered 0 never arrived");
@@ -147,13 +175,13 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_a_client_id_without_failures() {
-    shared_client_id(2, 20, false).await;
+    shared_client_id(2, 20, false, Load::Burst).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_workers_share_a_client_id_without_failures() {
     // Measured 10-19 (a job handed back 3 times makes its worker take the client-id back).
-    shared_client_id(4, 30, false).await;
+    shared_client_id(4, 30, false, Load::Burst).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +190,24 @@ async fn eight_workers_share_a_client_id_without_failures() {
     // worker after its first loss (a single loss may be a network blip, not a sibling), and the
     // worker of a job handed back 3 times taking the client-id back for it (without that, a few
     // jobs of 2,000 bounced between 8 workers until their deadline and were answered 6).
-    shared_client_id(8, 60, false).await;
+    shared_client_id(8, 60, false, Load::Burst).await;
+}
+
+/// Three workers under a steady load: each job lands on any of them, and one handed back goes
+/// to the worker holding the client-id (its own queue), so the workers stop taking the
+/// client-id from each other once they have settled who holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_a_client_id_under_a_steady_load() {
+    shared_client_id(
+        3,
+        8,
+        false,
+        Load::Steady {
+            jobs: 400,
+            per_second: 25,
+        },
+    )
+    .await;
 }
 
 /// Jobs handed back between workers are published again, not nacked: on a quorum queue with a
@@ -173,7 +218,7 @@ async fn jobs_handed_back_do_not_count_against_a_quorum_delivery_limit() {
     // A fleet that settles quickly may hand nothing back; such a run proves nothing here, so
     // the burst is run again (on fresh queues) until jobs were handed back.
     for round in 1..=3 {
-        if shared_client_id(4, 30, true).await > 0.0 {
+        if shared_client_id(4, 30, true, Load::Burst).await > 0.0 {
             return;
         }
         eprintln!("round {round}: no job was handed back; again");
