@@ -27,7 +27,12 @@ const JOBS: usize = 2000;
 #[derive(Clone, Copy)]
 enum Load {
     Burst,
-    Steady { jobs: usize, per_second: u64 },
+    Steady {
+        jobs: usize,
+        per_second: u64,
+        /// Half-way through, stop the worker holding the client-id.
+        stop_holder: bool,
+    },
 }
 
 impl Load {
@@ -94,10 +99,27 @@ async fn shared_client_id(workers: usize, max_takeovers: usize, quorum: bool, lo
     let started = Instant::now();
     match load {
         Load::Burst => send_burst(&amqp, &queue, &reply_queue, &bodies).await,
-        Load::Steady { per_second, .. } => {
+        Load::Steady {
+            per_second,
+            stop_holder,
+            ..
+        } => {
             let mut tick = tokio::time::interval(Duration::from_millis(1000 / per_second));
-            for (correlation_id, body) in &bodies {
+            for (i, (correlation_id, body)) in bodies.iter().enumerate() {
                 tick.tick().await;
+                if stop_holder && i == jobs / 2 {
+                    let mut holder = None;
+                    for (index, worker) in running.iter().enumerate() {
+                        let connections =
+                            metric_sum(&worker.metrics().await, "mqtt_connector_mqtt_connections");
+                        if connections > 0.0 {
+                            holder = Some(index);
+                        }
+                    }
+                    let holder = holder.expect("a worker holds the client-id half-way");
+                    println!("stopping worker {holder}, which holds the client-id");
+                    tokio::spawn(running.remove(holder).stop());
+                }
                 amqp.send_job(&queue, body, Some(&reply_queue), Some(correlation_id))
                     .await;
             }
@@ -205,6 +227,25 @@ async fn three_workers_share_a_client_id_under_a_steady_load() {
         Load::Steady {
             jobs: 400,
             per_second: 25,
+            stop_holder: false,
+        },
+    )
+    .await;
+}
+
+/// The worker holding the client-id stops half-way: jobs handed back to it come back through
+/// the request queue (nobody consumes its client-id queue any more), and the worker taking one
+/// takes the client-id. Nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_a_client_id_when_its_holder_stops() {
+    shared_client_id(
+        3,
+        10,
+        false,
+        Load::Steady {
+            jobs: 300,
+            per_second: 25,
+            stop_holder: true,
         },
     )
     .await;
