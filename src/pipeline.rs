@@ -143,7 +143,8 @@ const DEFER_MAX: Duration = Duration::from_millis(500);
 const MAX_HANDBACKS: u32 = 3;
 /// Time a hand-back needs besides its delay before its job runs again: a wait in the queue
 /// of a holder that is gone (see [`crate::amqp::held::HELD_TTL`]) and the way back. A job with
-/// less time left is not handed back: its worker takes the client-id for it.
+/// less time left (or half its timeout, if that is less) is not handed back: its worker takes
+/// the client-id for it.
 const HANDBACK_RESERVE: Duration = Duration::from_millis(3000);
 
 /// What to do after an attempt failed with a transient error.
@@ -171,7 +172,7 @@ fn next_after(
     delay: Duration,
 ) -> Next {
     let held = matches!(failure, MqttError::HeldElsewhere { .. });
-    if held && may_defer && now + DEFER_MAX + HANDBACK_RESERVE < deadline {
+    if held && may_defer && now + DEFER_MAX < deadline {
         Next::Defer
     } else if now + delay >= deadline {
         if held {
@@ -558,8 +559,11 @@ impl Pipeline {
                 }
             };
             let now = tokio::time::Instant::now();
+            // Room for the trip, half the timeout at most (short timeouts hand back too).
+            let reserve = HANDBACK_RESERVE.min(job.timeout / 2);
             let may_defer = self.siblings.as_ref().is_some_and(Siblings::present)
-                && taken.handbacks < MAX_HANDBACKS;
+                && taken.handbacks < MAX_HANDBACKS
+                && now + reserve < deadline;
             let next = next_after(&failure, may_defer, now, deadline, backoff.next_delay());
             if matches!(failure, MqttError::HeldElsewhere { .. }) && matches!(next, Next::Retry(_))
             {

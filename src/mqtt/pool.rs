@@ -1089,9 +1089,8 @@ mod tests {
     }
 
     #[test]
-    fn yields_are_short_double_and_stay_bounded() {
+    fn yields_double_and_stay_bounded() {
         assert!(yield_delay(1) >= FIRST_YIELD / 2 && yield_delay(1) <= FIRST_YIELD);
-        assert!(yield_delay(1) <= Duration::from_secs(5));
         assert!(yield_delay(2) >= FIRST_YIELD);
         assert!(yield_delay(30) <= MAX_YIELD);
     }
