@@ -35,7 +35,7 @@ use crate::job::{Job, JobError, Limits, MqttVersion, Params, Qos, Request};
 use crate::metrics::{ConnectorMetrics, ExpiredWhen, Metrics, RequestMetrics};
 use crate::mqtt::MqttError;
 use crate::mqtt::connection::{Ack, AnswerWait, End};
-use crate::mqtt::pool::{Gate, Lease, Pool, Suspect, Waited};
+use crate::mqtt::pool::{Gate, Held, Lease, Pool, Suspect, Waited};
 use crate::mqtt::responses::{Incoming, Matching};
 use crate::outcome::{ExitCode, Outcome, RequestEnd, Response};
 use crate::policy::{self, JobFiles, Policy};
@@ -89,6 +89,9 @@ pub struct Taken {
     pub handbacks: u32,
     /// The AMQP message's `timestamp` + `expiration`, when it has both.
     pub expires_at: Option<SystemTime>,
+    /// Handed back to the worker holding its client-id, yet it came back through the request
+    /// queue: nobody consumed it there, the holder is gone (see [`crate::amqp::held`]).
+    pub orphaned: bool,
 }
 
 impl Taken {
@@ -98,6 +101,7 @@ impl Taken {
             first_taken: SystemTime::now(),
             handbacks: 0,
             expires_at: None,
+            orphaned: false,
         }
     }
 }
@@ -127,16 +131,23 @@ pub struct Finished {
     /// Not final: another worker holds the job's MQTT client-id. Hand the job back to the
     /// queue after this delay (no reply), so it reaches that worker or this one later.
     pub requeue_after: Option<Duration>,
+    /// With `requeue_after`: the client-id held elsewhere, and its broker.
+    pub held_elsewhere: Option<Held>,
 }
 
-/// How long a deferred job is held before it goes back to the queue: long enough that the
-/// queue does not spin, short enough that the job soon reaches the worker holding its client-id.
-const DEFER_MIN: Duration = Duration::from_millis(500);
-const DEFER_MAX: Duration = Duration::from_millis(2000);
+/// How long a deferred job is held before it goes back: a moment, so that a job nobody holds
+/// the client-id for does not spin through the queue; it goes to the holder directly.
+const DEFER_MIN: Duration = Duration::from_millis(100);
+const DEFER_MAX: Duration = Duration::from_millis(500);
 /// Hand-backs after which a job is no longer handed back: the worker holding it takes the
-/// client-id back for it (in a fleet of N, a job handed back at random reaches the holder with
-/// 1/N a time; without this bound a few jobs of thousands bounced until their deadline).
+/// client-id back for it. A hand-back goes to the holder in one hop; a job handed back this
+/// often did not find one.
 const MAX_HANDBACKS: u32 = 3;
+/// Time a hand-back needs besides its delay before its job runs again: a wait in the queue
+/// of a holder that is gone (see [`crate::amqp::held::HELD_TTL`]) and the way back. A job with
+/// less time left (or half its timeout, if that is less) is not handed back: its worker takes
+/// the client-id for it.
+const HANDBACK_RESERVE: Duration = Duration::from_millis(3000);
 
 /// What to do after an attempt failed with a transient error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,16 +322,16 @@ impl Pipeline {
         correlation_id: Option<&str>,
     ) -> Finished {
         let started = Instant::now();
-        let (result, label) = match self.prepare(body, correlation_id).await {
+        let (result, label, target) = match self.prepare(body, correlation_id).await {
             Ok((job, label)) => {
                 let result = self.publish(&job, label, taken).await;
                 if let (Some(_), Ok(outcome)) = (&job.request, &result) {
                     let end = outcome.request_end.unwrap_or(RequestEnd::NotPublished);
                     self.requests.ended(end);
                 }
-                (result, label)
+                (result, label, Some(job.target))
             }
-            Err((err, label)) => (Ok(Outcome::from(err)), label),
+            Err((err, label)) => (Ok(Outcome::from(err)), label, None),
         };
         let connector = Arc::clone(&label.name);
         match result {
@@ -330,6 +341,7 @@ impl Pipeline {
                     outcome,
                     connector,
                     requeue_after: None,
+                    held_elsewhere: None,
                 }
             }
             Err(deferred) => {
@@ -339,6 +351,7 @@ impl Pipeline {
                     outcome: deferred,
                     connector,
                     requeue_after: Some(delay),
+                    held_elsewhere: target.map(|target| self.pool.held_by(&target)),
                 }
             }
         }
@@ -438,6 +451,11 @@ impl Pipeline {
         {
             self.requests.expired(ExpiredWhen::Taken);
             return Ok(expired_when_taken(validity, ago));
+        }
+        if taken.orphaned {
+            // Sent to the holder of its client-id, and nobody took it there: this worker takes
+            // the client-id.
+            self.pool.take_back(&job.target);
         }
         let left = time_left(taken.first_taken, SystemTime::now(), job.timeout);
         let deadline = tokio::time::Instant::now() + left;
@@ -556,8 +574,11 @@ impl Pipeline {
                 }
             };
             let now = tokio::time::Instant::now();
+            // Room for the trip, half the timeout at most (short timeouts hand back too).
+            let reserve = HANDBACK_RESERVE.min(job.timeout / 2);
             let may_defer = self.siblings.as_ref().is_some_and(Siblings::present)
-                && taken.handbacks < MAX_HANDBACKS;
+                && taken.handbacks < MAX_HANDBACKS
+                && now + reserve < deadline;
             let next = next_after(&failure, may_defer, now, deadline, backoff.next_delay());
             if matches!(failure, MqttError::HeldElsewhere { .. }) && matches!(next, Next::Retry(_))
             {

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::amqp::consumer::{self, Flow, Session, SessionError};
+use crate::amqp::held::{self, Routes};
 use crate::amqp::nodes::{Nodes, NodesError};
 use crate::amqp::queue::{QueueError, QueueSettings, QueueType};
 use crate::amqp::settler::{Settler, SettlerTask};
@@ -401,24 +402,51 @@ impl Worker {
             self.siblings.clone(),
             session_over.clone(),
         ));
+        // Jobs handed back go to the worker holding their client-id (amqp::held); without the
+        // exchanges (a user not allowed to declare them), through the request queue.
+        let routes = Routes::new(&self.queue);
+        let routes = match routes.declare(&connection).await {
+            Ok(()) => Some(routes),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot declare the exchanges that take handed-back jobs to the worker holding their client-id: they go back through the request queue");
+                None
+            }
+        };
+        let connection = Arc::new(connection);
         // --prefetch bounds the jobs running, whatever consumers RabbitMQ counts it per: a
         // consumer started again after a pause gets a fresh window while older jobs still run.
         let slots = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
+        let context = JobContext {
+            pipeline: self.pipeline.clone(),
+            metrics: self.metrics.clone(),
+            cancel: session_jobs.clone(),
+            deferred: Arc::clone(&self.deferred),
+            queue: Arc::clone(&queue_name),
+            dead_letter_queue: dead_letter_queue.clone(),
+            flow: flow.clone(),
+            routes: routes.clone(),
+        };
+        let held_server = match &routes {
+            Some(routes) => {
+                let context = context.clone();
+                let run: held::RunHeld = Arc::new(move |delivery, channel, settler, slot| {
+                    Box::pin(context.job(delivery, channel, settler, slot, true).run())
+                });
+                tokio::spawn(held::serve(
+                    Arc::clone(&connection),
+                    routes.clone(),
+                    self.pipeline.pool().clone(),
+                    self.options.prefetch,
+                    Arc::clone(&slots),
+                    run,
+                    session_over.clone(),
+                ))
+            }
+            None => tokio::spawn(async {}),
+        };
         let spawn = |delivery: Delivery, slot: OwnedSemaphorePermit| {
             settler.taken(delivery.delivery_tag);
-            let job = Job {
-                _slot: slot,
-                delivery,
-                channel: channel.clone(),
-                settler: settler.clone(),
-                pipeline: self.pipeline.clone(),
-                metrics: self.metrics.clone(),
-                cancel: session_jobs.clone(),
-                deferred: Arc::clone(&self.deferred),
-                queue: Arc::clone(&queue_name),
-                dead_letter_queue: dead_letter_queue.clone(),
-                flow: flow.clone(),
-            };
+            let job = context.job(delivery, channel.clone(), settler.clone(), slot, false);
             jobs.spawn(job.run());
         };
         // Deliveries received but not started (drained at a pause): run before any new one.
@@ -486,7 +514,7 @@ impl Worker {
             jobs,
             settler,
             settler_task,
-            watcher,
+            [watcher, held_server],
             channel,
             connection,
         ));
@@ -584,10 +612,13 @@ async fn retire(
     jobs: TaskTracker,
     settler: Settler,
     settler_task: SettlerTask,
-    watcher: tokio::task::JoinHandle<()>,
+    helpers: [tokio::task::JoinHandle<()>; 2],
     channel: Channel,
-    connection: lapin::Connection,
+    connection: Arc<lapin::Connection>,
 ) {
+    // The held queues' consumers end first: their jobs run in `jobs` too.
+    let [watcher, held_server] = helpers;
+    let _ = held_server.await;
     jobs.close();
     jobs.wait().await;
     settler_task.finish(settler, SETTLE_TIMEOUT).await;
@@ -595,6 +626,48 @@ async fn retire(
     consumer::close_channel(&channel).await;
     drop(channel);
     consumer::close(&connection, "session over").await;
+}
+
+/// What every job of a session shares.
+#[derive(Clone)]
+struct JobContext {
+    pipeline: Pipeline,
+    metrics: Metrics,
+    cancel: CancellationToken,
+    deferred: Arc<Notify>,
+    queue: Arc<str>,
+    dead_letter_queue: Option<Arc<str>>,
+    flow: Flow,
+    routes: Option<Routes>,
+}
+
+impl JobContext {
+    /// A job for `delivery`, settled on `channel` (the channel it came on); `via_held` when it
+    /// came from the queue of a client-id this worker holds.
+    fn job(
+        &self,
+        delivery: Delivery,
+        channel: Channel,
+        settler: Settler,
+        slot: OwnedSemaphorePermit,
+        via_held: bool,
+    ) -> Job {
+        Job {
+            _slot: slot,
+            deferred: Arc::clone(&self.deferred),
+            queue: Arc::clone(&self.queue),
+            dead_letter_queue: self.dead_letter_queue.clone(),
+            flow: self.flow.clone(),
+            delivery,
+            channel,
+            settler,
+            pipeline: self.pipeline.clone(),
+            metrics: self.metrics.clone(),
+            cancel: self.cancel.clone(),
+            routes: self.routes.clone(),
+            via_held,
+        }
+    }
 }
 
 /// One delivery and what it needs to run, reply and settle.
@@ -614,6 +687,10 @@ struct Job {
     pipeline: Pipeline,
     metrics: Metrics,
     cancel: CancellationToken,
+    /// Where jobs handed back go to reach the holder of their client-id (`None`: the queue).
+    routes: Option<Routes>,
+    /// Taken from the queue of a client-id this worker holds.
+    via_held: bool,
 }
 
 impl Job {
@@ -650,12 +727,11 @@ impl Job {
         let started = Instant::now();
         // When a worker first took the job (hand-back headers), and the AMQP message's
         // timestamp + expiration: a stale command is not published (9).
+        let headers = self.delivery.properties.headers().as_ref();
         let taken = Taken {
             expires_at: crate::expiry::amqp_expiry(&self.delivery.properties),
-            ..handback::taken(
-                self.delivery.properties.headers().as_ref(),
-                SystemTime::now(),
-            )
+            orphaned: !self.via_held && held::was_routed(headers),
+            ..handback::taken(headers, SystemTime::now())
         };
         let properties = &self.delivery.properties;
         let correlation_id = properties.correlation_id().as_ref().map(|id| id.as_str());
@@ -664,16 +740,29 @@ impl Job {
             .run_correlated(&self.delivery.data, taken, correlation_id)
             .await;
         if let Some(delay) = finished.requeue_after {
-            // Not final: back to the queue, unanswered, for the worker holding the client-id.
+            // Not final: unanswered, to the worker holding the client-id.
             tracing::debug!(requeue_in = ?delay, handbacks = taken.handbacks, "{}", finished.outcome.message);
-            self.deferred.notify_one();
+            let key = self
+                .routes
+                .as_ref()
+                .zip(finished.held_elsewhere.as_ref())
+                .map(|(routes, held)| (routes.exchange(), Routes::key(held)));
+            let to = match &key {
+                Some((exchange, key)) => handback::HandBackTo::Holder { exchange, key },
+                None => {
+                    // Through the request queue: this worker takes no new deliveries for a
+                    // moment, so that they flow to the holder.
+                    self.deferred.notify_one();
+                    handback::HandBackTo::Queue(&self.queue)
+                }
+            };
             tokio::time::sleep(delay).await;
-            let settlement =
-                if handback::hand_back(&self.channel, &self.queue, &self.delivery, taken).await {
-                    Settlement::Ack
-                } else {
-                    Settlement::Requeue
-                };
+            let settlement = if handback::hand_back(&self.channel, to, &self.delivery, taken).await
+            {
+                Settlement::Ack
+            } else {
+                Settlement::Requeue
+            };
             self.settler.settle(self.delivery.delivery_tag, settlement);
             return;
         }

@@ -41,11 +41,13 @@ pub fn taken(headers: Option<&FieldTable>, now: SystemTime) -> Taken {
                 .and_then(|count| u32::try_from(count).ok())
                 .unwrap_or(0),
             expires_at: None,
+            orphaned: false,
         },
         None => Taken {
             first_taken: now,
             handbacks: 0,
             expires_at: None,
+            orphaned: false,
         },
     }
 }
@@ -85,18 +87,45 @@ pub fn handed_back_headers(own: Option<&FieldTable>, taken: Taken) -> FieldTable
     headers
 }
 
-/// Publishes `delivery` again on `queue` with [`handed_back_headers`] and waits (bounded) for
-/// the confirm; `false` when RabbitMQ did not take it (the caller then requeues the original).
-pub async fn hand_back(channel: &Channel, queue: &str, delivery: &Delivery, taken: Taken) -> bool {
+/// Where a job handed back goes.
+#[derive(Debug, Clone, Copy)]
+pub enum HandBackTo<'a> {
+    /// The request queue, for whichever worker takes it next.
+    Queue(&'a str),
+    /// The worker holding its client-id, through `exchange` (see [`super::held`]).
+    Holder { exchange: &'a str, key: &'a str },
+}
+
+/// Publishes `delivery` again with [`handed_back_headers`] and waits (bounded) for the
+/// confirm; `false` when RabbitMQ did not take it (the caller then requeues the original).
+pub async fn hand_back(
+    channel: &Channel,
+    to: HandBackTo<'_>,
+    delivery: &Delivery,
+    taken: Taken,
+) -> bool {
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    let headers = handed_back_headers(delivery.properties.headers().as_ref(), taken);
+    let mut headers = handed_back_headers(delivery.properties.headers().as_ref(), taken);
+    let (exchange, routing_key) = match to {
+        HandBackTo::Queue(queue) => ("", queue),
+        HandBackTo::Holder { exchange, key } => {
+            headers = super::held::routed_headers(headers, key);
+            (exchange, key)
+        }
+    };
     let properties = delivery.properties.clone().with_headers(headers);
     let published = async {
         channel
-            .basic_publish("".into(), queue.into(), options, &delivery.data, properties)
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                options,
+                &delivery.data,
+                properties,
+            )
             .await?
             .await
     };
@@ -127,6 +156,7 @@ mod tests {
                 first_taken: now,
                 handbacks: 0,
                 expires_at: None,
+                orphaned: false,
             }
         );
         assert_eq!(taken(Some(&FieldTable::default()), now).first_taken, now);
@@ -138,6 +168,7 @@ mod tests {
             first_taken: at(1_000_000),
             handbacks: 0,
             expires_at: None,
+            orphaned: false,
         };
         let once = handed_back_headers(None, first);
         let read = taken(Some(&once), at(1_005_000));
@@ -147,6 +178,7 @@ mod tests {
                 first_taken: at(1_000_000),
                 handbacks: 1,
                 expires_at: None,
+                orphaned: false,
             }
         );
         let twice = handed_back_headers(Some(&once), read);
@@ -175,6 +207,7 @@ mod tests {
                     first_taken: now,
                     handbacks: 0,
                     expires_at: None,
+                    orphaned: false,
                 },
                 "{value:?}"
             );

@@ -5,6 +5,7 @@
 
 pub mod consumer;
 pub mod handback;
+pub mod held;
 pub mod nodes;
 pub mod queue;
 pub mod replier;

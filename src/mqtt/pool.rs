@@ -46,10 +46,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// s), while a broker restarted twice, or a link that drops twice, seldom does it that fast.
 const QUICK_LOSS: Duration = Duration::from_secs(3);
 /// How long a worker first stops competing for a client-id that another connection took over
-/// from a working one; doubled each time it happens again, up to [`MAX_YIELD`]. Short: the
-/// holder may be a CLI `send` gone a moment later, and a yield delays that client-id's jobs.
-const FIRST_YIELD: Duration = Duration::from_secs(4);
-const MAX_YIELD: Duration = Duration::from_secs(60);
+/// from a working one; doubled each time it happens again, up to [`MAX_YIELD`]. Long: a yield
+/// that runs out takes the client-id over from a holder that may well be alive, and a holder
+/// that is gone (a CLI `send` a moment later, a worker killed) shows sooner through the jobs
+/// themselves: one handed back to it that nobody took ends the yield (see `amqp::held`).
+const FIRST_YIELD: Duration = Duration::from_secs(30);
+const MAX_YIELD: Duration = Duration::from_secs(600);
 /// How long a worker waits before reconnecting after the first quick loss of a working
 /// connection.
 const BLIP_PAUSE_MIN: Duration = Duration::from_millis(500);
@@ -114,6 +116,9 @@ struct Inner {
     /// Whether other workers consume the queue; unset (`send`) counts as none. Without a
     /// sibling to yield to, a client-id taken over is taken back after a pause.
     siblings: OnceLock<Siblings>,
+    /// Bumped whenever a connection opens or goes: the set of client-ids held changed
+    /// (see [`Pool::held`]).
+    holdings: tokio::sync::watch::Sender<u64>,
 }
 
 /// Who publishes on a target's connection: ordinary publishes together, a suspect alone.
@@ -278,6 +283,7 @@ impl Pool {
             tls: TlsConfigs::default(),
             gates: Mutex::new(HashMap::new()),
             siblings: OnceLock::new(),
+            holdings: tokio::sync::watch::channel(0).0,
         });
         tokio::spawn(reap_idle(Arc::downgrade(&inner), idle_timeout));
         Pool { inner }
@@ -312,6 +318,32 @@ impl Pool {
         {
             *until = Instant::now();
         }
+    }
+
+    /// The client-ids this worker holds a live connection for, with their brokers.
+    pub fn held(&self) -> Vec<Held> {
+        let mut held: Vec<Held> = self
+            .lock()
+            .iter()
+            .filter(|(_, slot)| matches!(&slot.state, State::Open(c) if !c.is_ended()))
+            .map(|(target, _)| self.held_by(target))
+            .collect();
+        held.sort();
+        held.dedup();
+        held
+    }
+
+    /// `target`'s client-id (with the worker's suffix) and broker, as [`Pool::held`] lists them.
+    pub fn held_by(&self, target: &Target) -> Held {
+        Held {
+            broker: target.broker.to_string(),
+            client_id: self.client_id(target),
+        }
+    }
+
+    /// Changes whenever [`Pool::held`] may have changed.
+    pub fn holdings(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.holdings.subscribe()
     }
 
     /// Yield client-ids taken over only while `siblings` says other workers consume the queue.
@@ -509,7 +541,10 @@ impl Pool {
                 && matches!(slot.state, State::Opening { id: current, .. } if current == id)
             {
                 match &result {
-                    Ok(connection) => slot.state = State::Open(Arc::clone(connection)),
+                    Ok(connection) => {
+                        slot.state = State::Open(Arc::clone(connection));
+                        held_until_gone(&inner, connection);
+                    }
                     Err(_) => {
                         slots.remove(&target);
                     }
@@ -724,6 +759,26 @@ async fn port_accepts(broker: &Broker) -> bool {
         tokio::time::timeout(PROBE_TIMEOUT, connect).await,
         Ok(Ok(_))
     )
+}
+
+/// A client-id held on a broker (see [`Pool::held`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Held {
+    pub broker: String,
+    pub client_id: String,
+}
+
+/// Tells [`Pool::holdings`] watchers that `connection` opened, and again once it is gone.
+fn held_until_gone(inner: &Arc<Inner>, connection: &Connection) {
+    inner.holdings.send_modify(|generation| *generation += 1);
+    let gone = connection.gone();
+    let inner = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        gone.await;
+        if let Some(inner) = inner.upgrade() {
+            inner.holdings.send_modify(|generation| *generation += 1);
+        }
+    });
 }
 
 /// The slot of the connect `id` yields its client-id (see [`yield_slot`]).
@@ -1034,9 +1089,8 @@ mod tests {
     }
 
     #[test]
-    fn yields_are_short_double_and_stay_bounded() {
+    fn yields_double_and_stay_bounded() {
         assert!(yield_delay(1) >= FIRST_YIELD / 2 && yield_delay(1) <= FIRST_YIELD);
-        assert!(yield_delay(1) <= Duration::from_secs(5));
         assert!(yield_delay(2) >= FIRST_YIELD);
         assert!(yield_delay(30) <= MAX_YIELD);
     }
@@ -1053,6 +1107,7 @@ mod tests {
             tls: TlsConfigs::default(),
             gates: Mutex::new(HashMap::new()),
             siblings: OnceLock::new(),
+            holdings: tokio::sync::watch::channel(0).0,
         };
         let v4 = target(MqttVersion::V3_1_1);
         let opening = Slot {

@@ -365,6 +365,11 @@ impl Connection {
         self.responses.holders()
     }
 
+    /// Resolves once the connection's event loop is gone (lost, closed or given up).
+    pub fn gone(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.gone.clone().cancelled_owned()
+    }
+
     /// The connection has ended (lost or closed); it will not carry another publish.
     pub fn is_ended(&self) -> bool {
         self.ended.get().is_some()

@@ -1,0 +1,370 @@
+//! Jobs handed back go straight to the worker that holds their MQTT client-id, through
+//! RabbitMQ (we write no cluster of our own).
+//!
+//! A worker holding a client-id (a live MQTT connection with it) consumes that client-id's own
+//! queue, `<queue>.held.<key>`, bound to the direct exchange `<queue>.held` with routing key
+//! `<key>` (a digest of broker and client-id). A worker whose client-id another holds publishes
+//! the job to that exchange: it reaches the holder in one hop, where going round the request
+//! queue it would reach the holder one time in N in a fleet of N, and the others would take
+//! the client-id over for it. Several workers consuming one client-id's queue (the old holder,
+//! until it sees the takeover) each get some jobs, never the same one.
+//!
+//! Nobody holding it: a job waits in the client-id's queue at most [`HELD_TTL`], then RabbitMQ
+//! dead-letters it back to the request queue; a key never held (no such queue) goes there at
+//! once, through the exchange's alternate exchange `<queue>.unheld`. Either way the job carries
+//! [`ROUTED_HEADER`], and a worker taking a job with it from the request queue knows the holder
+//! is gone and takes the client-id itself. A client-id's queue is deleted by RabbitMQ a minute
+//! after its last consumer went.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ExchangeKind};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::consumer;
+use super::queue::{QueueSettings, QueueType};
+use super::settler::Settler;
+use crate::mqtt::pool::{Held, Pool};
+
+/// How long a job waits in a client-id's queue that nobody consumes before it goes back to the
+/// request queue.
+pub const HELD_TTL: Duration = Duration::from_secs(2);
+/// How long a client-id's queue outlives its last consumer.
+const HELD_EXPIRES: Duration = Duration::from_secs(60);
+/// Set on a job routed to a client-id's holder: the routing key.
+pub const ROUTED_HEADER: &str = "x-mqtt-connector-routed";
+/// Bounds every declare and bind.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The names of the routing for one request queue.
+#[derive(Debug, Clone)]
+pub struct Routes {
+    queue: String,
+    queue_type: QueueType,
+    exchange: String,
+    unheld: String,
+}
+
+/// A job taken from a client-id's queue, to run (settled on the channel it came on).
+pub type RunHeld = Arc<
+    dyn Fn(Delivery, Channel, Settler, OwnedSemaphorePermit) -> BoxFuture<'static, ()>
+        + Send
+        + Sync,
+>;
+
+impl Routes {
+    pub fn new(settings: &QueueSettings) -> Self {
+        Self {
+            queue: settings.name.clone(),
+            queue_type: settings.queue_type,
+            exchange: format!("{}.held", settings.name),
+            unheld: format!("{}.unheld", settings.name),
+        }
+    }
+
+    /// The exchange hand-backs are published to.
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    /// The routing key of a client-id on a broker: a digest, so that any client-id fits in a
+    /// queue name and a routing key.
+    pub fn key(held: &Held) -> String {
+        let digest = ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("{}\n{}", held.broker, held.client_id).as_bytes(),
+        );
+        digest.as_ref()[..16]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
+
+    fn held_queue(&self, key: &str) -> String {
+        format!("{}.{key}", self.exchange)
+    }
+
+    /// Declares the exchanges (on a channel of its own: a refusal closes the channel it ran on).
+    pub async fn declare(&self, connection: &Connection) -> Result<(), SetupError> {
+        let channel = bounded(connection.create_channel()).await?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        bounded(channel.exchange_declare(
+            self.unheld.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        ))
+        .await?;
+        bounded(channel.queue_bind(
+            self.queue.as_str().into(),
+            self.unheld.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ))
+        .await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "alternate-exchange".into(),
+            AMQPValue::LongString(self.unheld.as_str().into()),
+        );
+        bounded(channel.exchange_declare(
+            self.exchange.as_str().into(),
+            ExchangeKind::Direct,
+            durable,
+            arguments,
+        ))
+        .await?;
+        consumer::close_channel(&channel).await;
+        Ok(())
+    }
+
+    /// A client-id's queue: expires with no consumer, and sends what waits too long back to the
+    /// request queue. Of the request queue's type, so it survives what that survives.
+    fn held_arguments(&self) -> FieldTable {
+        let millis = |duration: Duration| {
+            AMQPValue::LongLongInt(i64::try_from(duration.as_millis()).unwrap_or(i64::MAX))
+        };
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-expires".into(), millis(HELD_EXPIRES));
+        arguments.insert("x-message-ttl".into(), millis(HELD_TTL));
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(self.queue.as_str().into()),
+        );
+        if self.queue_type == QueueType::Quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        arguments
+    }
+}
+
+/// Whether a job taken from the request queue was routed to a holder before: then nobody
+/// consumed it there, the holder is gone.
+pub fn was_routed(headers: Option<&FieldTable>) -> bool {
+    headers.is_some_and(|headers| headers.inner().contains_key(ROUTED_HEADER))
+}
+
+/// The headers of a job routed to `key`'s holder.
+pub fn routed_headers(mut headers: FieldTable, key: &str) -> FieldTable {
+    headers.insert(
+        ShortString::from(ROUTED_HEADER),
+        AMQPValue::LongString(key.into()),
+    );
+    headers
+}
+
+/// Consumes the queue of every client-id the pool holds, for as long as it holds it, until
+/// `stop`. Jobs run with `run`, each with one of `slots`.
+pub async fn serve(
+    connection: Arc<Connection>,
+    routes: Routes,
+    pool: Pool,
+    prefetch: u16,
+    slots: Arc<Semaphore>,
+    run: RunHeld,
+    stop: CancellationToken,
+) {
+    let mut holdings = pool.holdings();
+    let mut serving: HashMap<String, CancellationToken> = HashMap::new();
+    let consumers = TaskTracker::new();
+    loop {
+        let held: HashMap<String, Held> = pool
+            .held()
+            .into_iter()
+            .map(|held| (Routes::key(&held), held))
+            .collect();
+        serving.retain(|key, done| {
+            let keep = held.contains_key(key) && !done.is_cancelled();
+            if !keep {
+                done.cancel();
+            }
+            keep
+        });
+        for key in held.into_keys() {
+            if serving.contains_key(&key) {
+                continue;
+            }
+            let done = stop.child_token();
+            serving.insert(key.clone(), done.clone());
+            consumers.spawn(consume(
+                Arc::clone(&connection),
+                routes.clone(),
+                key,
+                prefetch,
+                Arc::clone(&slots),
+                Arc::clone(&run),
+                done,
+            ));
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            changed = holdings.changed() => if changed.is_err() { break },
+        }
+    }
+    consumers.close();
+    consumers.wait().await;
+}
+
+/// Consumes one client-id's queue until `done`; then lets its jobs finish and closes the
+/// channel, which gives back to the queue what was received and not started.
+async fn consume(
+    connection: Arc<Connection>,
+    routes: Routes,
+    key: String,
+    prefetch: u16,
+    slots: Arc<Semaphore>,
+    run: RunHeld,
+    done: CancellationToken,
+) {
+    let channel = match open(&connection, &routes, &key, prefetch).await {
+        Ok(channel) => channel,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot consume a held client-id's queue: jobs for it reach this worker through the request queue only");
+            // Not served: the next change of holdings tries again.
+            done.cancel();
+            return;
+        }
+    };
+    let tag = format!("mqtt-connector-held-{}", uuid::Uuid::new_v4());
+    let consumed = bounded(channel.basic_consume(
+        routes.held_queue(&key).as_str().into(),
+        tag.as_str().into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await;
+    let mut deliveries = match consumed {
+        Ok(deliveries) => deliveries,
+        Err(err) => {
+            tracing::debug!(error = %err, "cannot consume a held client-id's queue");
+            done.cancel();
+            consumer::close_channel(&channel).await;
+            return;
+        }
+    };
+    let (settler, settler_task) = Settler::start(channel.clone());
+    let jobs = TaskTracker::new();
+    loop {
+        let delivery = tokio::select! {
+            () = done.cancelled() => break,
+            delivery = deliveries.next() => delivery,
+        };
+        let Some(Ok(delivery)) = delivery else {
+            // Cancelled by RabbitMQ (queue deleted, node lost): the next change of holdings
+            // starts again.
+            done.cancel();
+            break;
+        };
+        let slot = tokio::select! {
+            () = done.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
+        settler.taken(delivery.delivery_tag);
+        jobs.spawn(run(delivery, channel.clone(), settler.clone(), slot));
+    }
+    drop(deliveries);
+    jobs.close();
+    jobs.wait().await;
+    settler_task.finish(settler, consumer::CLOSE_TIMEOUT).await;
+    consumer::close_channel(&channel).await;
+}
+
+async fn open(
+    connection: &Connection,
+    routes: &Routes,
+    key: &str,
+    prefetch: u16,
+) -> Result<Channel, SetupError> {
+    let channel = bounded(connection.create_channel()).await?;
+    bounded(channel.basic_qos(prefetch, BasicQosOptions::default())).await?;
+    // Replies and hand-backs of these jobs are published on this channel, with confirms.
+    bounded(channel.confirm_select(ConfirmSelectOptions::default())).await?;
+    let queue = routes.held_queue(key);
+    bounded(channel.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::durable(),
+        routes.held_arguments(),
+    ))
+    .await?;
+    bounded(channel.queue_bind(
+        queue.as_str().into(),
+        routes.exchange.as_str().into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await?;
+    Ok(channel)
+}
+
+/// Why a client-id's queue or the exchanges could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ did not answer within {SETUP_TIMEOUT:?}")]
+    TimedOut,
+}
+
+async fn bounded<T>(
+    future: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, SetupError> {
+    match tokio::time::timeout(SETUP_TIMEOUT, future).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(SetupError::TimedOut),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_short_stable_and_tell_brokers_and_client_ids_apart() {
+        let held = |broker: &str, client_id: &str| Held {
+            broker: broker.to_owned(),
+            client_id: client_id.to_owned(),
+        };
+        let key = Routes::key(&held("mqtt://a:1883", "x"));
+        assert_eq!(key.len(), 32);
+        assert_eq!(key, Routes::key(&held("mqtt://a:1883", "x")));
+        assert_ne!(key, Routes::key(&held("mqtt://a:1883", "y")));
+        assert_ne!(key, Routes::key(&held("mqtt://b:1883", "x")));
+        assert_eq!(
+            Routes::key(&held("mqtt://a:1883", &"é".repeat(40_000))).len(),
+            32
+        );
+    }
+
+    #[test]
+    fn only_a_routed_job_says_its_holder_is_gone() {
+        assert!(!was_routed(None));
+        assert!(!was_routed(Some(&FieldTable::default())));
+        let headers = routed_headers(FieldTable::default(), "k");
+        assert!(was_routed(Some(&headers)));
+    }
+}
