@@ -378,6 +378,9 @@ pub async fn run(config: Config) -> bool {
     let log_bytes = std::fs::metadata(worker.log_path()).map_or(0, |m| m.len());
     drop(worker);
     bench.loadgen.delete_queue(&queue).await;
+    if let Some(command) = config.peer.clone() {
+        bench.peer(&command, &mosquitto, warmup).await;
+    }
     let echo_last = bench
         .echo_ceiling("echo ceiling, again at the end", warmup, false)
         .await;
