@@ -417,7 +417,10 @@ impl Worker {
                 dead_letter_queue: dead_letter_queue.clone(),
                 flow: flow.clone(),
             };
-            jobs.spawn(job.run());
+            // Boxed before it is spawned: the job's future is kilobytes (the whole pipeline
+            // inline), and tokio moves a task's future by value several times while spawning
+            // and finishing it; a box moves as one pointer (half the worker's instructions).
+            jobs.spawn(Box::pin(job.run()));
         };
         // Deliveries received but not started (drained at a pause): run before any new one.
         let mut backlog: VecDeque<Delivery> = VecDeque::new();

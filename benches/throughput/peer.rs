@@ -4,7 +4,7 @@
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::loadgen::{Load, Shape, drive};
 use crate::mosquitto::Mosquitto;
@@ -96,10 +96,12 @@ impl Bench {
         );
         println!("peer pid {pid} answered its first job");
         let closed = Load::Closed(config.outstanding);
+        // A longer warm-up than the worker's: a JIT-compiled peer (Node.js) is still compiling
+        // its hot path after a few hundred jobs, and its first row would pay for it.
         drive(
             &self.loadgen,
             &queue,
-            warmup,
+            warmup.max(config.jobs),
             closed,
             qos1,
             &self.run_id,
@@ -142,6 +144,14 @@ impl Bench {
             .await;
         self.rows.push(row);
         running(&mut peer);
+        // SIGTERM first, so that a profiler wrapping the peer (valgrind, perf) writes its output.
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && matches!(peer.child.try_wait(), Ok(None)) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         drop(peer);
         self.loadgen.delete_queue(&queue).await;
     }
