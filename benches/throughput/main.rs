@@ -49,6 +49,7 @@
 //! /proc; [`report`] judges a scenario and prints the tables.
 
 mod ceilings;
+mod device;
 // The worker as a child process: the test harness' wrapper, shared rather than copied.
 #[allow(dead_code)]
 #[path = "../../tests/common/child.rs"]

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::child::ChildWorker;
+use crate::device::Device;
 use crate::loadgen::{Load, LoadGen, Measured, Shape, drive};
 use crate::mosquitto::{Arrivals, Mosquitto, start_subscriber};
 use crate::procfs::{Pids, find_rabbitmq_pid, proc_sample, reset_peak_rss, snapshot};
@@ -57,7 +58,8 @@ impl Bench {
         .await;
         let after = snapshot(pids);
         let qos0 = matches!(shape, Shape::Worker { qos: 0, .. });
-        let arrivals = matches!(shape, Shape::Worker { .. }).then_some(&*self.arrivals);
+        let arrivals =
+            matches!(shape, Shape::Worker { .. } | Shape::Request).then_some(&*self.arrivals);
         let row = evaluate(
             name,
             &measured,
@@ -290,6 +292,22 @@ pub async fn run(config: Config) -> bool {
             false,
         )
         .await;
+    bench.rows.push(row);
+    worker.check_running();
+    // Commands that answer: the device answers at once, on the same Mosquitto.
+    let device = Device::start(mosquitto.ports[0], format!("bench/{run_id}/+")).await;
+    let (row, _) = bench
+        .scenario(
+            "worker closed loop, request v5",
+            &queue,
+            pid,
+            config.jobs,
+            closed,
+            Shape::Request,
+            false,
+        )
+        .await;
+    drop(device);
     bench.rows.push(row);
     worker.check_running();
 
