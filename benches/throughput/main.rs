@@ -28,7 +28,8 @@
 //!   same prefetch, replies with a publisher confirm, then acks, one task per delivery like the
 //!   worker, driven by the same load generator as the worker (apples to apples);
 //! - the worker: `mqtt-connector worker` as a child process (its stderr in a temporary file),
-//!   driven closed loop (N jobs outstanding) at QoS 1, 0 and 2, open loop at `--rate` jobs/s and at
+//!   driven closed loop (N jobs outstanding) at QoS 1, 0 and 2, over MQTT 5, with `"action":
+//!   "request"` jobs answered by a device in this process, open loop at `--rate` jobs/s and at
 //!   50% of the measured QoS 1 capacity (sampling its RSS: the soak), with jobs spread over 20
 //!   brokers, and over 1,000 client-ids (last: the worker keeps those connections open for its
 //!   idle timeout; RSS before/after gives the memory per open connection).
@@ -44,7 +45,7 @@
 //! The modules, by concern: [`loadgen`] publishes jobs and books their replies; [`ceilings`]
 //! measures what the machine allows without the worker (one MQTT connection, a RabbitMQ echo
 //! server); [`scenarios`] starts the worker and drives each scenario; [`mosquitto`] is the broker
-//! process and the subscriber that counts what arrived; [`peer`] runs another worker of the
+//! process and the subscriber that counts what arrived; [`device`] answers request jobs; [`peer`] runs another worker of the
 //! contract through the same loops; [`procfs`] samples processes through
 //! /proc; [`report`] judges a scenario and prints the tables.
 
