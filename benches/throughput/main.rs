@@ -45,9 +45,9 @@
 //! The modules, by concern: [`loadgen`] publishes jobs and books their replies; [`ceilings`]
 //! measures what the machine allows without the worker (one MQTT connection, a RabbitMQ echo
 //! server); [`scenarios`] starts the worker and drives each scenario; [`mosquitto`] is the broker
-//! process and the subscriber that counts what arrived; [`device`] answers request jobs; [`peer`] runs another worker of the
-//! contract through the same loops; [`procfs`] samples processes through
-//! /proc; [`report`] judges a scenario and prints the tables.
+//! process and the subscriber that counts what arrived; [`device`] answers request jobs;
+//! [`peer`] runs another worker of the contract through the same loops; [`procfs`] samples
+//! processes through /proc; [`report`] judges a scenario and prints the tables.
 
 mod ceilings;
 mod device;
