@@ -13,8 +13,9 @@
 //! `--open-seconds S`, `--clients N` (default 1000), `--brokers N` (default 20), `--durable`
 //! (durable queues and persistent jobs), `--mosquitto-nodelay` (`set_tcp_nodelay true` on the
 //! broker), `--peer "CMD"` (another worker of the contract, e.g. `node /path/to/worker.js`, run
-//! through the same closed and open loops after the worker). The RabbitMQ URL comes from `MQTT_CONNECTOR_BENCH_AMQP_URL`, else
-//! `MQTT_CONNECTOR_TEST_AMQP_URL`, else `amqp://guest:guest@127.0.0.1:5672/%2f`.
+//! through the same closed and open loops after the worker). The RabbitMQ URL comes from
+//! `MQTT_CONNECTOR_BENCH_AMQP_URL`, else `MQTT_CONNECTOR_TEST_AMQP_URL`, else
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`.
 //!
 //! What runs, in one invocation:
 //! - one Mosquitto process (started here, killed at the end) with 1 + `--brokers` listeners: the
