@@ -294,14 +294,18 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr through a writer thread: a job's log line costs a buffer copy on the hot
-/// path, not a write(2). Not lossy: a full buffer slows jobs down rather than dropping lines.
-/// The guard flushes what is buffered when `main` returns.
+/// path, not a write(2); the thread writes what is queued in one go. Not lossy: a full buffer
+/// slows jobs down rather than dropping lines. The guard flushes what is buffered when `main`
+/// returns.
 fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,rumqttc=warn"));
+    // Buffered: the writer thread flushes whenever it has written every line queued, so a
+    // burst of lines leaves in one write(2) instead of one each, and none waits for the next.
+    let stderr = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
-        .finish(std::io::stderr());
+        .finish(stderr);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

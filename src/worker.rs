@@ -447,7 +447,10 @@ impl Worker {
         let spawn = |delivery: Delivery, slot: OwnedSemaphorePermit| {
             settler.taken(delivery.delivery_tag);
             let job = context.job(delivery, channel.clone(), settler.clone(), slot, false);
-            jobs.spawn(job.run());
+            // Boxed before it is spawned: the job's future is kilobytes (the whole pipeline
+            // inline), and tokio moves a task's future by value several times while spawning
+            // and finishing it; a box moves as one pointer (half the worker's instructions).
+            jobs.spawn(Box::pin(job.run()));
         };
         // Deliveries received but not started (drained at a pause): run before any new one.
         let mut backlog: VecDeque<Delivery> = VecDeque::new();
@@ -697,14 +700,16 @@ impl Job {
     /// Runs the job in its own span (every line it logs carries its correlation id); cancelled
     /// at the shutdown deadline, it sends no reply and settles nothing (RabbitMQ redelivers it).
     async fn run(self) {
-        let correlation_id = self
-            .delivery
-            .properties
-            .correlation_id()
-            .as_ref()
-            .map(|id| id.as_str().to_owned())
-            .unwrap_or_default();
-        let span = tracing::info_span!("job", correlation_id = %correlation_id);
+        // The span records the id when it is created (nothing at all when it is not logged):
+        // borrowed, not copied.
+        let span = {
+            let properties = &self.delivery.properties;
+            let correlation_id = properties
+                .correlation_id()
+                .as_ref()
+                .map_or("", |id| id.as_str());
+            tracing::info_span!("job", correlation_id = %correlation_id)
+        };
         let cancel = self.cancel.clone();
         let metrics = self.metrics.clone();
         metrics.jobs_in_flight().inc();

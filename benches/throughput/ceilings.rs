@@ -260,6 +260,7 @@ impl Bench {
             },
             ok: problems.is_empty(),
             notes,
+            ..Row::default()
         });
     }
 }

@@ -280,11 +280,18 @@ pub enum Shape {
         /// Through the `bench5` connector: MQTT 5 instead of 3.1.1.
         v5: bool,
     },
+    /// `"action": "request"` through the `bench5` connector (MQTT 5, QoS 1): the bench's device
+    /// answers each command on one shared response topic, matched by Correlation Data.
+    Request,
 }
 
 pub fn job_body(shape: Shape, run: &str, tag: u32, seq: usize) -> Vec<u8> {
     match shape {
         Shape::Echo => format!(r#"{{"content":"{tag}.{seq}"}}"#).into_bytes(),
+        Shape::Request => format!(
+            r#"{{"action":"request","connector":"bench5","topic":"bench/{run}/{tag}","qos":1,"content":"{tag}.{seq}","response-topic":"bench-answers/{run}"}}"#
+        )
+        .into_bytes(),
         Shape::Worker {
             qos,
             clients,
@@ -330,7 +337,7 @@ pub async fn drive(
 ) -> Measured {
     let expected_qos = match shape {
         Shape::Worker { qos, .. } => Some(qos),
-        Shape::Echo => None,
+        Shape::Echo | Shape::Request => None,
     };
     let (tag, book) = loadgen.new_book(n, expected_qos);
     let bodies: Vec<Vec<u8>> = (0..n).map(|seq| job_body(shape, run, tag, seq)).collect();

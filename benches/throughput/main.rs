@@ -12,8 +12,10 @@
 //! `--outstanding N` (closed loop, default 2 x prefetch), `--rate N` (open loop, default 500),
 //! `--open-seconds S`, `--clients N` (default 1000), `--brokers N` (default 20), `--durable`
 //! (durable queues and persistent jobs), `--mosquitto-nodelay` (`set_tcp_nodelay true` on the
-//! broker). The RabbitMQ URL comes from `MQTT_CONNECTOR_BENCH_AMQP_URL`, else
-//! `MQTT_CONNECTOR_TEST_AMQP_URL`, else `amqp://guest:guest@127.0.0.1:5672/%2f`.
+//! broker), `--peer "CMD"` (another worker of the contract, e.g. `node /path/to/worker.js`, run
+//! through the same closed and open loops after the worker). The RabbitMQ URL comes from
+//! `MQTT_CONNECTOR_BENCH_AMQP_URL`, else `MQTT_CONNECTOR_TEST_AMQP_URL`, else
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`.
 //!
 //! What runs, in one invocation:
 //! - one Mosquitto process (started here, killed at the end) with 1 + `--brokers` listeners: the
@@ -27,7 +29,8 @@
 //!   same prefetch, replies with a publisher confirm, then acks, one task per delivery like the
 //!   worker, driven by the same load generator as the worker (apples to apples);
 //! - the worker: `mqtt-connector worker` as a child process (its stderr in a temporary file),
-//!   driven closed loop (N jobs outstanding) at QoS 1, 0 and 2, open loop at `--rate` jobs/s and at
+//!   driven closed loop (N jobs outstanding) at QoS 1, 0 and 2, over MQTT 5, with `"action":
+//!   "request"` jobs answered by a device in this process, open loop at `--rate` jobs/s and at
 //!   50% of the measured QoS 1 capacity (sampling its RSS: the soak), with jobs spread over 20
 //!   brokers, and over 1,000 client-ids (last: the worker keeps those connections open for its
 //!   idle timeout; RSS before/after gives the memory per open connection).
@@ -43,10 +46,12 @@
 //! The modules, by concern: [`loadgen`] publishes jobs and books their replies; [`ceilings`]
 //! measures what the machine allows without the worker (one MQTT connection, a RabbitMQ echo
 //! server); [`scenarios`] starts the worker and drives each scenario; [`mosquitto`] is the broker
-//! process and the subscriber that counts what arrived; [`procfs`] samples processes through
-//! /proc; [`report`] judges a scenario and prints the tables.
+//! process and the subscriber that counts what arrived; [`device`] answers request jobs;
+//! [`peer`] runs another worker of the contract through the same loops; [`procfs`] samples
+//! processes through /proc; [`report`] judges a scenario and prints the tables.
 
 mod ceilings;
+mod device;
 // The worker as a child process: the test harness' wrapper, shared rather than copied.
 #[allow(dead_code)]
 #[path = "../../tests/common/child.rs"]
@@ -56,6 +61,7 @@ mod child;
 mod http;
 mod loadgen;
 mod mosquitto;
+mod peer;
 mod procfs;
 mod report;
 mod scenarios;
@@ -87,6 +93,8 @@ pub struct Config {
     pub mqtt_ceiling_publishes: usize,
     pub durable: bool,
     pub mosquitto_nodelay: bool,
+    /// `--peer CMD`: another worker of the contract, run through the same loops.
+    pub peer: Option<String>,
     /// How long without a new reply before a scenario gives up waiting.
     pub stall: Duration,
 }
@@ -127,6 +135,7 @@ impl Config {
             "--open-seconds",
             "--clients",
             "--brokers",
+            "--peer",
         ];
         let mut skip = false;
         for arg in args {
@@ -165,6 +174,10 @@ impl Config {
             mqtt_ceiling_publishes: if mode == Mode::Smoke { 1_000 } else { 5 * jobs },
             durable: has("--durable"),
             mosquitto_nodelay: has("--mosquitto-nodelay"),
+            peer: args
+                .iter()
+                .position(|a| a == "--peer")
+                .map(|at| args.get(at + 1).expect("--peer needs a command").clone()),
             stall: Duration::from_secs(if mode == Mode::Smoke { 20 } else { 30 }),
         }
     }

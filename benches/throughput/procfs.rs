@@ -46,6 +46,11 @@ pub fn clock_ticks_per_second() -> f64 {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProcSample {
     pub cpu_s: f64,
+    /// The user and kernel parts of `cpu_s`.
+    pub user_s: f64,
+    pub sys_s: f64,
+    /// Voluntary + involuntary context switches of every thread (`/proc/PID/task/*/status`).
+    pub switches: u64,
     pub rss_kib: u64,
     pub hwm_kib: u64,
 }
@@ -55,7 +60,8 @@ pub fn proc_sample(pid: u32) -> Option<ProcSample> {
     // Fields after "(comm) ": state is field 3, utime 14, stime 15.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib = |key: &str| {
         status
@@ -65,11 +71,37 @@ pub fn proc_sample(pid: u32) -> Option<ProcSample> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
+    let tick = clock_ticks_per_second();
     Some(ProcSample {
-        cpu_s: ticks as f64 / clock_ticks_per_second(),
+        cpu_s: (utime + stime) as f64 / tick,
+        user_s: utime as f64 / tick,
+        sys_s: stime as f64 / tick,
+        switches: context_switches(pid),
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
     })
+}
+
+/// Context switches of every thread of `pid` so far (threads that already exited are not
+/// counted: the worker's and the peers' threads live as long as the process).
+pub fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches:")
+                        || l.starts_with("nonvoluntary_ctxt_switches:")
+                })
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// Resets VmHWM to the current RSS (`echo 5 > /proc/PID/clear_refs`); false where not allowed.

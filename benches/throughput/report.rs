@@ -20,6 +20,11 @@ pub struct Row {
     pub max_ms: f64,
     /// CPU µs per job of the process under test (worker or echo server; the bench for MQTT).
     pub cpu_us: Option<f64>,
+    /// Its user and kernel parts.
+    pub user_us: Option<f64>,
+    pub sys_us: Option<f64>,
+    /// Context switches per job, every thread of the process under test.
+    pub switches: Option<f64>,
     pub peak_rss_mib: Option<f64>,
     pub rabbitmq_us: Option<f64>,
     pub mosquitto_us: Option<f64>,
@@ -141,6 +146,22 @@ pub async fn evaluate(
             after.server.map(|s| s.cpu_s),
             n,
         ),
+        user_us: per_job_us(
+            before.server.map(|s| s.user_s),
+            after.server.map(|s| s.user_s),
+            n,
+        ),
+        sys_us: per_job_us(
+            before.server.map(|s| s.sys_s),
+            after.server.map(|s| s.sys_s),
+            n,
+        ),
+        switches: per_job_us(
+            before.server.map(|s| s.switches as f64),
+            after.server.map(|s| s.switches as f64),
+            n,
+        )
+        .map(|per_million| per_million / 1e6),
         peak_rss_mib: after.server.map(|s| s.hwm_kib as f64 / 1024.0),
         rabbitmq_us: per_job_us(before.rabbitmq, after.rabbitmq, n),
         mosquitto_us: per_job_us(before.mosquitto, after.mosquitto, n),
@@ -205,6 +226,21 @@ pub fn print_table(rows: &[Row]) {
             fmt_opt(row.rabbitmq_us, 1),
             fmt_opt(row.mosquitto_us, 1),
             fmt_opt(row.bench_us, 1)
+        );
+    }
+    println!();
+    println!("the process under test (worker, peer or echo server), per job:");
+    println!(
+        "{:<34} {:>10} {:>10} {:>18}",
+        "scenario", "user µs", "kernel µs", "context switches"
+    );
+    for row in rows.iter().filter(|r| r.switches.is_some()) {
+        println!(
+            "{:<34} {:>10} {:>10} {:>18}",
+            row.name,
+            fmt_opt(row.user_us, 1),
+            fmt_opt(row.sys_us, 1),
+            fmt_opt(row.switches, 2)
         );
     }
     let noted: Vec<&Row> = rows.iter().filter(|r| !r.notes.is_empty()).collect();
@@ -273,6 +309,23 @@ pub fn print_targets(rows: &[Row], echo: f64) {
             r.p99_ms,
             verdict(r.p99_ms < 20.0)
         );
+    }
+    for qos in [1, 0, 2] {
+        let ours = find(&format!("worker closed loop, QoS {qos}"));
+        let peer = find(&format!("peer closed loop, QoS {qos}"));
+        if let (Some(ours), Some(peer)) = (ours, peer) {
+            let cpu = match (ours.cpu_us, peer.cpu_us) {
+                (Some(o), Some(p)) if p > 0.0 => o / p,
+                _ => f64::NAN,
+            };
+            let speed = ours.per_s / peer.per_s.max(1e-9);
+            println!(
+                "  QoS {qos} against the peer: worker CPU per job {cpu:.2}x the peer's (goal <= \
+                 0.75x) -> {}; jobs/s {speed:.2}x (goal >= 1.1x) -> {}",
+                verdict(cpu <= 0.75),
+                verdict(speed >= 1.1)
+            );
+        }
     }
     let peak = rows
         .iter()

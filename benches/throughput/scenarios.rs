@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::child::ChildWorker;
+use crate::device::Device;
 use crate::loadgen::{Load, LoadGen, Measured, Shape, drive};
 use crate::mosquitto::{Arrivals, Mosquitto, start_subscriber};
 use crate::procfs::{Pids, find_rabbitmq_pid, proc_sample, reset_peak_rss, snapshot};
@@ -57,7 +58,8 @@ impl Bench {
         .await;
         let after = snapshot(pids);
         let qos0 = matches!(shape, Shape::Worker { qos: 0, .. });
-        let arrivals = matches!(shape, Shape::Worker { .. }).then_some(&*self.arrivals);
+        let arrivals =
+            matches!(shape, Shape::Worker { .. } | Shape::Request).then_some(&*self.arrivals);
         let row = evaluate(
             name,
             &measured,
@@ -292,6 +294,22 @@ pub async fn run(config: Config) -> bool {
         .await;
     bench.rows.push(row);
     worker.check_running();
+    // Commands that answer: the device answers at once, on the same Mosquitto.
+    let device = Device::start(mosquitto.ports[0], format!("bench/{run_id}/+")).await;
+    let (row, _) = bench
+        .scenario(
+            "worker closed loop, request v5",
+            &queue,
+            pid,
+            config.jobs,
+            closed,
+            Shape::Request,
+            false,
+        )
+        .await;
+    drop(device);
+    bench.rows.push(row);
+    worker.check_running();
 
     // ---- open loop ----
     let qos1 = Shape::Worker {
@@ -378,6 +396,9 @@ pub async fn run(config: Config) -> bool {
     let log_bytes = std::fs::metadata(worker.log_path()).map_or(0, |m| m.len());
     drop(worker);
     bench.loadgen.delete_queue(&queue).await;
+    if let Some(command) = config.peer.clone() {
+        bench.peer(&command, &mosquitto, warmup).await;
+    }
     let echo_last = bench
         .echo_ceiling("echo ceiling, again at the end", warmup, false)
         .await;
