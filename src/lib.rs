@@ -27,6 +27,7 @@ pub mod fault;
 pub mod http;
 pub mod job;
 pub mod job_args;
+pub mod logging;
 pub mod metrics;
 pub mod mqtt;
 pub mod outcome;

@@ -17,6 +17,7 @@ use mqtt_connector::client::{Client, ClientError, ClientOptions, JobRequest};
 use mqtt_connector::connectors::ConnectorStore;
 use mqtt_connector::job::Limits;
 use mqtt_connector::job_args;
+use mqtt_connector::logging::{BufferedStderr, FlushGuard};
 use mqtt_connector::metrics::Metrics;
 use mqtt_connector::mqtt::connection::ConnectionSettings;
 use mqtt_connector::mqtt::pool::Pool;
@@ -293,19 +294,13 @@ fn main() -> ExitCode {
     })
 }
 
-/// Logs go to stderr through a writer thread: a job's log line costs a buffer copy on the hot
-/// path, not a write(2); the thread writes what is queued in one go. Not lossy: a full buffer
-/// slows jobs down rather than dropping lines. The guard flushes what is buffered when `main`
-/// returns.
-fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr through a buffer flushed every 50 ms, WARN and ERROR at once (see
+/// `mqtt_connector::logging`): a job's line costs a copy under a lock, not a write(2) or a
+/// thread woken. The guard flushes what is buffered when `main` returns.
+fn init_tracing(format: LogFormat) -> FlushGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,rumqttc=warn"));
-    // Buffered: the writer thread flushes whenever it has written every line queued, so a
-    // burst of lines leaves in one write(2) instead of one each, and none waits for the next.
-    let stderr = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(stderr);
+    let (writer, guard) = BufferedStderr::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
