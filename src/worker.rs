@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::amqp::confirms::Publisher;
 use crate::amqp::consumer::{self, Flow, Session, SessionError};
 use crate::amqp::nodes::{Nodes, NodesError};
 use crate::amqp::queue::{QueueError, QueueSettings, QueueType};
@@ -379,6 +380,8 @@ impl Worker {
         self.set_ready(true);
         tracing::info!(queue = %self.options.queue, node = %self.nodes.shown(node), prefetch = self.options.prefetch, "consuming");
         let (settler, settler_task) = Settler::start(channel.clone());
+        // Every publish of the session's jobs goes through it: lapin cannot tell whose a return is.
+        let publisher = Publisher::start(channel.clone());
         let jobs = TaskTracker::new();
         let queue_name: Arc<str> = Arc::from(self.queue.name.as_str());
         let dead_letter_queue: Option<Arc<str>> =
@@ -408,6 +411,7 @@ impl Worker {
                 _slot: slot,
                 delivery,
                 channel: channel.clone(),
+                publisher: publisher.clone(),
                 settler: settler.clone(),
                 pipeline: self.pipeline.clone(),
                 metrics: self.metrics.clone(),
@@ -608,6 +612,8 @@ struct Job {
     flow: Flow,
     delivery: Delivery,
     channel: Channel,
+    /// Replies, hand-backs and dead-letter forwards go out through it, on `channel`.
+    publisher: Publisher,
     settler: Settler,
     pipeline: Pipeline,
     metrics: Metrics,
@@ -667,7 +673,7 @@ impl Job {
             self.deferred.notify_one();
             tokio::time::sleep(delay).await;
             let settlement =
-                if handback::hand_back(&self.channel, &self.queue, &self.delivery, taken).await {
+                if handback::hand_back(&self.publisher, &self.queue, &self.delivery, taken).await {
                     Settlement::Ack
                 } else {
                     Settlement::Requeue
@@ -679,7 +685,7 @@ impl Job {
         let reply_status = match reply_to {
             Some(reply_to) => {
                 let body = Reply::new(&finished.outcome, started.elapsed()).to_json();
-                replier::reply(&self.channel, &self.flow, reply_to, correlation_id, &body).await
+                replier::reply(&self.publisher, &self.flow, reply_to, correlation_id, &body).await
             }
             None => ReplyStatus::NotRequested,
         };
@@ -700,7 +706,7 @@ impl Job {
                 (settlement, self.dead_letter_queue.as_deref())
             {
                 let forwarded = replier::forward_with_outcome(
-                    &self.channel,
+                    &self.publisher,
                     &self.flow,
                     queue,
                     &self.delivery,

@@ -8,10 +8,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Confirmation};
 
+use super::confirms::{Published, Publisher};
 use crate::pipeline::Taken;
 
 /// When a worker first took the job, in milliseconds since the Unix epoch.
@@ -87,23 +86,20 @@ pub fn handed_back_headers(own: Option<&FieldTable>, taken: Taken) -> FieldTable
 
 /// Publishes `delivery` again on `queue` with [`handed_back_headers`] and waits (bounded) for
 /// the confirm; `false` when RabbitMQ did not take it (the caller then requeues the original).
-pub async fn hand_back(channel: &Channel, queue: &str, delivery: &Delivery, taken: Taken) -> bool {
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..BasicPublishOptions::default()
-    };
+pub async fn hand_back(
+    publisher: &Publisher,
+    queue: &str,
+    delivery: &Delivery,
+    taken: Taken,
+) -> bool {
     let headers = handed_back_headers(delivery.properties.headers().as_ref(), taken);
     let properties = delivery.properties.clone().with_headers(headers);
-    let published = async {
-        channel
-            .basic_publish("".into(), queue.into(), options, &delivery.data, properties)
-            .await?
-            .await
-    };
+    let published = publisher.publish(queue, true, &delivery.data, properties);
     match tokio::time::timeout(CONFIRM_TIMEOUT, published).await {
-        Ok(Ok(confirmation)) => matches!(confirmation, Confirmation::Ack(None)),
-        Ok(Err(err)) => {
-            tracing::debug!(error = %err, "could not hand the job back to the queue");
+        Ok(Published::Acked) => true,
+        Ok(Published::Returned | Published::Nacked) => false,
+        Ok(Published::Failed(err)) => {
+            tracing::debug!(error = ?err, "could not hand the job back to the queue");
             false
         }
         Err(_) => false,

@@ -1,8 +1,9 @@
 //! The RabbitMQ side: the nodes of a cluster and TLS to them ([`nodes`], [`tls`]), the request
 //! queue and a consuming session on it ([`queue`], [`consumer`]), replies published with
-//! publisher confirms ([`replier`]), jobs handed back for another worker ([`handback`]),
+//! publisher confirms, each return given to its own publish ([`confirms`], [`replier`]), jobs handed back for another worker ([`handback`]),
 //! deliveries settled in batches ([`settler`]).
 
+pub mod confirms;
 pub mod consumer;
 pub mod handback;
 pub mod nodes;
