@@ -16,9 +16,9 @@
 //! publish whose confirm is not yet registered cannot hide from that rule.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::pin::Pin;
-use std::sync::Arc;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use futures_util::FutureExt;
@@ -49,6 +49,8 @@ pub enum Published {
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
+    /// Held while lapin numbers a publish and queues its frames (see [`Publisher::publish`]).
+    numbering: Arc<Mutex<()>>,
     issued: Arc<AtomicU64>,
     registrations: mpsc::UnboundedSender<Registration>,
 }
@@ -61,6 +63,7 @@ impl Publisher {
         tokio::spawn(Collector::new(received, Arc::clone(&issued)));
         Self {
             channel,
+            numbering: Arc::new(Mutex::new(())),
             issued,
             registrations,
         }
@@ -84,6 +87,7 @@ impl Publisher {
             registrations: Some(self.registrations.clone()),
         };
         let channel = self.channel.clone();
+        let numbering = Arc::clone(&self.numbering);
         let routing_key = ShortString::from(routing_key);
         let body = body.to_vec();
         tokio::spawn(async move {
@@ -91,9 +95,21 @@ impl Publisher {
                 mandatory,
                 ..BasicPublishOptions::default()
             };
-            let published = channel
-                .basic_publish("".into(), routing_key, options, &body, properties)
-                .await;
+            let mut publish =
+                pin!(channel.basic_publish("".into(), routing_key, options, &body, properties));
+            // lapin takes a publish's delivery tag, then queues its frames: two publishes
+            // interleaving there go out in the other order than numbered, and each is confirmed
+            // with the other's ack. Both steps run in the first poll, without I/O: only that
+            // poll is done under the lock, the write and the confirm are not.
+            let first = std::future::poll_fn(|cx| {
+                let _numbering = numbering.lock().unwrap_or_else(PoisonError::into_inner);
+                Poll::Ready(publish.as_mut().poll(cx))
+            })
+            .await;
+            let published = match first {
+                Poll::Ready(published) => published,
+                Poll::Pending => publish.await,
+            };
             match published {
                 Ok(confirm) => ticket.register(Some(Pending {
                     key,
