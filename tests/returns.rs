@@ -169,8 +169,8 @@ async fn plain_lapin_confirms_give_returns_to_the_wrong_publish() {
 /// with its outcome; none is acked without either, none answered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn among_many_replies_each_job_is_answered_once_or_dead_lettered() {
-    const JOBS: usize = 300;
-    const GONE_EVERY: usize = 10;
+    const JOBS: usize = 600;
+    const GONE_EVERY: usize = 4;
     let broker = Mosquitto::plain();
     let dead = unique_name("dead");
     let dead_for_worker = dead.clone();
