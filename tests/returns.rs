@@ -129,6 +129,7 @@ async fn each_of_many_concurrent_publishes_learns_whether_its_own_queue_took_it(
 async fn plain_lapin_confirms_give_returns_to_the_wrong_publish() {
     let amqp = Amqp::connect().await;
     let channel: Channel = amqp.channel.clone();
+    let started = Instant::now();
     let wrong = publish_to_a_mix_of_queues(&amqp, |queue, correlation_id| {
         let channel = channel.clone();
         async move {
@@ -158,8 +159,9 @@ async fn plain_lapin_confirms_give_returns_to_the_wrong_publish() {
     .await;
     let delivered_but_told_returned = wrong.iter().filter(|(_, exists, _)| *exists).count();
     println!(
-        "plain lapin: {} of {PUBLISHES} told wrong ({delivered_but_told_returned} delivered but told returned)",
-        wrong.len()
+        "plain lapin: {} of {PUBLISHES} told wrong ({delivered_but_told_returned} delivered but told returned), {:?}",
+        wrong.len(),
+        started.elapsed()
     );
     assert!(!wrong.is_empty(), "lapin matched every return this time");
 }
