@@ -4,9 +4,11 @@
 //! lapin does not match a `basic.return` to its publish: it hands the oldest waiting return to
 //! whichever confirm it completes next (for a `multiple` ack, the first of the batch in hash
 //! order), so `Confirmation::Ack(Some(_))` may belong to another publish, and a confirm dropped
-//! unresolved takes its return with it (CONTRIBUTING.md, "lapin: returns and confirms"). Here
-//! a collector task per channel holds every pending confirm, gathers the returns they carry and
-//! gives each to its owner by (routing key, correlation id), oldest first on a tie.
+//! unresolved takes its return with it; and two publishes racing in `basic_publish` can swap
+//! delivery tags (CONTRIBUTING.md, "lapin: returns and confirms"). Here publishes are numbered
+//! and queued under one lock, and a collector task per channel holds every pending confirm,
+//! gathers the returns they carry and gives each to its owner by (routing key, correlation id),
+//! oldest first on a tie.
 //!
 //! Why that is exact: lapin completes confirms in order in its I/O thread, and RabbitMQ sends a
 //! return before the ack of its own publish, so publish Y's return rides on a confirm completed
@@ -360,8 +362,12 @@ impl Collector {
         let Some(pending) = registration.pending else {
             return;
         };
+        // Only a publish numbered before the return was found can own it.
         let returned = pending.key.as_ref().is_some_and(|key| {
-            let found = self.orphans.iter().position(|orphan| orphan.key == *key);
+            let found = self
+                .orphans
+                .iter()
+                .position(|orphan| orphan.key == *key && registration.ticket < orphan.issued);
             found.and_then(|at| self.orphans.remove(at)).is_some()
         });
         self.entries.insert(
@@ -576,6 +582,23 @@ mod tests {
         let mut lost = lost.complete(acked(None));
         bench.settle();
         assert!(matches!(report(&mut lost), Some(Published::Returned)));
+    }
+
+    #[test]
+    fn a_return_found_before_a_publish_was_numbered_is_not_its() {
+        let mut bench = Bench::new();
+        let mut carrier = bench.publish(None);
+        let blocker = bench.publish(Some(key("q", "other")));
+        carrier.register();
+        let _carrier = carrier.complete(acked(Some(key("gone", "b"))));
+        bench.settle();
+        // Numbered after the return was found: a later try of the same reply, say.
+        let mut later = bench.publish(Some(key("gone", "b")));
+        later.register();
+        let mut later = later.complete(acked(None));
+        drop(blocker);
+        bench.settle();
+        assert!(matches!(report(&mut later), Some(Published::Acked)));
     }
 
     #[test]
