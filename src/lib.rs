@@ -6,7 +6,8 @@
 //!   trust boundary (keys, files, secrets, brokers), [`job`] merges and validates,
 //! - [`pipeline`] publishes it through [`mqtt::pool`] (retries, backoff, the job's timeout) and
 //!   waits for the broker's acknowledgement ([`mqtt::connection`]),
-//! - [`amqp::replier`] publishes `{exit-code, message}` and waits for RabbitMQ's confirm,
+//! - [`amqp::replier`] publishes `{exit-code, message}` through [`amqp::confirms`] and waits for
+//!   RabbitMQ's confirm of that very reply,
 //! - [`worker`] settles the delivery ([`settle`]: ack, reject or requeue) and runs the whole loop.
 //!
 //! Around it: [`metrics`] (every metric name in one place), [`http`] (`/metrics`, `/healthz`,

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::amqp::confirms::Publisher;
 use crate::amqp::consumer::{self, Flow, Session, SessionError};
 use crate::amqp::held::{self, Routes};
 use crate::amqp::nodes::{Nodes, NodesError};
@@ -382,6 +383,8 @@ impl Worker {
         self.set_ready(true);
         tracing::info!(queue = %self.options.queue, node = %self.nodes.shown(node), prefetch = self.options.prefetch, "consuming");
         let (settler, settler_task) = Settler::start(channel.clone());
+        // Every publish of the session's jobs goes through it: lapin cannot tell whose a return is.
+        let publisher = Publisher::start(channel.clone());
         let jobs = TaskTracker::new();
         let queue_name: Arc<str> = Arc::from(self.queue.name.as_str());
         let dead_letter_queue: Option<Arc<str>> =
@@ -429,9 +432,14 @@ impl Worker {
         let held_server = match &routes {
             Some(routes) => {
                 let context = context.clone();
-                let run: held::RunHeld = Arc::new(move |delivery, channel, settler, slot| {
-                    Box::pin(context.job(delivery, channel, settler, slot, true).run())
-                });
+                let run: held::RunHeld =
+                    Arc::new(move |delivery, channel, publisher, settler, slot| {
+                        Box::pin(
+                            context
+                                .job(delivery, channel, publisher, settler, slot, true)
+                                .run(),
+                        )
+                    });
                 tokio::spawn(held::serve(
                     Arc::clone(&connection),
                     routes.clone(),
@@ -446,7 +454,14 @@ impl Worker {
         };
         let spawn = |delivery: Delivery, slot: OwnedSemaphorePermit| {
             settler.taken(delivery.delivery_tag);
-            let job = context.job(delivery, channel.clone(), settler.clone(), slot, false);
+            let job = context.job(
+                delivery,
+                channel.clone(),
+                publisher.clone(),
+                settler.clone(),
+                slot,
+                false,
+            );
             // Boxed before it is spawned: the job's future is kilobytes (the whole pipeline
             // inline), and tokio moves a task's future by value several times while spawning
             // and finishing it; a box moves as one pointer (half the worker's instructions).
@@ -651,6 +666,7 @@ impl JobContext {
         &self,
         delivery: Delivery,
         channel: Channel,
+        publisher: Publisher,
         settler: Settler,
         slot: OwnedSemaphorePermit,
         via_held: bool,
@@ -663,6 +679,7 @@ impl JobContext {
             flow: self.flow.clone(),
             delivery,
             channel,
+            publisher,
             settler,
             pipeline: self.pipeline.clone(),
             metrics: self.metrics.clone(),
@@ -686,6 +703,8 @@ struct Job {
     flow: Flow,
     delivery: Delivery,
     channel: Channel,
+    /// Replies, hand-backs and dead-letter forwards go out through it, on `channel`.
+    publisher: Publisher,
     settler: Settler,
     pipeline: Pipeline,
     metrics: Metrics,
@@ -762,12 +781,12 @@ impl Job {
                 }
             };
             tokio::time::sleep(delay).await;
-            let settlement = if handback::hand_back(&self.channel, to, &self.delivery, taken).await
-            {
-                Settlement::Ack
-            } else {
-                Settlement::Requeue
-            };
+            let settlement =
+                if handback::hand_back(&self.publisher, to, &self.delivery, taken).await {
+                    Settlement::Ack
+                } else {
+                    Settlement::Requeue
+                };
             self.settler.settle(self.delivery.delivery_tag, settlement);
             return;
         }
@@ -775,7 +794,7 @@ impl Job {
         let reply_status = match reply_to {
             Some(reply_to) => {
                 let body = Reply::new(&finished.outcome, started.elapsed()).to_json();
-                replier::reply(&self.channel, &self.flow, reply_to, correlation_id, &body).await
+                replier::reply(&self.publisher, &self.flow, reply_to, correlation_id, &body).await
             }
             None => ReplyStatus::NotRequested,
         };
@@ -796,7 +815,7 @@ impl Job {
                 (settlement, self.dead_letter_queue.as_deref())
             {
                 let forwarded = replier::forward_with_outcome(
-                    &self.channel,
+                    &self.publisher,
                     &self.flow,
                     queue,
                     &self.delivery,

@@ -8,10 +8,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Confirmation};
 
+use super::confirms::{Published, Publisher};
 use crate::pipeline::Taken;
 
 /// When a worker first took the job, in milliseconds since the Unix epoch.
@@ -99,15 +98,11 @@ pub enum HandBackTo<'a> {
 /// Publishes `delivery` again with [`handed_back_headers`] and waits (bounded) for the
 /// confirm; `false` when RabbitMQ did not take it (the caller then requeues the original).
 pub async fn hand_back(
-    channel: &Channel,
+    publisher: &Publisher,
     to: HandBackTo<'_>,
     delivery: &Delivery,
     taken: Taken,
 ) -> bool {
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..BasicPublishOptions::default()
-    };
     let mut headers = handed_back_headers(delivery.properties.headers().as_ref(), taken);
     let (exchange, routing_key) = match to {
         HandBackTo::Queue(queue) => ("", queue),
@@ -117,22 +112,12 @@ pub async fn hand_back(
         }
     };
     let properties = delivery.properties.clone().with_headers(headers);
-    let published = async {
-        channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                options,
-                &delivery.data,
-                properties,
-            )
-            .await?
-            .await
-    };
+    let published = publisher.publish_to(exchange, routing_key, true, &delivery.data, properties);
     match tokio::time::timeout(CONFIRM_TIMEOUT, published).await {
-        Ok(Ok(confirmation)) => matches!(confirmation, Confirmation::Ack(None)),
-        Ok(Err(err)) => {
-            tracing::debug!(error = %err, "could not hand the job back to the queue");
+        Ok(Published::Acked) => true,
+        Ok(Published::Returned | Published::Nacked) => false,
+        Ok(Published::Failed(err)) => {
+            tracing::debug!(error = ?err, "could not hand the job back to the queue");
             false
         }
         Err(_) => false,

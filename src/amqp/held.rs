@@ -33,6 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::confirms::Publisher;
 use super::consumer;
 use super::queue::{QueueSettings, QueueType};
 use super::settler::Settler;
@@ -57,9 +58,10 @@ pub struct Routes {
     unheld: String,
 }
 
-/// A job taken from a client-id's queue, to run (settled on the channel it came on).
+/// A job taken from a client-id's queue, to run (settled and answered on the channel it came
+/// on, through that channel's publisher).
 pub type RunHeld = Arc<
-    dyn Fn(Delivery, Channel, Settler, OwnedSemaphorePermit) -> BoxFuture<'static, ()>
+    dyn Fn(Delivery, Channel, Publisher, Settler, OwnedSemaphorePermit) -> BoxFuture<'static, ()>
         + Send
         + Sync,
 >;
@@ -266,6 +268,7 @@ async fn consume(
         }
     };
     let (settler, settler_task) = Settler::start(channel.clone());
+    let publisher = Publisher::start(channel.clone());
     let jobs = TaskTracker::new();
     loop {
         let delivery = tokio::select! {
@@ -284,7 +287,13 @@ async fn consume(
         };
         let Ok(slot) = slot else { break };
         settler.taken(delivery.delivery_tag);
-        jobs.spawn(run(delivery, channel.clone(), settler.clone(), slot));
+        jobs.spawn(run(
+            delivery,
+            channel.clone(),
+            publisher.clone(),
+            settler.clone(),
+            slot,
+        ));
     }
     drop(deliveries);
     jobs.close();

@@ -1,8 +1,9 @@
 //! The RabbitMQ side: the nodes of a cluster and TLS to them ([`nodes`], [`tls`]), the request
-//! queue and a consuming session on it ([`queue`], [`consumer`]), replies published with
-//! publisher confirms ([`replier`]), jobs handed back for another worker ([`handback`]),
-//! deliveries settled in batches ([`settler`]).
+//! queue and a consuming session on it ([`queue`], [`consumer`]), publishes told what became of
+//! them, each return given to its own publish ([`confirms`]), replies ([`replier`]), jobs handed
+//! back for another worker ([`handback`]), deliveries settled in batches ([`settler`]).
 
+pub mod confirms;
 pub mod consumer;
 pub mod handback;
 pub mod held;

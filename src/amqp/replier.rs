@@ -8,11 +8,11 @@
 use std::pin::pin;
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::time::Instant;
 
+use super::confirms::{Published, Publisher};
 use super::consumer::Flow;
 use crate::outcome::Outcome;
 use crate::settle::{LostReply, ReplyStatus};
@@ -78,7 +78,7 @@ impl Budget {
 /// time. A confirm that does not come is waited for, never published again (no duplicate
 /// reply); a nack or a return is tried again with backoff.
 pub async fn reply(
-    channel: &Channel,
+    publisher: &Publisher,
     flow: &Flow,
     reply_to: &str,
     correlation_id: Option<&str>,
@@ -92,17 +92,15 @@ pub async fn reply(
     let mut delay = RETRY_FIRST;
     loop {
         let sent = budget
-            .run(publish(channel, reply_to, correlation_id, body))
+            .run(publish(publisher, reply_to, correlation_id, body))
             .await;
         let lost = match sent {
-            Some(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => {
-                return ReplyStatus::Confirmed;
-            }
-            Some(Ok(Confirmation::Ack(Some(_returned)))) => LostReply::Unroutable,
-            Some(Ok(Confirmation::Nack(_))) => LostReply::Refused,
-            Some(Err(err)) => {
+            Some(Published::Acked) => return ReplyStatus::Confirmed,
+            Some(Published::Returned) => LostReply::Unroutable,
+            Some(Published::Nacked) => LostReply::Refused,
+            Some(Published::Failed(err)) => {
                 // The channel failed: nothing sent on it can be confirmed or settled any more.
-                tracing::debug!(error = %err, "no confirm for the reply");
+                tracing::debug!(error = ?err, "no confirm for the reply");
                 return ReplyStatus::Lost(LostReply::Unconfirmed);
             }
             None => return ReplyStatus::Lost(LostReply::Unconfirmed),
@@ -115,24 +113,20 @@ pub async fn reply(
 }
 
 async fn publish(
-    channel: &Channel,
+    publisher: &Publisher,
     reply_to: &str,
     correlation_id: Option<&str>,
     body: &[u8],
-) -> lapin::Result<Confirmation> {
+) -> Published {
     let mut properties = BasicProperties::default().with_content_type("application/json".into());
     if let Some(id) = correlation_id {
         properties = properties.with_correlation_id(id.into());
     }
     // mandatory: a reply_to that routes nowhere comes back instead of vanishing unnoticed.
     // Not for direct reply-to: RabbitMQ delivers those yet reports them as returned (NO_ROUTE).
-    let options = BasicPublishOptions {
-        mandatory: !reply_to.starts_with(DIRECT_REPLY_TO),
-        ..BasicPublishOptions::default()
-    };
-    channel
-        .basic_publish("".into(), reply_to.into(), options, body, properties)
-        .await?
+    let mandatory = !reply_to.starts_with(DIRECT_REPLY_TO);
+    publisher
+        .publish(reply_to, mandatory, body, properties)
         .await
 }
 
@@ -141,7 +135,7 @@ async fn publish(
 /// kept), and waits (bounded, unblocked time) for the confirm. `false` when RabbitMQ did not
 /// take it.
 pub async fn forward_with_outcome(
-    channel: &Channel,
+    publisher: &Publisher,
     flow: &Flow,
     queue: &str,
     delivery: &lapin::message::Delivery,
@@ -157,21 +151,9 @@ pub async fn forward_with_outcome(
         AMQPValue::LongString(outcome.message.as_str().into()),
     );
     let properties = delivery.properties.clone().with_headers(headers);
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..BasicPublishOptions::default()
-    };
-    let published = async {
-        channel
-            .basic_publish("".into(), queue.into(), options, &delivery.data, properties)
-            .await?
-            .await
-    };
+    let published = publisher.publish(queue, true, &delivery.data, properties);
     let mut budget = Budget::new(FORWARD_WINDOW, flow.clone());
-    matches!(
-        budget.run(published).await,
-        Some(Ok(Confirmation::Ack(None)))
-    )
+    matches!(budget.run(published).await, Some(Published::Acked))
 }
 
 /// How long (of unblocked time) forwarding a job to the dead-letter queue may take.
