@@ -73,8 +73,8 @@ impl Publisher {
 
     /// Publishes `body` on the default exchange to `routing_key` and waits for what became of
     /// it. `mandatory`: a publish no queue takes comes back as [`Published::Returned`].
-    /// Dropping the future is safe: the publish goes on in a task of its own (a publish
-    /// cancelled half-way would drop its confirm inside lapin, with any return it carries).
+    /// Dropping the future is safe: a publish not yet handed to lapin goes on in a task of its
+    /// own (see [`Sending`]).
     pub async fn publish(
         &self,
         routing_key: &str,
@@ -106,7 +106,7 @@ impl Publisher {
         let exchange = ShortString::from(exchange);
         let routing_key = ShortString::from(routing_key);
         let body = body.to_vec();
-        tokio::spawn(async move {
+        let sending = Sending(Some(Box::pin(async move {
             let options = BasicPublishOptions {
                 mandatory,
                 ..BasicPublishOptions::default()
@@ -137,8 +137,38 @@ impl Publisher {
                     ticket.register(None);
                 }
             }
-        });
+        })));
+        sending.await;
         reported.await.unwrap_or(Published::Failed(None))
+    }
+}
+
+/// A publish on its way into lapin, run in its caller's task (no task of its own per publish:
+/// that cost a wake-up per reply). If the caller goes away before lapin has the publish, the
+/// rest runs in a task of its own: a publish cancelled half-way would drop its confirm inside
+/// lapin, with any return it carries, and its ticket would never be accounted for right.
+struct Sending(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
+
+impl Future for Sending {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(sending) = self.0.as_mut() {
+            if sending.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.0 = None;
+        }
+        Poll::Ready(())
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if let (Some(sending), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(sending);
+        }
     }
 }
 
