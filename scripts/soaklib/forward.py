@@ -1,0 +1,150 @@
+"""A TCP forwarder the soak controls, run as its own process (also inside the network
+namespace): `python3 forward.py --map LHOST:LPORT=THOST:TPORT ...`. It prints `ready` once
+every listener is open, then reads commands on stdin, one a line:
+
+  latency MS      delay every chunk by MS milliseconds (each direction)
+  bandwidth BPS   at most BPS bytes a second per direction and connection
+  normal          no latency, no bandwidth limit
+  reset           abort every open connection with a TCP RST
+  hold / release  stop relaying (connections stay open) / relay again
+  close / open    refuse new connections (accept and close at once) / accept them again
+"""
+
+import argparse
+import asyncio
+import socket
+import struct
+import sys
+
+
+class State:
+    def __init__(self):
+        self.latency = 0.0
+        self.bandwidth = None
+        self.refusing = False
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.connections = set()
+
+
+def rst(writer):
+    sock = writer.get_extra_info("socket")
+    try:
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    writer.transport.abort()
+
+
+async def pump(state, reader, writer):
+    loop = asyncio.get_running_loop()
+    queue = asyncio.Queue()
+
+    async def read():
+        try:
+            while True:
+                data = await reader.read(65536)
+                queue.put_nowait((loop.time() + state.latency, data))
+                if not data:
+                    return
+        except (OSError, asyncio.IncompleteReadError):
+            queue.put_nowait((0, b""))
+
+    reading = asyncio.ensure_future(read())
+    try:
+        while True:
+            due, data = await queue.get()
+            if not data:
+                break
+            await state.flowing.wait()
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+            if state.bandwidth:
+                await asyncio.sleep(len(data) / state.bandwidth)
+        writer.write_eof()
+    except OSError:
+        pass
+    finally:
+        reading.cancel()
+
+
+async def handle(state, target, reader, writer):
+    if state.refusing:
+        rst(writer)
+        return
+    try:
+        up_reader, up_writer = await asyncio.open_connection(*target)
+    except OSError:
+        rst(writer)
+        return
+    pair = (writer, up_writer)
+    state.connections.add(pair)
+    try:
+        await asyncio.gather(pump(state, reader, up_writer), pump(state, up_reader, writer))
+    finally:
+        state.connections.discard(pair)
+        for w in pair:
+            w.transport.abort()
+
+
+def split(addr):
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
+
+
+async def control(state):
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        if not line:
+            return
+        cmd, *arg = line.decode().split()
+        if cmd == "latency":
+            state.latency = float(arg[0]) / 1000
+        elif cmd == "bandwidth":
+            state.bandwidth = float(arg[0])
+        elif cmd == "normal":
+            state.latency, state.bandwidth = 0.0, None
+        elif cmd == "reset":
+            for pair in list(state.connections):
+                for w in pair:
+                    rst(w)
+        elif cmd == "hold":
+            state.flowing.clear()
+        elif cmd == "release":
+            state.flowing.set()
+        elif cmd == "close":
+            state.refusing = True
+        elif cmd == "open":
+            state.refusing = False
+        print("ok " + cmd, flush=True)
+
+
+async def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--map", action="append", required=True, help="LHOST:LPORT=THOST:TPORT")
+    args = parser.parse_args()
+    state = State()
+    servers = []
+    for mapping in args.map:
+        listen, target = mapping.split("=")
+        lhost, lport = split(listen)
+        t = split(target)
+        servers.append(await asyncio.start_server(
+            lambda r, w, t=t: handle(state, t, r, w), lhost, lport, reuse_address=True))
+    print("ready", flush=True)
+    # The soak ends us by closing stdin (or by a signal).
+    await control(state)
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
