@@ -142,12 +142,14 @@ class Faults:
     def mqtt_kill(self, rng):
         """The workers' forwarder stops relaying half a second before the kill, so what the
         broker acknowledged has reached the recording subscriber (the soak measures the
-        worker, not Mosquitto's durability), and admits no worker until the subscribers and
-        devices are back on the restarted broker."""
+        worker, not Mosquitto's durability), and stops listening (connections are refused, as
+        by a broker that is down) until the subscribers and devices are back on the restarted
+        broker."""
         name = rng.choice(("a", "b"))
         down = rng.uniform(0.5, 3)
-        f = self.s.forwarders[name]
+        f, inner = self.s.forwarders[name], self.s.ns_forwarders[name]
         t = time.time()
+        inner.command("close")
         f.command("close")
         f.command("hold")
         time.sleep(0.5)
@@ -157,6 +159,7 @@ class Faults:
         self.s.mosquittos[name].restart()
         ready = self.s.clients[name].wait_ready(30)
         f.command("open")
+        inner.command("open")
         self._log("mqtt-kill", name, f"SIGKILL, started again on its port after {down:.1f} s"
                   + ("" if ready else "; subscribers not back within 30 s"), t)
 

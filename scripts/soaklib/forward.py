@@ -7,7 +7,8 @@ every listener is open, then reads commands on stdin, one a line:
   normal          no latency, no bandwidth limit
   reset           abort every open connection with a TCP RST
   hold / release  stop relaying (connections stay open) / relay again
-  close / open    refuse new connections (accept and close at once) / accept them again
+  close / open    stop listening (connections are refused, as by a broker that is down; open
+                  ones stay) / listen again
 """
 
 import argparse
@@ -21,7 +22,8 @@ class State:
     def __init__(self):
         self.latency = 0.0
         self.bandwidth = None
-        self.refusing = False
+        self.maps = []
+        self.servers = []
         self.flowing = asyncio.Event()
         self.flowing.set()
         self.connections = set()
@@ -73,9 +75,6 @@ async def pump(state, reader, writer):
 
 
 async def handle(state, target, reader, writer):
-    if state.refusing:
-        rst(writer)
-        return
     try:
         up_reader, up_writer = await asyncio.open_connection(*target)
     except OSError:
@@ -89,6 +88,12 @@ async def handle(state, target, reader, writer):
         state.connections.discard(pair)
         for w in pair:
             w.transport.abort()
+
+
+async def listen(state):
+    for (lhost, lport), target in state.maps:
+        state.servers.append(await asyncio.start_server(
+            lambda r, w, t=target: handle(state, t, r, w), lhost, lport, reuse_address=True))
 
 
 def split(addr):
@@ -120,9 +125,11 @@ async def control(state):
         elif cmd == "release":
             state.flowing.set()
         elif cmd == "close":
-            state.refusing = True
-        elif cmd == "open":
-            state.refusing = False
+            for server in state.servers:
+                server.close()
+            state.servers = []
+        elif cmd == "open" and not state.servers:
+            await listen(state)
         print("ok " + cmd, flush=True)
 
 
@@ -131,13 +138,10 @@ async def main():
     parser.add_argument("--map", action="append", required=True, help="LHOST:LPORT=THOST:TPORT")
     args = parser.parse_args()
     state = State()
-    servers = []
     for mapping in args.map:
-        listen, target = mapping.split("=")
-        lhost, lport = split(listen)
-        t = split(target)
-        servers.append(await asyncio.start_server(
-            lambda r, w, t=t: handle(state, t, r, w), lhost, lport, reuse_address=True))
+        listen_at, target = mapping.split("=")
+        state.maps.append((split(listen_at), split(target)))
+    await listen(state)
     print("ready", flush=True)
     # The soak ends us by closing stdin (or by a signal).
     await control(state)

@@ -90,7 +90,10 @@ def main():
     log(f"run directory {run_dir}")
     worker_bin = args.worker_bin
     if worker_bin is None:
-        subprocess.run(["cargo", "build", "--locked", "--bin", "mqtt-connector"], cwd=REPO, check=True)
+        # With a test target, so the features match what `cargo test` built (the binary alone
+        # would rebuild the dependencies with other features, and the next `cargo test` again).
+        subprocess.run(["cargo", "build", "--locked", "--bin", "mqtt-connector", "--test", "manifests"],
+                       cwd=REPO, check=True)
         worker_bin = REPO / "target" / "debug" / "mqtt-connector"
     worker_bin = worker_bin.resolve()
 

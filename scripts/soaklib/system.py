@@ -27,6 +27,7 @@ class System:
         self.cluster = None
         self.mosquittos = {}
         self.forwarders = {}
+        self.ns_forwarders = {}
         self.clients = {}
         self.workers = {}
         self.ns = None
@@ -78,10 +79,15 @@ class System:
         rabbit_maps = [(self.ns.host_addr("rabbit"), n.port, "127.0.0.1", n.port) for n in self.cluster.nodes]
         f = Forwarder("rabbit-host", rabbit_maps, self.state_dir)
         self.at_exit(f.stop)
-        inner = [("127.0.0.1", n.port, self.ns.host_addr("rabbit"), n.port) for n in self.cluster.nodes]
-        inner += [("127.0.0.1", self.worker_ports[b], self.ns.host_addr(b), self.worker_ports[b]) for b in "ab"]
-        f = Forwarder("netns", inner, self.state_dir, prefix=self.ns.prefix())
-        self.at_exit(f.stop)
+        # One forwarder per service inside the namespace, so a broker's can stop listening
+        # with the host's (a broker that is down refuses w3 as it refuses the others).
+        inner = {"rabbit": [("127.0.0.1", n.port, self.ns.host_addr("rabbit"), n.port) for n in self.cluster.nodes]}
+        for b in "ab":
+            inner[b] = [("127.0.0.1", self.worker_ports[b], self.ns.host_addr(b), self.worker_ports[b])]
+        for service, maps in inner.items():
+            f = Forwarder(f"netns-{service}", maps, self.state_dir, prefix=self.ns.prefix())
+            self.at_exit(f.stop)
+            self.ns_forwarders[service] = f
 
         for name, m in self.mosquittos.items():
             c = BrokerClients(name, m, self.recorder, self.seed + ord(name))
