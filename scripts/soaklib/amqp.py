@@ -75,8 +75,12 @@ class Submitter:
         raise RuntimeError(f"could not submit job {correlation_id}")
 
     def close(self):
-        if self.conn is not None and self.conn.is_open:
-            self.conn.close()
+        # Idle through the quiet period, the connection may have missed its heartbeats.
+        try:
+            if self.conn is not None and self.conn.is_open:
+                self.conn.close()
+        except (pika.exceptions.AMQPError, OSError):
+            pass
 
 
 def _reply_record(queue_name, props, body):
