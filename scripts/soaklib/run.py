@@ -99,7 +99,10 @@ def main():
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
+    # SIGINT too: a shell starting the soak in the background leaves SIGINT ignored, and Python
+    # then keeps it ignored.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
     recorder = Recorder(run_dir)
     outstanding = Outstanding(recorder)
