@@ -74,12 +74,28 @@ async def pump(state, reader, writer):
         reading.cancel()
 
 
+async def connect(target, reader):
+    """The upstream connection, tried again while the client stays (up to 30 s): a target
+    that cannot be reached (a partitioned veth, a broker restarting) leaves the client's
+    connection silent, as an unanswered SYN would, instead of resetting it (a reset in a TLS
+    handshake reads as a TLS failure, not as a network one)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(*target), 5)
+        except (OSError, asyncio.TimeoutError):
+            if loop.time() > deadline or reader.at_eof():
+                return None
+            await asyncio.sleep(0.5)
+
+
 async def handle(state, target, reader, writer):
-    try:
-        up_reader, up_writer = await asyncio.open_connection(*target)
-    except OSError:
-        rst(writer)
+    upstream = await connect(target, reader)
+    if upstream is None:
+        writer.transport.abort()
         return
+    up_reader, up_writer = upstream
     pair = (writer, up_writer)
     state.connections.add(pair)
     try:
