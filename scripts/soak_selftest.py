@@ -35,6 +35,8 @@ import soak_check  # noqa: E402  (beside this file)
 ROOT = Path(__file__).resolve().parent.parent
 FAULTY = ROOT / "target" / "soak" / "mqtt-connector-faulty"
 SOAK = ROOT / "scripts" / "soak"
+# --quiet-max passed on to the soak (None: the soak's default).
+QUIET_MAX = None
 RUN_DIR_RE = re.compile(r"(\S*target/soak/\d{8}T\d{6}-seed\d+)")
 DROPPED_RE = re.compile(r"reply dropped.*?fault_correlation_id\W+([^\"\s,}]+)"
                         r"|fault_correlation_id\W+([^\"\s,}]+).*?reply dropped")
@@ -66,6 +68,8 @@ def soak(minutes, seed, rate, env_name, every):
         command += ["--seed", str(seed)]
     if rate is not None:
         command += ["--rate", f"{rate:g}"]
+    if QUIET_MAX is not None:
+        command += ["--quiet-max", f"{QUIET_MAX:g}"]
     env = dict(os.environ, **{env_name: str(every)})
     say(f"{env_name}={every} {' '.join(command)}")
     started = time.time()
@@ -193,12 +197,17 @@ def main():
     parser.add_argument("--double-every", type=int, default=200)
     parser.add_argument("--only", choices=("drop-reply", "double-publish"),
                         help="run one of the two self-tests")
+    parser.add_argument("--quiet-max", type=float, default=None,
+                        help="passed to the soak: the longest wait for outstanding jobs "
+                             "(a dropped reply keeps its job outstanding to the end)")
     parser.add_argument("--skip-build", action="store_true",
                         help="use the target/soak/mqtt-connector-faulty already built")
     args = parser.parse_args()
     if not SOAK.exists():
         say(f"{SOAK} is missing: the self-test drives it")
         return 2
+    global QUIET_MAX
+    QUIET_MAX = args.quiet_max
     return 0 if selftest(args.minutes, args.seed, args.drop_every, args.double_every,
                          args.skip_build, args.rate, args.only) else 1
 
