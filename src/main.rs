@@ -298,8 +298,11 @@ fn main() -> ExitCode {
 /// `mqtt_connector::logging`): a job's line costs a copy under a lock, not a write(2) or a
 /// thread woken. The guard flushes what is buffered when `main` returns.
 fn init_tracing(format: LogFormat) -> FlushGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,rumqttc=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,lapin=warn,lapin::returned_messages=error,rumqttc=warn",
+        )
+    });
     let (writer, guard) = BufferedStderr::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

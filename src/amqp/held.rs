@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use super::confirms::Publisher;
 use super::consumer;
-use super::queue::{QueueSettings, QueueType};
+use super::queue::QueueSettings;
 use super::settler::Settler;
 use crate::mqtt::pool::{Held, Pool};
 
@@ -53,7 +53,6 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Routes {
     queue: String,
-    queue_type: QueueType,
     exchange: String,
     unheld: String,
 }
@@ -70,7 +69,6 @@ impl Routes {
     pub fn new(settings: &QueueSettings) -> Self {
         Self {
             queue: settings.name.clone(),
-            queue_type: settings.queue_type,
             exchange: format!("{}.held", settings.name),
             unheld: format!("{}.unheld", settings.name),
         }
@@ -137,7 +135,11 @@ impl Routes {
     }
 
     /// A client-id's queue: expires with no consumer, and sends what waits too long back to the
-    /// request queue. Of the request queue's type, so it survives what that survives.
+    /// request queue. Always a classic queue: a classic queue drops what outlived its TTL by
+    /// itself, while a quorum queue (RabbitMQ 3.10) only looks when something else happens on
+    /// it, so jobs given back to it by a holder that died sat there until the queue expired and
+    /// took them along (seen in the soak). It is durable: persistent jobs in it outlive a
+    /// RabbitMQ node's restart, and then go back to the request queue.
     fn held_arguments(&self) -> FieldTable {
         let millis = |duration: Duration| {
             AMQPValue::LongLongInt(i64::try_from(duration.as_millis()).unwrap_or(i64::MAX))
@@ -153,12 +155,6 @@ impl Routes {
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(self.queue.as_str().into()),
         );
-        if self.queue_type == QueueType::Quorum {
-            arguments.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-        }
         arguments
     }
 }
