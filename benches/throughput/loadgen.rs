@@ -323,6 +323,21 @@ pub struct Measured {
     pub rss_samples_kib: Vec<u64>,
 }
 
+/// A plain QoS 1 job to one broker: what the worker and a peer first answer.
+pub const QOS1: Shape = Shape::Worker {
+    qos: 1,
+    clients: None,
+    brokers: None,
+    v5: false,
+};
+
+/// Whether the process consuming `queue` answers one QoS 1 job within 30 s (its readiness).
+pub async fn answers_one_job(loadgen: &LoadGen, queue: &str, run: &str) -> bool {
+    let one = Duration::from_secs(30);
+    let measured = drive(loadgen, queue, 1, Load::Closed(1), QOS1, run, one, None).await;
+    measured.book.answered.load(Ordering::Acquire) == 1
+}
+
 /// Drives `n` jobs into `queue` and waits for their replies (or a stall).
 #[allow(clippy::too_many_arguments)]
 pub async fn drive(

@@ -3,10 +3,9 @@
 //! queue and with a connector of its own, so its rows sit in the same table.
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::loadgen::{Load, Shape, drive};
+use crate::loadgen::{Load, QOS1, Shape, answers_one_job, drive};
 use crate::mosquitto::Mosquitto;
 use crate::procfs::{ChildGuard, tail};
 use crate::scenarios::{Bench, write_connector};
@@ -62,23 +61,7 @@ impl Bench {
         );
         let mut peer = spawn_peer(&config, command, &queue, &connectors, dir.path());
         let pid = peer.pid();
-        let qos1 = Shape::Worker {
-            qos: 1,
-            clients: None,
-            brokers: None,
-            v5: false,
-        };
-        let first = drive(
-            &self.loadgen,
-            &queue,
-            1,
-            Load::Closed(1),
-            qos1,
-            &self.run_id,
-            Duration::from_secs(30),
-            None,
-        )
-        .await;
+        let answered = answers_one_job(&self.loadgen, &queue, &self.run_id).await;
         let running = |peer: &mut ChildGuard| {
             if let Ok(Some(status)) = peer.child.try_wait() {
                 panic!(
@@ -88,9 +71,8 @@ impl Bench {
             }
         };
         running(&mut peer);
-        assert_eq!(
-            first.book.answered.load(Ordering::Acquire),
-            1,
+        assert!(
+            answered,
             "the peer did not answer its first job; its log:\n{}",
             tail(&dir.path().join("peer.log"), 4_000)
         );
@@ -103,7 +85,7 @@ impl Bench {
             &queue,
             warmup.max(config.jobs),
             closed,
-            qos1,
+            QOS1,
             &self.run_id,
             config.stall,
             None,
@@ -138,7 +120,7 @@ impl Bench {
                 pid,
                 n,
                 Load::Open(config.rate),
-                qos1,
+                QOS1,
                 false,
             )
             .await;

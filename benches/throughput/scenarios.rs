@@ -5,11 +5,11 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::child::ChildWorker;
 use crate::device::Device;
-use crate::loadgen::{Load, LoadGen, Measured, Shape, drive};
+use crate::loadgen::{Load, LoadGen, Measured, QOS1, Shape, answers_one_job, drive};
 use crate::mosquitto::{Arrivals, Mosquitto, start_subscriber};
 use crate::procfs::{Pids, find_rabbitmq_pid, proc_sample, reset_peak_rss, snapshot};
 use crate::report::{Row, WorkerMemory, evaluate, print_table, print_targets, print_worker_memory};
@@ -209,27 +209,10 @@ pub async fn run(config: Config) -> bool {
     let worker_start = Instant::now();
     // Ready when it answers one job; then a closed-loop warm-up (not reported).
     {
-        let one = Shape::Worker {
-            qos: 1,
-            clients: None,
-            brokers: None,
-            v5: false,
-        };
-        let measured = drive(
-            &bench.loadgen,
-            &queue,
-            1,
-            Load::Closed(1),
-            one,
-            &run_id,
-            Duration::from_secs(30),
-            None,
-        )
-        .await;
+        let answered = answers_one_job(&bench.loadgen, &queue, &run_id).await;
         worker.check_running();
-        assert_eq!(
-            measured.book.answered.load(Ordering::Acquire),
-            1,
+        assert!(
+            answered,
             "the worker did not answer its first job; its log:\n{}",
             worker.tail(60)
         );
@@ -242,7 +225,7 @@ pub async fn run(config: Config) -> bool {
             &queue,
             warmup,
             Load::Closed(config.outstanding),
-            one,
+            QOS1,
             &run_id,
             config.stall,
             None,
