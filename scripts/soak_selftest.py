@@ -101,12 +101,18 @@ def worker_logs(run_dir):
     return "".join(p.read_text(encoding="utf-8", errors="replace") for p in logs), len(logs)
 
 
-def check_dropped_replies(status, run_dir, output):
-    problems = []
-    if status != 1:
-        problems.append(f"the soak exited {status}, not 1")
+def failed_as_it_should(status, run_dir):
+    """What is wrong with how a self-test soak ended, before its findings are read."""
+    problems = [] if status == 1 else [f"the soak exited {status}, not 1"]
     if run_dir is None:
-        return problems + ["no run directory found"]
+        problems.append("no run directory found")
+    return problems
+
+
+def check_dropped_replies(status, run_dir, output):
+    problems = failed_as_it_should(status, run_dir)
+    if run_dir is None:
+        return problems
     text, logs = worker_logs(run_dir)
     dropped = {a or b for a, b in DROPPED_RE.findall(text)}
     if logs == 0:
@@ -136,11 +142,9 @@ def check_dropped_replies(status, run_dir, output):
 
 
 def check_double_publish(status, run_dir, output):
-    problems = []
-    if status != 1:
-        problems.append(f"the soak exited {status}, not 1")
+    problems = failed_as_it_should(status, run_dir)
     if run_dir is None:
-        return problems + ["no run directory found"]
+        return problems
     text, _ = worker_logs(run_dir)
     doubled = text.count(DOUBLED)
     doubled_jobs = {a or b for a, b in DOUBLED_JOB_RE.findall(text)}

@@ -175,22 +175,23 @@ class Faults:
     def proxy_latency(self, rng):
         name = rng.choice(("a", "b"))
         ms = rng.uniform(100, 1000)
-        hold = rng.uniform(3, 10)
-        t = time.time()
-        self.s.forwarders[name].command(f"latency {ms:.0f}")
-        time.sleep(hold)
-        self.s.forwarders[name].command("normal")
-        self._log("proxy-latency", name, f"{ms:.0f} ms each way for {hold:.1f} s", t)
+        self._forwarder_for_a_while(rng, "proxy-latency", name, f"latency {ms:.0f}",
+                                    f"{ms:.0f} ms each way")
 
     def proxy_bandwidth(self, rng):
         name = rng.choice(("a", "b"))
         bps = rng.uniform(500, 5000)
+        self._forwarder_for_a_while(rng, "proxy-bandwidth", name, f"bandwidth {bps:.0f}",
+                                    f"{bps:.0f} bytes/s per direction")
+
+    def _forwarder_for_a_while(self, rng, kind, name, command, what):
+        """A forwarder slowed by `command` for 3-10 s, then normal again."""
         hold = rng.uniform(3, 10)
         t = time.time()
-        self.s.forwarders[name].command(f"bandwidth {bps:.0f}")
+        self.s.forwarders[name].command(command)
         time.sleep(hold)
         self.s.forwarders[name].command("normal")
-        self._log("proxy-bandwidth", name, f"{bps:.0f} bytes/s per direction for {hold:.1f} s", t)
+        self._log(kind, name, f"{what} for {hold:.1f} s", t)
 
     def proxy_reset(self, rng):
         name = rng.choice(("a", "b"))
