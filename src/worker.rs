@@ -407,10 +407,20 @@ impl Worker {
         ));
         // Jobs handed back go to the worker holding their client-id (amqp::held); without the
         // exchanges (a user not allowed to declare them), through the request queue.
+        // Not with a client-id suffix: every worker's client-ids are its own, nothing to route.
         let routes = Routes::new(&self.queue);
-        let routes = match routes.declare(&connection).await {
-            Ok(()) => Some(routes),
-            Err(err) => {
+        let routes = match self.options.mqtt.client_id_suffix.is_empty() {
+            false => Err(None),
+            true => routes
+                .declare(&connection)
+                .await
+                .map(|()| routes)
+                .map_err(Some),
+        };
+        let routes = match routes {
+            Ok(routes) => Some(routes),
+            Err(None) => None,
+            Err(Some(err)) => {
                 tracing::warn!(error = %err, "cannot declare the exchanges that take handed-back jobs to the worker holding their client-id: they go back through the request queue");
                 None
             }
@@ -444,6 +454,7 @@ impl Worker {
                     Arc::clone(&connection),
                     routes.clone(),
                     self.pipeline.pool().clone(),
+                    self.siblings.clone(),
                     self.options.prefetch,
                     Arc::clone(&slots),
                     run,

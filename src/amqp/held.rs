@@ -38,6 +38,7 @@ use super::consumer;
 use super::queue::QueueSettings;
 use super::settler::Settler;
 use crate::mqtt::pool::{Held, Pool};
+use crate::pipeline::Siblings;
 
 /// How long a job waits in a client-id's queue that nobody consumes before it goes back to the
 /// request queue.
@@ -48,6 +49,11 @@ const HELD_EXPIRES: Duration = Duration::from_secs(60);
 pub const ROUTED_HEADER: &str = "x-mqtt-connector-routed";
 /// Bounds every declare and bind.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client-id queues one session consumes at most (one channel each; RabbitMQ allows 2,047 per
+/// connection by default). Jobs for the others are handed back through the request queue.
+const MAX_SERVED: usize = 1000;
+/// How often the served client-ids follow whether siblings consume the queue.
+const SIBLINGS_EVERY: Duration = Duration::from_secs(3);
 
 /// The names of the routing for one request queue.
 #[derive(Debug, Clone)]
@@ -175,11 +181,14 @@ pub fn routed_headers(mut headers: FieldTable, key: &str) -> FieldTable {
 }
 
 /// Consumes the queue of every client-id the pool holds, for as long as it holds it, until
-/// `stop`. Jobs run with `run`, each with one of `slots`.
+/// `stop`; only while `siblings` says other workers consume the request queue (nobody else
+/// hands jobs back). Jobs run with `run`, each with one of `slots`.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     connection: Arc<Connection>,
     routes: Routes,
     pool: Pool,
+    siblings: Siblings,
     prefetch: u16,
     slots: Arc<Semaphore>,
     run: RunHeld,
@@ -189,11 +198,15 @@ pub async fn serve(
     let mut serving: HashMap<String, CancellationToken> = HashMap::new();
     let consumers = TaskTracker::new();
     loop {
-        let held: HashMap<String, Held> = pool
-            .held()
-            .into_iter()
-            .map(|held| (Routes::key(&held), held))
-            .collect();
+        let held: HashMap<String, Held> = if siblings.present() {
+            pool.held()
+                .into_iter()
+                .take(MAX_SERVED)
+                .map(|held| (Routes::key(&held), held))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         serving.retain(|key, done| {
             let keep = held.contains_key(key) && !done.is_cancelled();
             if !keep {
@@ -220,6 +233,7 @@ pub async fn serve(
         tokio::select! {
             () = stop.cancelled() => break,
             changed = holdings.changed() => if changed.is_err() { break },
+            () = tokio::time::sleep(SIBLINGS_EVERY) => {}
         }
     }
     consumers.close();
