@@ -17,7 +17,7 @@ use mqtt_connector::client::{Client, ClientError, ClientOptions, JobRequest};
 use mqtt_connector::connectors::ConnectorStore;
 use mqtt_connector::job::Limits;
 use mqtt_connector::job_args;
-use mqtt_connector::logging::{BufferedStderr, FlushGuard};
+use mqtt_connector::logging::{FlushGuard, LogBuffer};
 use mqtt_connector::metrics::Metrics;
 use mqtt_connector::mqtt::connection::ConnectionSettings;
 use mqtt_connector::mqtt::pool::Pool;
@@ -275,7 +275,13 @@ impl Bounded for usize {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log_flush = init_tracing(cli.log_format);
+    let _log_flush = match init_tracing(cli.log_format) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("cannot start the log writer thread: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     mqtt_connector::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -294,16 +300,17 @@ fn main() -> ExitCode {
     })
 }
 
-/// Logs go to stderr through a buffer flushed every 50 ms, WARN and ERROR at once (see
+/// Logs go to stderr through a buffer written out every 50 ms, WARN and ERROR at once (see
 /// `mqtt_connector::logging`): a job's line costs a copy under a lock, not a write(2) or a
-/// thread woken. The guard flushes what is buffered when `main` returns.
-fn init_tracing(format: LogFormat) -> FlushGuard {
+/// thread woken, and a stderr that blocks never blocks a job. The guard writes what is
+/// buffered when `main` returns.
+fn init_tracing(format: LogFormat) -> std::io::Result<FlushGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
             "info,lapin=warn,lapin::returned_messages=error,rumqttc=warn",
         )
     });
-    let (writer, guard) = BufferedStderr::start();
+    let (writer, guard) = LogBuffer::start()?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -312,7 +319,7 @@ fn init_tracing(format: LogFormat) -> FlushGuard {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    guard
+    Ok(guard)
 }
 
 async fn worker(args: WorkerArgs) -> ExitCode {

@@ -31,6 +31,7 @@ pub struct WorkerCommand {
     global_args: Vec<String>,
     args: Vec<String>,
     metrics_addr: SocketAddr,
+    stderr_unread: bool,
 }
 
 impl WorkerCommand {
@@ -68,6 +69,13 @@ impl WorkerCommand {
         self
     }
 
+    /// Its stderr a pipe that nobody reads until [`ChildWorker::take_stderr`] (a log collector
+    /// that stalled); [`ChildWorker::stderr`] is then empty.
+    pub fn stderr_unread(mut self) -> Self {
+        self.stderr_unread = true;
+        self
+    }
+
     /// Starts the process and returns at once.
     pub fn spawn(mut self) -> ChildWorker {
         let dir = tempfile::Builder::new()
@@ -75,7 +83,13 @@ impl WorkerCommand {
             .tempdir()
             .expect("create a temporary directory for the worker's output");
         let stdout = std::fs::File::create(dir.path().join("stdout")).expect("create stdout");
-        let stderr = std::fs::File::create(dir.path().join("stderr")).expect("create stderr");
+        let stderr: Stdio = if self.stderr_unread {
+            Stdio::piped()
+        } else {
+            std::fs::File::create(dir.path().join("stderr"))
+                .expect("create stderr")
+                .into()
+        };
         let child = self
             .command
             .args(&self.global_args)
@@ -132,6 +146,7 @@ impl ChildWorker {
             global_args: Vec::new(),
             args: Vec::new(),
             metrics_addr,
+            stderr_unread: false,
         }
     }
 
@@ -149,6 +164,11 @@ impl ChildWorker {
             .spawn();
         worker._connectors = Some(connectors);
         worker
+    }
+
+    /// The read end of its stderr pipe (see [`WorkerCommand::stderr_unread`]).
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
     }
 
     pub fn pid(&self) -> u32 {
