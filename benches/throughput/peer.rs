@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::loadgen::{Load, QOS1, Shape, answers_one_job, drive};
+use crate::loadgen::{Load, QOS1, answers_one_job, drive};
 use crate::mosquitto::Mosquitto;
 use crate::procfs::{ChildGuard, tail};
 use crate::scenarios::{Bench, write_connector};
@@ -91,27 +91,8 @@ impl Bench {
             None,
         )
         .await;
-        for qos in [1u8, 0, 2] {
-            let shape = Shape::Worker {
-                qos,
-                clients: None,
-                brokers: None,
-                v5: false,
-            };
-            let (row, _) = self
-                .scenario(
-                    &format!("peer closed loop, QoS {qos}"),
-                    &queue,
-                    pid,
-                    config.jobs,
-                    closed,
-                    shape,
-                    false,
-                )
-                .await;
-            self.rows.push(row);
-            running(&mut peer);
-        }
+        self.closed_loops("peer", &queue, pid, || running(&mut peer))
+            .await;
         let n = ((config.rate * config.open_seconds).round() as usize).max(1);
         let (row, _) = self
             .scenario(

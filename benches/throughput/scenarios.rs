@@ -26,6 +26,44 @@ pub struct Bench {
 }
 
 impl Bench {
+    /// `who`'s closed loops at QoS 1, 0 and 2 (MQTT 3.1.1), each a row, with `running` checked
+    /// after each; returns the QoS 1 row's jobs/s.
+    pub async fn closed_loops(
+        &mut self,
+        who: &str,
+        queue: &str,
+        pid: u32,
+        mut running: impl FnMut(),
+    ) -> f64 {
+        let closed = Load::Closed(self.config.outstanding);
+        let mut capacity = 0.0;
+        for qos in [1u8, 0, 2] {
+            let shape = Shape::Worker {
+                qos,
+                clients: None,
+                brokers: None,
+                v5: false,
+            };
+            let (row, _) = self
+                .scenario(
+                    &format!("{who} closed loop, QoS {qos}"),
+                    queue,
+                    pid,
+                    self.config.jobs,
+                    closed,
+                    shape,
+                    false,
+                )
+                .await;
+            if qos == 1 {
+                capacity = row.per_s;
+            }
+            self.rows.push(row);
+            running();
+        }
+        capacity
+    }
+
     /// Warm-up (not reported), then one measured scenario against `server_pid`'s queue.
     #[allow(clippy::too_many_arguments)]
     pub async fn scenario(
@@ -233,31 +271,9 @@ pub async fn run(config: Config) -> bool {
         .await;
     }
     let closed = Load::Closed(config.outstanding);
-    let mut capacity = 0.0;
-    for qos in [1u8, 0, 2] {
-        let shape = Shape::Worker {
-            qos,
-            clients: None,
-            brokers: None,
-            v5: false,
-        };
-        let (row, _) = bench
-            .scenario(
-                &format!("worker closed loop, QoS {qos}"),
-                &queue,
-                pid,
-                config.jobs,
-                closed,
-                shape,
-                false,
-            )
-            .await;
-        if qos == 1 {
-            capacity = row.per_s;
-        }
-        bench.rows.push(row);
-        worker.check_running();
-    }
+    let capacity = bench
+        .closed_loops("worker", &queue, pid, || worker.check_running())
+        .await;
     let v5 = Shape::Worker {
         qos: 1,
         clients: None,
