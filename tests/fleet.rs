@@ -29,6 +29,8 @@ struct FleetRun {
     reconnects: Vec<f64>,
     connections: usize,
     duplicates: usize,
+    /// Whether the workers declared the exchange that routes hand-backs to a client-id's holder.
+    hand_back_routing: bool,
 }
 
 async fn fleet(workers: usize, suffix: bool, jobs: usize) -> FleetRun {
@@ -122,12 +124,17 @@ async fn fleet(workers: usize, suffix: bool, jobs: usize) -> FleetRun {
     for worker in running {
         worker.stop().await;
     }
+    let hand_back_routing = amqp.exchange_exists(&format!("{queue}.held")).await;
+    for exchange in [format!("{queue}.held"), format!("{queue}.unheld")] {
+        amqp.delete_exchange(&exchange).await;
+    }
     amqp.delete_queue(&queue).await;
     FleetRun {
         codes,
         reconnects,
         connections,
         duplicates,
+        hand_back_routing,
     }
 }
 
@@ -146,6 +153,10 @@ fn assert_clean(run: &FleetRun, workers: usize, jobs: usize) {
     assert_eq!(
         run.duplicates, 0,
         "no connection lost, so no publish repeated"
+    );
+    assert!(
+        !run.hand_back_routing,
+        "with a client-id suffix every client-id is the worker's own: nothing to route"
     );
 }
 
@@ -177,6 +188,10 @@ fn assert_fight_bounded(run: &FleetRun, workers: usize, jobs: usize) {
         "{} connections for {workers} workers (reconnects {:?})",
         run.connections,
         run.reconnects
+    );
+    assert!(
+        run.hand_back_routing,
+        "workers sharing a client-id route hand-backs to its holder"
     );
 }
 

@@ -7,10 +7,13 @@
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind,
+};
 use std::time::Duration;
 use tokio::time::{Instant, timeout, timeout_at};
 
@@ -246,6 +249,44 @@ impl Amqp {
         ch.queue_delete(name.into(), QueueDeleteOptions::default())
             .await
             .unwrap_or_else(|e| panic!("delete queue {name}: {e}"));
+        let _ = ch.close(200, "bye".into()).await;
+    }
+
+    /// Whether the exchange `name` exists (a passive declare, on a channel of its own: a refusal
+    /// closes the channel it ran on).
+    pub async fn exchange_exists(&self, name: &str) -> bool {
+        let ch = self
+            .connection
+            .create_channel()
+            .await
+            .expect("create channel");
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let exists = ch
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Direct,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = ch.close(200, "bye".into()).await;
+        exists
+    }
+
+    /// Deletes the exchange `name` (no error if it does not exist). Uses a separate channel.
+    pub async fn delete_exchange(&self, name: &str) {
+        let ch = self
+            .connection
+            .create_channel()
+            .await
+            .expect("create channel");
+        ch.exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete exchange {name}: {e}"));
         let _ = ch.close(200, "bye".into()).await;
     }
 
