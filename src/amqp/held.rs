@@ -54,6 +54,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_SERVED: usize = 1000;
 /// How often the served client-ids follow whether siblings consume the queue.
 const SIBLINGS_EVERY: Duration = Duration::from_secs(3);
+/// How long a client-id's queue that could not be consumed is left alone (e.g. a durable queue
+/// whose home node is down: RabbitMQ refuses it until the node is back).
+const RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// The names of the routing for one request queue.
 #[derive(Debug, Clone)]
@@ -254,9 +257,8 @@ async fn consume(
     let channel = match open(&connection, &routes, &key, prefetch).await {
         Ok(channel) => channel,
         Err(err) => {
-            tracing::warn!(error = %err, "cannot consume a held client-id's queue: jobs for it reach this worker through the request queue only");
-            // Not served: the next change of holdings tries again.
-            done.cancel();
+            tracing::warn!(error = %err, retry_after = ?RETRY_AFTER, "cannot consume a held client-id's queue: jobs for it reach this worker through the request queue only");
+            rest(&done).await;
             return;
         }
     };
@@ -272,8 +274,8 @@ async fn consume(
         Ok(deliveries) => deliveries,
         Err(err) => {
             tracing::debug!(error = %err, "cannot consume a held client-id's queue");
-            done.cancel();
             consumer::close_channel(&channel).await;
+            rest(&done).await;
             return;
         }
     };
@@ -310,6 +312,16 @@ async fn consume(
     jobs.wait().await;
     settler_task.finish(settler, consumer::CLOSE_TIMEOUT).await;
     consumer::close_channel(&channel).await;
+}
+
+/// Ends a consumer that could not start: its client-id is not tried again before
+/// [`RETRY_AFTER`] (the serving loop sees `done` only then), or before it is held anew.
+async fn rest(done: &CancellationToken) {
+    tokio::select! {
+        () = done.cancelled() => {}
+        () = tokio::time::sleep(RETRY_AFTER) => {}
+    }
+    done.cancel();
 }
 
 async fn open(
