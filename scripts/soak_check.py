@@ -38,7 +38,7 @@ NO_DUPLICATES = {"reply-queue-delete", "reply-queue-full", "memory-alarm"}
 NOTHING_SENT = {1, 2, 4, 5, 8}
 # Findings reported and listed but no violation: the contract asks for them, the list of
 # violations does not (a fault-free run of 3 workers sharing client-ids has shown them).
-NOTED = {"failed without a fault"}
+NOTED = {"failed without a fault", "expired in transit"}
 # What a job whose expected outcome is "ok" may still get when faults are on (transient
 # failures that ran out of time, a validity that passed, an answer lost with a connection).
 OK_UNDER_FAULTS = {0, 3, 6, 7, 9, 10}
@@ -52,7 +52,10 @@ T = the job's timeout_s; a fault's window is [t_start - T, t_end + B]; faults of
    `soak <id>` was never received on the job's broker. Violation. At QoS 0 (at most once: its
    exit-code 0 means written to the connection) such sends are counted and listed, with a fault
    of kind {", ".join(sorted(MQTT_PATH_FAULTS))} whose window covers the reply if any, but are
-   no violation.
+   no violation. **Expired in transit**: an MQTT 5 send with not_after replied 0 no earlier than
+   not_after - {EXPIRY_SLACK_S:g} s and never received: its Message Expiry Interval (the validity
+   left) may have run out before the broker delivered it, and the broker drops it, as asked.
+   Listed and counted, not a violation.
 3. **Wrong answer**: a reply with exit-code 0 to a `request` job whose response payload is not
    exactly `answer <its own id>` (another job's answer is named). Violation.
 4. **Expired published**: a job with not_after whose payload was received later than
@@ -367,6 +370,11 @@ class Check:
                 covering = self.explaining(reply["t"], timeout_s, MQTT_PATH_FAULTS,
                                            job.get("broker"))
                 self.qos0_losses.append((job_id, self.describe(covering[0]) if covering else "-"))
+            elif (job.get("mqtt") == 5 and job.get("not_after") is not None
+                  and reply["t"] >= job["not_after"] - EXPIRY_SLACK_S):
+                self.find("expired in transit", job_id,
+                          f"replied 0 at {reply.where}, {reply['t'] - job['not_after']:+.2f} s "
+                          f"after its not_after; `soak {job_id}` never received")
             else:
                 self.find("send not received", job_id,
                           f"replied 0 at {reply.where}, `soak {job_id}` never received on broker "

@@ -169,6 +169,17 @@ class CheckerTest(unittest.TestCase):
         self.assertEqual(check.qos0_losses, [("q0", "mqtt-stop a @ +40.0s"), ("q0bis", "-")])
         self.assertIn("QoS 0 sends not received (not a violation): 2 of 2", printed)
 
+    def test_an_mqtt5_send_acknowledged_around_its_not_after_may_expire_in_transit(self):
+        self.a_clean_run()
+        self.run_dir.job("late", 40, not_after=40.5)
+        self.run_dir.reply("late", 41.0)
+        self.run_dir.job("early", 50, not_after=58)
+        self.run_dir.reply("early", 50.2)
+        status, printed, rules, _ = self.check()
+        self.assertEqual(status, 1)
+        self.assertEqual(rules, {"expired in transit": ["late"], "send not received": ["early"]})
+        self.assertIn("expired in transit (noted, not a violation): 1", printed)
+
     def test_a_request_answered_with_another_jobs_answer_is_named(self):
         self.a_clean_run()
         self.run_dir.job("r2", 10, kind="request", device="fast")
