@@ -231,7 +231,6 @@ pub async fn serve(
                 Arc::clone(&slots),
                 Arc::clone(&run),
                 done,
-                stop.clone(),
             ));
         }
         tokio::select! {
@@ -245,9 +244,7 @@ pub async fn serve(
 }
 
 /// Consumes one client-id's queue until `done`; then lets its jobs finish and closes the
-/// channel, which gives back to the queue what was received and not started. When the whole
-/// session is over (`session_over`: the worker stops), it first unbinds the queue.
-#[allow(clippy::too_many_arguments)]
+/// channel, which gives back to the queue what was received and not started.
 async fn consume(
     connection: Arc<Connection>,
     routes: Routes,
@@ -256,7 +253,6 @@ async fn consume(
     slots: Arc<Semaphore>,
     run: RunHeld,
     done: CancellationToken,
-    session_over: CancellationToken,
 ) {
     let channel = match open(&connection, &routes, &key, prefetch).await {
         Ok(channel) => channel,
@@ -310,22 +306,6 @@ async fn consume(
             settler.clone(),
             slot,
         ));
-    }
-    if session_over.is_cancelled() {
-        // The worker stops: jobs handed back for this client-id from now on go back through
-        // the request queue (the exchange's alternate exchange), not into a queue nobody will
-        // consume, whose way back is RabbitMQ's dead-lettering, at most once (the soak lost
-        // jobs so when that queue's node died right after). A holder taking over binds it again.
-        let unbound = bounded(channel.queue_unbind(
-            routes.held_queue(&key).as_str().into(),
-            routes.exchange.as_str().into(),
-            key.as_str().into(),
-            FieldTable::default(),
-        ))
-        .await;
-        if let Err(err) = unbound {
-            tracing::debug!(error = %err, "cannot unbind a held client-id's queue");
-        }
     }
     drop(deliveries);
     jobs.close();
