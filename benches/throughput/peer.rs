@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::loadgen::{Load, QOS1, answers_one_job, drive};
 use crate::mosquitto::Mosquitto;
 use crate::procfs::{ChildGuard, tail};
-use crate::scenarios::{Bench, write_connector};
+use crate::scenarios::{Bench, bench_connectors};
 use crate::{Config, free_port};
 
 /// Starts `command` (split on whitespace) with `worker --amqp-url … --queue … --connectors …
@@ -49,16 +49,7 @@ impl Bench {
             .prefix("bench-peer-")
             .tempdir()
             .expect("create a temporary directory for the peer");
-        let connectors = dir.path().join("connectors");
-        std::fs::create_dir_all(&connectors).expect("create the peer's connectors folder");
-        write_connector(
-            &connectors,
-            "bench",
-            serde_json::json!({
-                "broker": format!("tcp://127.0.0.1:{}", mosquitto.ports[0]),
-                "client-id": "bench-peer", "qos": 1, "topic": "bench/default"
-            }),
-        );
+        let connectors = bench_connectors(dir.path(), mosquitto, "bench-peer");
         let mut peer = spawn_peer(&config, command, &queue, &connectors, dir.path());
         let pid = peer.pid();
         let answered = answers_one_job(&self.loadgen, &queue, &self.run_id).await;

@@ -2,7 +2,7 @@
 //! drives it closed loop at QoS 1, 0 and 2, open loop, over many brokers and many client-ids,
 //! between two echo ceilings; each scenario gets a warm-up and a [`Row`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -118,6 +118,22 @@ pub fn write_connector(dir: &Path, name: &str, json: serde_json::Value) {
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
+/// `dir/connectors` with the connector `bench` every worker under test gets: QoS 1 on the
+/// main listener, as `client_id`.
+pub fn bench_connectors(dir: &Path, mosquitto: &Mosquitto, client_id: &str) -> PathBuf {
+    let connectors = dir.join("connectors");
+    std::fs::create_dir_all(&connectors).expect("create the connectors folder");
+    write_connector(
+        &connectors,
+        "bench",
+        serde_json::json!({
+            "broker": format!("tcp://127.0.0.1:{}", mosquitto.ports[0]),
+            "client-id": client_id, "qos": 1, "topic": "bench/default"
+        }),
+    );
+    connectors
+}
+
 /// The worker under test (the harness' child-worker wrapper), with one connector `bench` for
 /// the main listener and one `bNN` per extra listener; `RUST_LOG` passed on.
 pub fn start_worker(
@@ -126,16 +142,7 @@ pub fn start_worker(
     mosquitto: &Mosquitto,
     dir: &Path,
 ) -> ChildWorker {
-    let connectors = dir.join("connectors");
-    std::fs::create_dir_all(&connectors).expect("create the connectors folder");
-    write_connector(
-        &connectors,
-        "bench",
-        serde_json::json!({
-            "broker": format!("tcp://127.0.0.1:{}", mosquitto.ports[0]),
-            "client-id": "bench-worker", "qos": 1, "topic": "bench/default"
-        }),
-    );
+    let connectors = bench_connectors(dir, mosquitto, "bench-worker");
     // The same broker over MQTT 5, with a client-id of its own (one connection per client-id).
     write_connector(
         &connectors,
