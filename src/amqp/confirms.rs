@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use futures_util::FutureExt;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
@@ -283,8 +284,6 @@ impl Registered {
 
 struct Entry {
     key: Option<Key>,
-    /// `None` once completed.
-    confirm: Option<Confirm>,
     completed: Option<Result<bool, lapin::Error>>,
     /// Its own return was found.
     returned: bool,
@@ -300,11 +299,33 @@ struct Orphan {
     issued: u64,
 }
 
+/// A pending confirm and its publish's ticket.
+struct Tagged {
+    ticket: u64,
+    confirm: Confirm,
+}
+
+impl Future for Tagged {
+    type Output = (u64, Completion);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(u64, Completion)> {
+        let ticket = self.ticket;
+        self.confirm
+            .as_mut()
+            .poll(cx)
+            .map(|completion| (ticket, completion))
+    }
+}
+
 /// The task that holds every pending confirm of a channel (the only one polling them).
 struct Collector {
     registrations: mpsc::UnboundedReceiver<Registration>,
     issued: Arc<AtomicU64>,
     registered: Registered,
+    /// Every pending confirm. A sweep polls those woken since the last (lapin wakes a confirm
+    /// as it completes it) and each newly registered one; polling all of them at every wake-up
+    /// cost a tenth of a job's instructions with hundreds in flight.
+    confirms: FuturesUnordered<Tagged>,
     /// By ticket: the oldest first, for ties.
     entries: BTreeMap<u64, Entry>,
     orphans: VecDeque<Orphan>,
@@ -317,6 +338,7 @@ impl Collector {
             registrations,
             issued,
             registered: Registered::default(),
+            confirms: FuturesUnordered::new(),
             entries: BTreeMap::new(),
             orphans: VecDeque::new(),
             closed: false,
@@ -333,17 +355,16 @@ impl Collector {
                 Poll::Pending => break,
             }
         }
-        // Every ticket below this was registered before the polling below, so polled in it.
+        // Every ticket below this was registered before the polling below, so polled in it:
+        // a confirm registered is polled in the next sweep, and one that lapin completed later
+        // was woken, and so is polled, in the order lapin completed them.
         let polled_below = self.registered.below;
         let mut carried = Vec::new();
-        for entry in self.entries.values_mut() {
-            if let Some(confirm) = entry.confirm.as_mut()
-                && let Poll::Ready(completion) = confirm.as_mut().poll(cx)
-            {
-                entry.confirm = None;
+        while let Poll::Ready(Some((ticket, completion))) = self.confirms.poll_next_unpin(cx) {
+            if let Some(entry) = self.entries.get_mut(&ticket) {
                 entry.completed = Some(completion.outcome);
-                carried.extend(completion.carried);
             }
+            carried.extend(completion.carried);
         }
         // Read after the polling: every publish whose confirm completed before one seen above
         // took its ticket before this.
@@ -414,11 +435,14 @@ impl Collector {
                 .position(|orphan| orphan.key == *key && registration.ticket < orphan.issued);
             found.and_then(|at| self.orphans.remove(at)).is_some()
         });
+        self.confirms.push(Tagged {
+            ticket: registration.ticket,
+            confirm: pending.confirm,
+        });
         self.entries.insert(
             registration.ticket,
             Entry {
                 key: pending.key,
-                confirm: Some(pending.confirm),
                 completed: None,
                 returned,
                 awaiting: None,
