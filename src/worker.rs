@@ -729,7 +729,10 @@ struct Job {
 impl Job {
     /// Runs the job in its own span (every line it logs carries its correlation id); cancelled
     /// at the shutdown deadline, it sends no reply and settles nothing (RabbitMQ redelivers it).
-    async fn run(self) {
+    ///
+    /// Not an `async fn`: that would hold the job twice (argument and moved copy) in a future
+    /// that is copied whole to the heap for every job.
+    fn run(self) -> impl Future<Output = ()> + Send {
         // The span records the id when it is created (nothing at all when it is not logged):
         // borrowed, not copied.
         let span = {
@@ -740,25 +743,22 @@ impl Job {
                 .map_or("", |id| id.as_str());
             tracing::info_span!("job", correlation_id = %correlation_id)
         };
-        let cancel = self.cancel.clone();
-        let metrics = self.metrics.clone();
-        metrics.jobs_in_flight().inc();
         async move {
+            self.metrics.jobs_in_flight().inc();
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => {
+                _ = self.cancel.cancelled() => {
                     tracing::warn!("cancelled (end of the grace period, or its AMQP session was lost); RabbitMQ will redeliver it");
                 }
                 _ = self.handle() => {}
             }
+            self.metrics.jobs_in_flight().dec();
         }
         .instrument(span)
-        .await;
-        metrics.jobs_in_flight().dec();
     }
 
     /// Run the job, reply, settle.
-    async fn handle(self) {
+    async fn handle(&self) {
         let started = Instant::now();
         // When a worker first took the job (hand-back headers), and the AMQP message's
         // timestamp + expiration: a stale command is not published (9).

@@ -11,6 +11,7 @@ mod health;
 mod v4;
 mod v5;
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -275,12 +276,12 @@ impl Connection {
                 });
             }
         }
-        let acked = async {
+        let acked = std::pin::pin!(async {
             match &self.client {
                 Client::V4(client) => v4::publish(client, message).await,
                 Client::V5(client) => v5::publish(client, message, qos).await,
             }
-        };
+        });
         let acked = until_gone(acked, &self.gone).await;
         // At least 1: 0 means "never used".
         self.last_used_ms
@@ -452,11 +453,12 @@ impl Connection {
 /// answering it. The client's request channel outlives its event loop: a publish queued after
 /// the loop's last read of the channel (between losing the socket and being dropped) is never
 /// failed by the client, and would wait for ever, holding its job's turn at the gate.
+/// `acked` is pinned by the caller: held once, in the caller's future (a job's future is copied
+/// to the heap whole when its task is spawned).
 async fn until_gone(
-    acked: impl std::future::Future<Output = Acked>,
+    mut acked: Pin<&mut impl std::future::Future<Output = Acked>>,
     gone: &CancellationToken,
 ) -> Acked {
-    tokio::pin!(acked);
     tokio::select! {
         // An answer that arrived before the loop was dropped wins.
         biased;
@@ -642,9 +644,12 @@ mod tests {
         let gone = CancellationToken::new();
         gone.cancel();
         let never = std::future::pending::<Acked>();
-        let acked = tokio::time::timeout(Duration::from_secs(1), until_gone(never, &gone))
-            .await
-            .expect("a publish outlived its event loop");
+        let acked = tokio::time::timeout(
+            Duration::from_secs(1),
+            until_gone(std::pin::pin!(never), &gone),
+        )
+        .await
+        .expect("a publish outlived its event loop");
         assert!(matches!(acked, Acked::Lost));
     }
 
@@ -657,7 +662,7 @@ mod tests {
             no_subscribers: false,
             lowered_to_max_qos: None,
         };
-        let acked = until_gone(std::future::ready(Acked::Ack(ack)), &gone).await;
+        let acked = until_gone(std::pin::pin!(std::future::ready(Acked::Ack(ack))), &gone).await;
         assert!(matches!(acked, Acked::Ack(a) if a == ack));
     }
 
