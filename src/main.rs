@@ -28,6 +28,12 @@ use mqtt_connector::policy::{AllowedBrokers, JobFiles, Policy, PolicyError};
 use mqtt_connector::worker::{Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc rather than glibc's malloc: every job allocates and frees small blocks on lapin's
+/// I/O thread and tokio's workers, where glibc's malloc and free were a sixth of a job's
+/// instructions (docs/benchmark.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Turns RabbitMQ "send" jobs into acknowledged MQTT publishes.
 #[derive(Parser)]
 #[command(version, about)]
