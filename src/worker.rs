@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
-use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
+use lapin::{Channel, ChannelStatus};
 use rand::Rng;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -443,10 +443,10 @@ impl Worker {
             Some(routes) => {
                 let context = context.clone();
                 let run: held::RunHeld =
-                    Arc::new(move |delivery, channel, publisher, settler, slot| {
+                    Arc::new(move |delivery, status, publisher, settler, slot| {
                         Box::pin(
                             context
-                                .job(delivery, channel, publisher, settler, slot, true)
+                                .job(delivery, status, publisher, settler, slot, true)
                                 .run(),
                         )
                     });
@@ -467,7 +467,7 @@ impl Worker {
             settler.taken(delivery.delivery_tag);
             let job = context.job(
                 delivery,
-                channel.clone(),
+                channel.status().clone(),
                 publisher.clone(),
                 settler.clone(),
                 slot,
@@ -671,12 +671,12 @@ struct JobContext {
 }
 
 impl JobContext {
-    /// A job for `delivery`, settled on `channel` (the channel it came on); `via_held` when it
-    /// came from the queue of a client-id this worker holds.
+    /// A job for `delivery`, settled through `settler` on the channel it came on (whose
+    /// `status` it is); `via_held` when it came from the queue of a client-id this worker holds.
     fn job(
         &self,
         delivery: Delivery,
-        channel: Channel,
+        status: ChannelStatus,
         publisher: Publisher,
         settler: Settler,
         slot: OwnedSemaphorePermit,
@@ -689,7 +689,7 @@ impl JobContext {
             dead_letter_queue: self.dead_letter_queue.clone(),
             flow: self.flow.clone(),
             delivery,
-            channel,
+            channel_status: status,
             publisher,
             settler,
             pipeline: self.pipeline.clone(),
@@ -713,8 +713,10 @@ struct Job {
     /// Whether RabbitMQ blocks the session's connection: replies wait meanwhile.
     flow: Flow,
     delivery: Delivery,
-    channel: Channel,
-    /// Replies, hand-backs and dead-letter forwards go out through it, on `channel`.
+    /// Of the channel the delivery came on (a status, not a channel: cloning a lapin channel
+    /// for every job cost a dozen atomic counts).
+    channel_status: ChannelStatus,
+    /// Replies, hand-backs and dead-letter forwards go out through it, on the same channel.
     publisher: Publisher,
     settler: Settler,
     pipeline: Pipeline,
@@ -814,7 +816,7 @@ impl Job {
             None => DeadLetters::Unknown,
         };
         let mut settlement = settle(finished.outcome.exit_code, reply_status, dead_letters);
-        if matches!(reply_status, ReplyStatus::Lost(_)) && !self.channel.status().connected() {
+        if matches!(reply_status, ReplyStatus::Lost(_)) && !self.channel_status.connected() {
             // Not a lost reply: the session is gone, nothing can be settled on it, and RabbitMQ
             // redelivers the job (the worker cancels such jobs as soon as it notices).
             tracing::debug!("the AMQP session ended before the reply was confirmed");

@@ -51,7 +51,8 @@ pub enum Published {
 /// last clone is gone and every publish has been reported.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    /// Behind an `Arc`: a lapin channel is a dozen `Arc`s, and a publisher is cloned per job.
+    channel: Arc<Channel>,
     /// Held while lapin numbers a publish and queues its frames (see [`Publisher::publish`]).
     numbering: Arc<Mutex<()>>,
     issued: Arc<AtomicU64>,
@@ -65,7 +66,7 @@ impl Publisher {
         let (registrations, received) = mpsc::unbounded_channel();
         tokio::spawn(Collector::new(received, Arc::clone(&issued)));
         Self {
-            channel,
+            channel: Arc::new(channel),
             numbering: Arc::new(Mutex::new(())),
             issued,
             registrations,
@@ -102,7 +103,7 @@ impl Publisher {
             number: self.issued.fetch_add(1, Ordering::SeqCst),
             registrations: Some(self.registrations.clone()),
         };
-        let channel = self.channel.clone();
+        let channel = Arc::clone(&self.channel);
         let numbering = Arc::clone(&self.numbering);
         let exchange = ShortString::from(exchange);
         let routing_key = ShortString::from(routing_key);

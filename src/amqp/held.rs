@@ -28,7 +28,7 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, ExchangeKind};
+use lapin::{Channel, ChannelStatus, Connection, ExchangeKind};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -69,7 +69,13 @@ pub struct Routes {
 /// A job taken from a client-id's queue, to run (settled and answered on the channel it came
 /// on, through that channel's publisher).
 pub type RunHeld = Arc<
-    dyn Fn(Delivery, Channel, Publisher, Settler, OwnedSemaphorePermit) -> BoxFuture<'static, ()>
+    dyn Fn(
+            Delivery,
+            ChannelStatus,
+            Publisher,
+            Settler,
+            OwnedSemaphorePermit,
+        ) -> BoxFuture<'static, ()>
         + Send
         + Sync,
 >;
@@ -301,7 +307,7 @@ async fn consume(
         settler.taken(delivery.delivery_tag);
         jobs.spawn(run(
             delivery,
-            channel.clone(),
+            channel.status().clone(),
             publisher.clone(),
             settler.clone(),
             slot,
