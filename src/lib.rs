@@ -28,7 +28,7 @@ pub mod fault;
 pub mod http;
 pub mod job;
 pub mod job_args;
-pub mod log_fields;
+pub mod log_line;
 pub mod logging;
 pub mod metrics;
 pub mod mqtt;

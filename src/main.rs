@@ -17,7 +17,7 @@ use mqtt_connector::client::{Client, ClientError, ClientOptions, JobRequest};
 use mqtt_connector::connectors::ConnectorStore;
 use mqtt_connector::job::Limits;
 use mqtt_connector::job_args;
-use mqtt_connector::log_fields::LineFields;
+use mqtt_connector::log_line::{LineFields, LineFormat};
 use mqtt_connector::logging::{FlushGuard, LogBuffer};
 use mqtt_connector::metrics::Metrics;
 use mqtt_connector::mqtt::connection::ConnectionSettings;
@@ -323,7 +323,10 @@ fn init_tracing(format: LogFormat) -> std::io::Result<FlushGuard> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
     match format {
-        LogFormat::Text => builder.fmt_fields(LineFields).init(),
+        LogFormat::Text => builder
+            .event_format(LineFormat::default())
+            .fmt_fields(LineFields)
+            .init(),
         LogFormat::Json => builder.json().init(),
     }
     Ok(guard)

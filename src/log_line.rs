@@ -1,17 +1,153 @@
-//! The fields of a text log line, written as tracing-subscriber's default writes them
-//! (`name=value`, strings quoted, numbers and `%` values bare, the message first and bare with
-//! terminal control characters escaped), but with one write per field: the default formats
-//! every field through `fmt` and escapes the message one character at a time, which was a
-//! tenth of a job's instructions with the per-job line (docs/benchmark.md).
+//! The text log line, written as tracing-subscriber's default `Full` format writes it
+//! (`TIME LEVEL span{fields}: target: fields`: strings quoted, numbers and `%` values bare, the
+//! message first and bare with terminal control characters escaped), but without going through
+//! `fmt` where it can: the default formats every field, the timestamp, the level and the spans
+//! through `fmt` and escapes the message one character at a time, which was an eighth of a
+//! job's instructions with the per-job line (docs/benchmark.md).
 //!
-//! On a terminal (ANSI styling on) the default itself is used: there the names are styled, and
-//! speed does not matter.
+//! On a terminal (ANSI styling on), and for events of the `log` crate, the default itself is
+//! used: there the output is styled or normalized, and speed does not matter.
 
+use std::cell::RefCell;
 use std::fmt::{self, Debug, Write};
+use std::time::{Duration, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
-use tracing_subscriber::fmt::format::{DefaultFields, DefaultVisitor, Writer};
+use tracing_subscriber::fmt::format::{DefaultFields, DefaultVisitor, Format, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The text format's lines (`tracing_subscriber::fmt().event_format(LineFormat::default())`).
+#[derive(Debug, Clone, Copy)]
+pub struct LineFormat {
+    /// Lines start with the time ([`LineTime`]); off only in tests, to compare lines.
+    pub timestamps: bool,
+}
+
+impl Default for LineFormat {
+    fn default() -> Self {
+        Self { timestamps: true }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for LineFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        // tracing-log's events all have the target "log" (the default rewrites their metadata).
+        if writer.has_ansi_escapes() || meta.target() == "log" {
+            return if self.timestamps {
+                Format::default().format_event(ctx, writer, event)
+            } else {
+                Format::default()
+                    .without_time()
+                    .format_event(ctx, writer, event)
+            };
+        }
+        if self.timestamps {
+            if LineTime.format_time(&mut writer).is_err() {
+                writer.write_str("<unknown time>")?;
+            }
+            writer.write_char(' ')?;
+        }
+        writer.write_str(match *meta.level() {
+            Level::TRACE => "TRACE ",
+            Level::DEBUG => "DEBUG ",
+            Level::INFO => " INFO ",
+            Level::WARN => " WARN ",
+            Level::ERROR => "ERROR ",
+        })?;
+        if let Some(scope) = ctx.event_scope() {
+            let mut spans = false;
+            for span in scope.from_root() {
+                writer.write_str(span.metadata().name())?;
+                spans = true;
+                let extensions = span.extensions();
+                if let Some(fields) = extensions.get::<FormattedFields<N>>()
+                    && !fields.is_empty()
+                {
+                    writer.write_char('{')?;
+                    writer.write_str(&fields.fields)?;
+                    writer.write_char('}')?;
+                }
+                writer.write_char(':')?;
+            }
+            if spans {
+                writer.write_char(' ')?;
+            }
+        }
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writer.write_char('\n')
+    }
+}
+
+/// The default's timestamp (RFC 3339 in UTC with microseconds, `2026-12-05T22:10:01.123456Z`),
+/// the part down to the second formatted once a second per thread.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LineTime;
+
+thread_local! {
+    /// The second last formatted on this thread (since the epoch), and its text up to the `.`.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+impl FormatTime for LineTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        match std::time::SystemTime::now().duration_since(UNIX_EPOCH) {
+            Ok(since) => write_since_epoch(since, w).unwrap_or_else(|| SystemTime.format_time(w)),
+            Err(_) => SystemTime.format_time(w),
+        }
+    }
+}
+
+/// Writes the time `since` the epoch; `None` for a time the default writes its own way (years
+/// past 9999: `+YYYYY`).
+fn write_since_epoch(since: Duration, w: &mut Writer<'_>) -> Option<fmt::Result> {
+    let (seconds, micros) = (since.as_secs(), since.subsec_micros());
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != seconds {
+            let at = i64::try_from(seconds)
+                .ok()
+                .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+                .filter(|at| at.year() <= 9999)?;
+            text.clear();
+            let written = write!(
+                text,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
+                at.year(),
+                u8::from(at.month()),
+                at.day(),
+                at.hour(),
+                at.minute(),
+                at.second()
+            );
+            *second = if written.is_ok() { seconds } else { u64::MAX };
+        }
+        let mut tail = *b"000000Z";
+        let mut rest = micros;
+        for digit in tail[..6].iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        Some(
+            w.write_str(text)
+                .and_then(|()| w.write_str(std::str::from_utf8(&tail).unwrap_or("Z"))),
+        )
+    })
+}
 
 /// The text format's fields (`tracing_subscriber::fmt().fmt_fields(LineFields)`).
 #[derive(Debug, Default, Clone, Copy)]
@@ -289,21 +425,71 @@ mod tests {
         tracing::info!(message = "a message as a field", empty = "");
     }
 
-    fn formatted(fields: bool) -> String {
+    fn formatted(ours: bool) -> String {
         let lines = Lines::default();
         let builder = tracing_subscriber::fmt()
             .with_writer(lines.clone())
             .with_ansi(false)
             .without_time();
-        if fields {
-            tracing::subscriber::with_default(
-                builder.fmt_fields(LineFields).finish(),
-                log_everything,
-            );
+        if ours {
+            let ours = builder
+                .event_format(LineFormat { timestamps: false })
+                .fmt_fields(LineFields);
+            tracing::subscriber::with_default(ours.finish(), log_everything);
         } else {
             tracing::subscriber::with_default(builder.finish(), log_everything);
         }
         lines.text()
+    }
+
+    fn time(timer: impl FormatTime) -> String {
+        let mut text = String::new();
+        let _ = timer.format_time(&mut Writer::new(&mut text));
+        text
+    }
+
+    #[test]
+    fn the_time_is_written_as_the_default_writes_it() {
+        // Taken one after the other: retried if a second ends between the two.
+        for _ in 0..5 {
+            let (ours, again, default) = (time(LineTime), time(LineTime), time(SystemTime));
+            assert_eq!(ours.len(), default.len(), "{ours} against {default}");
+            if ours[..20] != default[..20] || again[..20] != ours[..20] {
+                continue;
+            }
+            for text in [&ours, &again] {
+                assert!(text.ends_with('Z'), "{text}");
+                assert!(text[20..26].bytes().all(|b| b.is_ascii_digit()), "{text}");
+            }
+            assert!(again[20..26] >= ours[20..26], "{ours} then {again}");
+            return;
+        }
+        panic!("the two clocks never agreed to the second");
+    }
+
+    #[test]
+    fn times_are_written_to_the_microsecond() {
+        let at = |seconds, nanos| {
+            let mut text = String::new();
+            let written =
+                write_since_epoch(Duration::new(seconds, nanos), &mut Writer::new(&mut text));
+            assert!(matches!(written, Some(Ok(()))), "{seconds}");
+            text
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(at(951_782_400, 7_999), "2000-02-29T00:00:00.000007Z");
+        // The same second again (from the cache), then the next.
+        assert_eq!(at(951_782_400, 999_999_999), "2000-02-29T00:00:00.999999Z");
+        assert_eq!(at(951_782_401, 120_000_000), "2000-02-29T00:00:01.120000Z");
+        assert_eq!(at(253_402_300_799, 1_000), "9999-12-31T23:59:59.000001Z");
+        let mut text = String::new();
+        assert!(
+            write_since_epoch(
+                Duration::from_secs(253_402_300_800),
+                &mut Writer::new(&mut text)
+            )
+            .is_none()
+        );
     }
 
     #[test]
