@@ -240,7 +240,10 @@ async fn three_workers_share_a_client_id_under_a_steady_load() {
 async fn three_workers_share_a_client_id_when_its_holder_stops() {
     shared_client_id(
         3,
-        10,
+        // Measured 6–10 in runs of this test (the holder's stop takes its client-id over once
+        // more, and timing decides how often the others then swap it); 33 before hand-backs
+        // were routed to the holder.
+        15,
         false,
         Load::Steady {
             jobs: 300,
