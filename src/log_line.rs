@@ -263,16 +263,13 @@ impl Visit for LineVisitor<'_> {
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         match self {
             LineVisitor::Styled(styled) => styled.record_error(field, value),
-            // Rare: the default's own rendering (with the error's sources), escaped like it.
+            // Rare: the default's own rendering (with the error's sources), on the same line.
             LineVisitor::Plain(plain) => {
-                let mut default = String::new();
-                let mut visitor = DefaultFields::new().make_visitor(Writer::new(&mut default));
-                visitor.record_error(field, value);
-                if visitor.finish().is_ok() && plain.start(field).is_some() {
-                    let value = default
-                        .split_once('=')
-                        .map_or(default.as_str(), |(_, value)| value);
-                    plain.write(|w| w.write_str(value));
+                if plain.result.is_ok() {
+                    let mut default = DefaultVisitor::new(plain.writer.by_ref(), plain.first);
+                    default.record_error(field, value);
+                    plain.result = default.finish();
+                    plain.first = false;
                 }
             }
         }
