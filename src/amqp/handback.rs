@@ -7,6 +7,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
@@ -95,6 +96,29 @@ pub enum HandBackTo<'a> {
     Holder { exchange: &'a str, key: &'a str },
 }
 
+/// The properties of a job handed back: its own, with [`handed_back_headers`]. A job routed
+/// to a holder is also made persistent: it waits in a client-id's classic queue, which keeps
+/// only persistent messages over a RabbitMQ node's restart, while the request queue it came
+/// from may be a quorum queue, which keeps every message (a client's job without
+/// `delivery_mode` would be lost there and not in the request queue).
+fn handed_back_properties(
+    own: &BasicProperties,
+    to: HandBackTo<'_>,
+    taken: Taken,
+) -> BasicProperties {
+    let headers = handed_back_headers(own.headers().as_ref(), taken);
+    match to {
+        HandBackTo::Queue(_) => own.clone().with_headers(headers),
+        HandBackTo::Holder { key, .. } => own
+            .clone()
+            .with_headers(super::held::routed_headers(headers, key))
+            .with_delivery_mode(PERSISTENT),
+    }
+}
+
+/// AMQP's delivery mode of a persistent message.
+const PERSISTENT: u8 = 2;
+
 /// Publishes `delivery` again with [`handed_back_headers`] and waits (bounded) for the
 /// confirm; `false` when RabbitMQ did not take it (the caller then requeues the original).
 pub async fn hand_back(
@@ -103,15 +127,11 @@ pub async fn hand_back(
     delivery: &Delivery,
     taken: Taken,
 ) -> bool {
-    let mut headers = handed_back_headers(delivery.properties.headers().as_ref(), taken);
     let (exchange, routing_key) = match to {
         HandBackTo::Queue(queue) => ("", queue),
-        HandBackTo::Holder { exchange, key } => {
-            headers = super::held::routed_headers(headers, key);
-            (exchange, key)
-        }
+        HandBackTo::Holder { exchange, key } => (exchange, key),
     };
-    let properties = delivery.properties.clone().with_headers(headers);
+    let properties = handed_back_properties(&delivery.properties, to, taken);
     let published = publisher.publish_to(exchange, routing_key, true, &delivery.data, properties);
     match tokio::time::timeout(CONFIRM_TIMEOUT, published).await {
         Ok(Published::Acked) => true,
@@ -196,6 +216,26 @@ mod tests {
                 },
                 "{value:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_job_routed_to_a_holder_is_persistent_and_one_for_the_queue_keeps_its_mode() {
+        let holder = HandBackTo::Holder {
+            exchange: "jobs.held",
+            key: "k",
+        };
+        for own in [
+            BasicProperties::default(),
+            BasicProperties::default().with_delivery_mode(1),
+            BasicProperties::default().with_delivery_mode(2),
+        ] {
+            let routed = handed_back_properties(&own, holder, Taken::now());
+            assert_eq!(routed.delivery_mode(), &Some(PERSISTENT), "{own:?}");
+            assert!(super::super::held::was_routed(routed.headers().as_ref()));
+            let queued = handed_back_properties(&own, HandBackTo::Queue("jobs"), Taken::now());
+            assert_eq!(queued.delivery_mode(), own.delivery_mode());
+            assert!(!super::super::held::was_routed(queued.headers().as_ref()));
         }
     }
 
