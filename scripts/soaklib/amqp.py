@@ -38,7 +38,10 @@ def declare(leader_url, local_url):
         ch.queue_declare(DEAD, durable=True, arguments={"x-queue-type": "quorum"})
         ch.queue_declare(JOBS, durable=True, arguments={
             "x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT,
-            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": DEAD})
+            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": DEAD,
+            # As the worker declares it (docs/fleet.md): at most once, a job dead-lettered
+            # while soak.dead's leader is down is dropped.
+            "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
     with pika.BlockingConnection(params(local_url)) as conn:
         ch = conn.channel()
         ch.queue_declare(REPLIES, durable=True)

@@ -19,7 +19,9 @@ from .record import Recorder, log
 from .system import WORKERS, System
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-QUIET_MAX_S = 60
+# RabbitMQ 3.10 publishes a job it could not dead-letter at once (at least once) again about 3
+# minutes later: a run waits that long for its last jobs rather than count them lost.
+QUIET_MAX_S = 240
 # How long after its timeout a job may still be answered: the workers retry a reply RabbitMQ
 # will not take for 30 s (then dead-letter it), plus a paused full reply queue or an alarm.
 ANSWER_BOUND_S = 45

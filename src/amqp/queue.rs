@@ -98,6 +98,22 @@ impl QueueSettings {
                 ShortString::from("x-dead-letter-routing-key"),
                 AMQPValue::LongString(dead_letters.as_str().into()),
             );
+            if self.queue_type == QueueType::Quorum {
+                // A quorum queue dead-letters at most once by default: a job dead-lettered
+                // while the dead-letter queue has no leader (its node just died) was dropped
+                // (seen in the soak; tests/dead_letters.rs). At least once, RabbitMQ keeps it
+                // until the dead-letter queue confirms it. That strategy needs reject-publish
+                // (the default drop-head falls back to at most once); without a length limit
+                // it refuses nothing.
+                arguments.insert(
+                    ShortString::from("x-dead-letter-strategy"),
+                    AMQPValue::LongString("at-least-once".into()),
+                );
+                arguments.insert(
+                    ShortString::from("x-overflow"),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
+            }
         }
         arguments
     }
@@ -201,6 +217,27 @@ mod tests {
             get("x-dead-letter-routing-key"),
             Some(AMQPValue::LongString("jobs.dead".into()))
         );
+        assert_eq!(
+            get("x-dead-letter-strategy"),
+            Some(AMQPValue::LongString("at-least-once".into()))
+        );
+        assert_eq!(
+            get("x-overflow"),
+            Some(AMQPValue::LongString("reject-publish".into()))
+        );
+    }
+
+    #[test]
+    fn a_classic_queue_dead_letters_as_classic_queues_can() {
+        // Classic queues know no dead-letter strategy: the arguments would be refused.
+        let settings = QueueSettings {
+            dead_letter_queue: Some("jobs.dead".into()),
+            ..QueueSettings::classic("jobs")
+        };
+        let arguments = settings.arguments();
+        assert!(arguments.inner().contains_key("x-dead-letter-routing-key"));
+        assert!(!arguments.inner().contains_key("x-dead-letter-strategy"));
+        assert!(!arguments.inner().contains_key("x-overflow"));
     }
 
     #[test]
