@@ -439,6 +439,8 @@ impl Worker {
             flow: flow.clone(),
             routes: routes.clone(),
         };
+        // Cancelled when the session's own jobs are done (see `retire`).
+        let jobs_done = CancellationToken::new();
         let held_server = match &routes {
             Some(routes) => {
                 let context = context.clone();
@@ -459,6 +461,7 @@ impl Worker {
                     Arc::clone(&slots),
                     run,
                     session_over.clone(),
+                    jobs_done.clone(),
                 ))
             }
             None => tokio::spawn(async {}),
@@ -544,6 +547,7 @@ impl Worker {
             settler,
             settler_task,
             [watcher, held_server],
+            jobs_done,
             channel,
             connection,
         ));
@@ -642,14 +646,18 @@ async fn retire(
     settler: Settler,
     settler_task: SettlerTask,
     helpers: [tokio::task::JoinHandle<()>; 2],
+    jobs_done: CancellationToken,
     channel: Channel,
     connection: Arc<lapin::Connection>,
 ) {
-    // The held queues' consumers end first: their jobs run in `jobs` too.
+    // While the session's own jobs finish, this worker still holds their client-ids: what is
+    // handed back to it meanwhile goes on to the request queue (amqp::held). Then the held
+    // queues' consumers end, their jobs done too.
     let [watcher, held_server] = helpers;
-    let _ = held_server.await;
     jobs.close();
     jobs.wait().await;
+    jobs_done.cancel();
+    let _ = held_server.await;
     settler_task.finish(settler, SETTLE_TIMEOUT).await;
     let _ = tokio::time::timeout(consumer::CLOSE_TIMEOUT, watcher).await;
     consumer::close_channel(&channel).await;

@@ -273,3 +273,152 @@ async fn jobs_handed_back_do_not_count_against_a_quorum_delivery_limit() {
         "no job was handed back in 3 rounds: this run could not tell a republish from a nack"
     );
 }
+
+/// `queue`'s client-id queues (`<queue>.held.<key>`) and their consumers, as RabbitMQ lists
+/// them.
+fn held_queues(queue: &str) -> Vec<(String, u32)> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "name",
+            "consumers",
+            "--no-table-headers",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (name, consumers) = line.split_once('\t')?;
+            let consumers = consumers.trim().parse().ok()?;
+            name.starts_with(&format!("{queue}.held."))
+                .then(|| (name.to_owned(), consumers))
+        })
+        .collect()
+}
+
+fn held_queue_consumers(queue: &str) -> Vec<u32> {
+    held_queues(queue).into_iter().map(|(_, n)| n).collect()
+}
+
+/// A holder that stops keeps consuming its client-id's queue while its own jobs finish, and
+/// sends what is handed to it meanwhile on to the request queue (confirmed) rather than leaving
+/// it to RabbitMQ's at-most-once dead-lettering after the queue's TTL. Two workers, one holding
+/// the client-id; the holder is given a job that waits 6 s for a broker that never answers, then
+/// stopped: seconds into its stop its client-id queue still has its consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_holder_forwards_what_is_handed_to_it() {
+    let broker = Mosquitto::plain();
+    let connectors = connectors_dir();
+    let topic = unique_name("held");
+    write_connector(
+        connectors.path(),
+        "shared",
+        json!({"broker": broker.url(), "client-id": unique_name("shared"), "topic": topic,
+               "qos": 1, "timeout": 20000}),
+    );
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let mut options = WorkerOptions::new(amqp_url(), queue.clone(), connectors.path());
+        options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
+        running.push(spawn_worker_with(options).await);
+    }
+    let first = json!({"connector": "shared", "content": "first"}).to_string();
+    amqp.send_job(&queue, first.as_bytes(), Some(&reply_queue), Some("first"))
+        .await;
+    assert_eq!(
+        replies
+            .expect_reply(Duration::from_secs(20))
+            .await
+            .exit_code(),
+        0
+    );
+    let mut holder = None;
+    for (index, worker) in running.iter().enumerate() {
+        if metric_sum(&worker.metrics().await, "mqtt_connector_mqtt_connections") > 0.0 {
+            holder = Some(index);
+        }
+    }
+    let holder = running.remove(holder.expect("a worker holds the client-id"));
+    // Its client-id's queue is consumed once both workers see each other (siblings).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held_queue_consumers(&queue) != [1] {
+        assert!(
+            Instant::now() < deadline,
+            "the holder never consumed its client-id's queue"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Two jobs to a broker that never answers (6 s each, no client-id held by it): one lands
+    // on each worker, so the holder has one to finish when it stops.
+    let silent = SilentServer::start().await;
+    for i in 0..2 {
+        let body = json!({"broker": silent.url(), "client-id": unique_name("silent"),
+                          "topic": "t", "content": "wait", "timeout": 6000});
+        amqp.send_job(
+            &queue,
+            body.to_string().as_bytes(),
+            Some(&reply_queue),
+            Some(&format!("wait-{i}")),
+        )
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_sum(&holder.metrics().await, "mqtt_connector_jobs_in_flight") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the holder never ran a waiting request"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopped = Instant::now();
+    let stopping = tokio::spawn(holder.stop());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let consumers = held_queue_consumers(&queue);
+    println!("2 s into the holder's stop its client-id queue has consumers {consumers:?}");
+    assert!(
+        !stopping.is_finished(),
+        "the holder stopped within 2 s: nothing was tested"
+    );
+    assert_eq!(
+        consumers,
+        [1],
+        "the stopping holder still consumes its client-id's queue"
+    );
+    // A job handed to the stopping holder (as the other worker would, through the exchange)
+    // goes on to the request queue, where the other worker takes it and the client-id.
+    let (held_queue, _) = held_queues(&queue).remove(0);
+    let key = held_queue.rsplit('.').next().expect("key");
+    let body = json!({"connector": "shared", "content": "forwarded"}).to_string();
+    let handed = Instant::now();
+    let confirm = amqp
+        .channel
+        .basic_publish(
+            format!("{queue}.held").as_str().into(),
+            key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body.as_bytes(),
+            lapin::BasicProperties::default()
+                .with_reply_to(reply_queue.as_str().into())
+                .with_correlation_id("forwarded".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("publish");
+    confirm.await.expect("confirm");
+    let reply = replies.expect_reply(Duration::from_secs(20)).await;
+    println!(
+        "the job handed to the stopping holder was answered after {:?}",
+        handed.elapsed()
+    );
+    assert_eq!(reply.correlation_id.as_deref(), Some("forwarded"));
+    assert_eq!(reply.exit_code(), 0, "{}", reply.message());
+    stopping.await.expect("holder stopped");
+    println!("the holder stopped after {:?}", stopped.elapsed());
+    for worker in running {
+        worker.stop().await;
+    }
+    amqp.delete_queue(&queue).await;
+}

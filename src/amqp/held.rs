@@ -9,6 +9,12 @@
 //! the client-id over for it. Several workers consuming one client-id's queue (the old holder,
 //! until it sees the takeover) each get some jobs, never the same one.
 //!
+//! A worker that stops keeps consuming its client-ids' queues until its own jobs are done, and
+//! sends what arrives there meanwhile on to the request queue at once (published again and
+//! confirmed before the original is acked): at least once, where RabbitMQ's dead-lettering
+//! from a classic queue is at most once and drops a job when the request queue cannot take it
+//! at that moment (its leader's node just died; seen in the soak).
+//!
 //! Nobody holding it: a job waits in the client-id's queue at most [`HELD_TTL`], then RabbitMQ
 //! dead-letters it back to the request queue; a key never held (no such queue) goes there at
 //! once, through the exchange's alternate exchange `<queue>.unheld`. Either way the job carries
@@ -35,10 +41,12 @@ use tokio_util::task::TaskTracker;
 
 use super::confirms::Publisher;
 use super::consumer;
+use super::handback::{self, HandBackTo};
 use super::queue::QueueSettings;
 use super::settler::Settler;
 use crate::mqtt::pool::{Held, Pool};
 use crate::pipeline::Siblings;
+use crate::settle::Settlement;
 
 /// How long a job waits in a client-id's queue that nobody consumes before it goes back to the
 /// request queue.
@@ -202,6 +210,7 @@ pub async fn serve(
     slots: Arc<Semaphore>,
     run: RunHeld,
     stop: CancellationToken,
+    forward_until: CancellationToken,
 ) {
     let mut holdings = pool.holdings();
     let mut serving: HashMap<String, CancellationToken> = HashMap::new();
@@ -236,7 +245,11 @@ pub async fn serve(
                 prefetch,
                 Arc::clone(&slots),
                 Arc::clone(&run),
-                done,
+                Ends {
+                    done,
+                    stop: stop.clone(),
+                    forward_until: forward_until.clone(),
+                },
             ));
         }
         tokio::select! {
@@ -249,8 +262,21 @@ pub async fn serve(
     consumers.wait().await;
 }
 
-/// Consumes one client-id's queue until `done`; then lets its jobs finish and closes the
-/// channel, which gives back to the queue what was received and not started.
+/// When a client-id's consumer ends.
+struct Ends {
+    /// The client-id is no longer held here (or the session is over): stop taking jobs.
+    done: CancellationToken,
+    /// The session is over (the worker stops, or the session was lost).
+    stop: CancellationToken,
+    /// Once the session is over, what still arrives is sent on to the request queue until
+    /// this: the session's own jobs are done.
+    forward_until: CancellationToken,
+}
+
+/// Consumes one client-id's queue until `ends.done`; when the session is over, goes on
+/// forwarding what arrives to the request queue until `ends.forward_until`. Then lets its jobs
+/// finish and closes the channel, which gives back to the queue what was received and not
+/// started.
 async fn consume(
     connection: Arc<Connection>,
     routes: Routes,
@@ -258,8 +284,13 @@ async fn consume(
     prefetch: u16,
     slots: Arc<Semaphore>,
     run: RunHeld,
-    done: CancellationToken,
+    ends: Ends,
 ) {
+    let Ends {
+        done,
+        stop,
+        forward_until,
+    } = ends;
     let channel = match open(&connection, &routes, &key, prefetch).await {
         Ok(channel) => channel,
         Err(err) => {
@@ -288,9 +319,14 @@ async fn consume(
     let (settler, settler_task) = Settler::start(channel.clone());
     let publisher = Publisher::start(channel.clone());
     let jobs = TaskTracker::new();
+    // Taken over by another worker or the siblings gone: stop. The session over: forward.
+    let forwarding = || done.is_cancelled() && stop.is_cancelled();
     loop {
         let delivery = tokio::select! {
-            () = done.cancelled() => break,
+            () = done.cancelled(), if !forwarding() => {
+                if forwarding() { continue } else { break }
+            }
+            () = forward_until.cancelled(), if forwarding() => break,
             delivery = deliveries.next() => delivery,
         };
         let Some(Ok(delivery)) = delivery else {
@@ -299,25 +335,61 @@ async fn consume(
             done.cancel();
             break;
         };
-        let slot = tokio::select! {
-            () = done.cancelled() => break,
-            slot = Arc::clone(&slots).acquire_owned() => slot,
-        };
-        let Ok(slot) = slot else { break };
         settler.taken(delivery.delivery_tag);
-        jobs.spawn(run(
-            delivery,
-            channel.status().clone(),
-            publisher.clone(),
-            settler.clone(),
-            slot,
-        ));
+        if forwarding() {
+            jobs.spawn(forward(
+                delivery,
+                routes.queue.clone(),
+                publisher.clone(),
+                settler.clone(),
+            ));
+            continue;
+        }
+        let slot = tokio::select! {
+            () = done.cancelled() => None,
+            slot = Arc::clone(&slots).acquire_owned() => slot.ok(),
+        };
+        match slot {
+            Some(slot) => jobs.spawn(run(
+                delivery,
+                channel.status().clone(),
+                publisher.clone(),
+                settler.clone(),
+                slot,
+            )),
+            None if forwarding() => jobs.spawn(forward(
+                delivery,
+                routes.queue.clone(),
+                publisher.clone(),
+                settler.clone(),
+            )),
+            // Not settled: it goes back to this queue, for the new holder, when the channel
+            // closes.
+            None => break,
+        };
     }
     drop(deliveries);
     jobs.close();
     jobs.wait().await;
     settler_task.finish(settler, consumer::CLOSE_TIMEOUT).await;
     consumer::close_channel(&channel).await;
+}
+
+/// Sends a job that reached a stopping worker's client-id queue on to the request queue, where
+/// the worker that takes it sees it was routed ([`ROUTED_HEADER`]) and takes the client-id
+/// itself; acked once RabbitMQ confirmed the copy, else given back to the client-id's queue.
+async fn forward(delivery: Delivery, queue: String, publisher: Publisher, settler: Settler) {
+    let taken = handback::taken(
+        delivery.properties.headers().as_ref(),
+        std::time::SystemTime::now(),
+    );
+    let forwarded =
+        handback::hand_back(&publisher, HandBackTo::Queue(&queue), &delivery, taken).await;
+    let settlement = match forwarded {
+        true => Settlement::Ack,
+        false => Settlement::Requeue,
+    };
+    settler.settle(delivery.delivery_tag, settlement);
 }
 
 /// Ends a consumer that could not start: its client-id is not tried again before
