@@ -830,25 +830,33 @@ impl Job {
             tracing::debug!("the AMQP session ended before the reply was confirmed");
             return;
         }
+        if self.via_held && settlement == Settlement::DeadLetter {
+            // Rejected on a client-id's queue, a job would be dead-lettered into the request
+            // queue (that queue's way back for jobs that waited too long) and run again.
+            settlement = match self.dead_letter_queue {
+                Some(_) => Settlement::ForwardWithOutcome,
+                None => Settlement::Ack,
+            };
+        }
+        if let (Settlement::ForwardWithOutcome, Some(queue)) =
+            (settlement, self.dead_letter_queue.as_deref())
+        {
+            let forwarded = replier::forward_with_outcome(
+                &self.publisher,
+                &self.flow,
+                queue,
+                &self.delivery,
+                &finished.outcome,
+            )
+            .await;
+            settlement = if forwarded || self.via_held {
+                Settlement::Ack
+            } else {
+                Settlement::DeadLetter
+            };
+        }
         if let ReplyStatus::Lost(lost) = reply_status {
             self.metrics.reply_lost();
-            if let (Settlement::ForwardWithOutcome, Some(queue)) =
-                (settlement, self.dead_letter_queue.as_deref())
-            {
-                let forwarded = replier::forward_with_outcome(
-                    &self.publisher,
-                    &self.flow,
-                    queue,
-                    &self.delivery,
-                    &finished.outcome,
-                )
-                .await;
-                settlement = if forwarded {
-                    Settlement::Ack
-                } else {
-                    Settlement::DeadLetter
-                };
-            }
             tracing::warn!(
                 reply_to = reply_to.unwrap_or(""),
                 reason = ?lost,

@@ -422,3 +422,78 @@ async fn a_stopping_holder_forwards_what_is_handed_to_it() {
     }
     amqp.delete_queue(&queue).await;
 }
+
+/// A job that fails for good (here: expired, 9) after it was routed to its client-id's holder
+/// is answered once and dead-lettered once: rejected on the client-id's queue it would go back
+/// into the request queue (that queue's way back for jobs that waited too long) and run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_for_good_on_its_holder_is_answered_once() {
+    let broker = Mosquitto::plain();
+    let connectors = connectors_dir();
+    write_connector(
+        connectors.path(),
+        "shared",
+        json!({"broker": broker.url(), "client-id": unique_name("shared"),
+               "topic": unique_name("held"), "qos": 1, "timeout": 20000}),
+    );
+    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
+    let dead_letters = unique_name("held-dead");
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let mut options = WorkerOptions::new(amqp_url(), queue.clone(), connectors.path());
+        options.dead_letter_queue = Some(dead_letters.clone());
+        running.push(spawn_worker_with(options).await);
+    }
+    let first = json!({"connector": "shared", "content": "first"}).to_string();
+    amqp.send_job(&queue, first.as_bytes(), Some(&reply_queue), Some("first"))
+        .await;
+    assert_eq!(
+        replies
+            .expect_reply(Duration::from_secs(20))
+            .await
+            .exit_code(),
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held_queue_consumers(&queue) != [1] {
+        assert!(
+            Instant::now() < deadline,
+            "the holder never consumed its client-id's queue"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (held_queue, _) = held_queues(&queue).remove(0);
+    let key = held_queue.rsplit('.').next().expect("key");
+    let body = json!({"connector": "shared", "content": "late",
+                      "not-after": "2020-01-01T00:00:00Z"})
+    .to_string();
+    let confirm = amqp
+        .channel
+        .basic_publish(
+            format!("{queue}.held").as_str().into(),
+            key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body.as_bytes(),
+            lapin::BasicProperties::default()
+                .with_reply_to(reply_queue.as_str().into())
+                .with_correlation_id("late".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("publish");
+    confirm.await.expect("confirm");
+    let reply = replies.expect_reply(Duration::from_secs(20)).await;
+    assert_eq!(reply.correlation_id.as_deref(), Some("late"));
+    assert_eq!(reply.exit_code(), 9, "{}", reply.message());
+    replies.expect_no_reply(Duration::from_secs(3)).await;
+    assert_eq!(
+        amqp.queue_message_count(&dead_letters).await,
+        Some(1),
+        "dead-lettered once"
+    );
+    for worker in running {
+        worker.stop().await;
+    }
+    amqp.delete_queue(&queue).await;
+    amqp.delete_queue(&dead_letters).await;
+}
