@@ -302,6 +302,102 @@ fn held_queue_consumers(queue: &str) -> Vec<u32> {
     held_queues(queue).into_iter().map(|(_, n)| n).collect()
 }
 
+/// Two workers with identical options sharing the connector `shared` (one client-id) on a
+/// private Mosquitto, after a first job answered 0: one of them holds the client-id and
+/// consumes its queue.
+struct SharedPair {
+    _broker: Mosquitto,
+    _connectors: tempfile::TempDir,
+    amqp: Amqp,
+    queue: String,
+    reply_queue: String,
+    replies: ReplyStream,
+    running: Vec<RunningWorker>,
+}
+
+impl SharedPair {
+    async fn start(dead_letters: Option<&str>) -> SharedPair {
+        let broker = Mosquitto::plain();
+        let connectors = connectors_dir();
+        write_connector(
+            connectors.path(),
+            "shared",
+            json!({"broker": broker.url(), "client-id": unique_name("shared"),
+                   "topic": unique_name("held"), "qos": 1, "timeout": 20000}),
+        );
+        let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
+        let mut running = Vec::new();
+        for _ in 0..2 {
+            let mut options = WorkerOptions::new(amqp_url(), queue.clone(), connectors.path());
+            options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
+            options.dead_letter_queue = dead_letters.map(str::to_owned);
+            running.push(spawn_worker_with(options).await);
+        }
+        let first = json!({"connector": "shared", "content": "first"}).to_string();
+        amqp.send_job(&queue, first.as_bytes(), Some(&reply_queue), Some("first"))
+            .await;
+        assert_eq!(
+            replies
+                .expect_reply(Duration::from_secs(20))
+                .await
+                .exit_code(),
+            0
+        );
+        // Its client-id's queue is consumed once both workers see each other (siblings).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while held_queue_consumers(&queue) != [1] {
+            assert!(
+                Instant::now() < deadline,
+                "the holder never consumed its client-id's queue"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        SharedPair {
+            _broker: broker,
+            _connectors: connectors,
+            amqp,
+            queue,
+            reply_queue,
+            replies,
+            running,
+        }
+    }
+
+    /// Publishes `body` to the client-id's queue, as a worker handing a job to its holder does
+    /// (through the exchange, with the queue's routing key).
+    async fn hand_to_holder(&self, body: &serde_json::Value, correlation_id: &str) {
+        let (held_queue, _) = held_queues(&self.queue).remove(0);
+        let key = held_queue.rsplit('.').next().expect("key");
+        let confirm = self
+            .amqp
+            .channel
+            .basic_publish(
+                format!("{}.held", self.queue).as_str().into(),
+                key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                lapin::BasicProperties::default()
+                    .with_reply_to(self.reply_queue.as_str().into())
+                    .with_correlation_id(correlation_id.into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        confirm.await.expect("confirm");
+    }
+
+    /// Stops the workers, then deletes the request queue and `also`.
+    async fn stop(self, also: &[&str]) {
+        for worker in self.running {
+            worker.stop().await;
+        }
+        self.amqp.delete_queue(&self.queue).await;
+        for queue in also {
+            self.amqp.delete_queue(queue).await;
+        }
+    }
+}
+
 /// A holder that stops keeps consuming its client-id's queue while its own jobs finish, and
 /// sends what is handed to it meanwhile on to the request queue (confirmed) rather than leaving
 /// it to RabbitMQ's at-most-once dead-lettering after the queue's TTL. Two workers, one holding
@@ -309,61 +405,30 @@ fn held_queue_consumers(queue: &str) -> Vec<u32> {
 /// stopped: seconds into its stop its client-id queue still has its consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_holder_forwards_what_is_handed_to_it() {
-    let broker = Mosquitto::plain();
-    let connectors = connectors_dir();
-    let topic = unique_name("held");
-    write_connector(
-        connectors.path(),
-        "shared",
-        json!({"broker": broker.url(), "client-id": unique_name("shared"), "topic": topic,
-               "qos": 1, "timeout": 20000}),
-    );
-    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
-    let mut running = Vec::new();
-    for _ in 0..2 {
-        let mut options = WorkerOptions::new(amqp_url(), queue.clone(), connectors.path());
-        options.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
-        running.push(spawn_worker_with(options).await);
-    }
-    let first = json!({"connector": "shared", "content": "first"}).to_string();
-    amqp.send_job(&queue, first.as_bytes(), Some(&reply_queue), Some("first"))
-        .await;
-    assert_eq!(
-        replies
-            .expect_reply(Duration::from_secs(20))
-            .await
-            .exit_code(),
-        0
-    );
+    let mut pair = SharedPair::start(None).await;
     let mut holder = None;
-    for (index, worker) in running.iter().enumerate() {
+    for (index, worker) in pair.running.iter().enumerate() {
         if metric_sum(&worker.metrics().await, "mqtt_connector_mqtt_connections") > 0.0 {
             holder = Some(index);
         }
     }
-    let holder = running.remove(holder.expect("a worker holds the client-id"));
-    // Its client-id's queue is consumed once both workers see each other (siblings).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while held_queue_consumers(&queue) != [1] {
-        assert!(
-            Instant::now() < deadline,
-            "the holder never consumed its client-id's queue"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let holder = pair
+        .running
+        .remove(holder.expect("a worker holds the client-id"));
     // Two jobs to a broker that never answers (6 s each, no client-id held by it): one lands
     // on each worker, so the holder has one to finish when it stops.
     let silent = SilentServer::start().await;
     for i in 0..2 {
         let body = json!({"broker": silent.url(), "client-id": unique_name("silent"),
                           "topic": "t", "content": "wait", "timeout": 6000});
-        amqp.send_job(
-            &queue,
-            body.to_string().as_bytes(),
-            Some(&reply_queue),
-            Some(&format!("wait-{i}")),
-        )
-        .await;
+        pair.amqp
+            .send_job(
+                &pair.queue,
+                body.to_string().as_bytes(),
+                Some(&pair.reply_queue),
+                Some(&format!("wait-{i}")),
+            )
+            .await;
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while metric_sum(&holder.metrics().await, "mqtt_connector_jobs_in_flight") < 1.0 {
@@ -376,7 +441,7 @@ async fn a_stopping_holder_forwards_what_is_handed_to_it() {
     let stopped = Instant::now();
     let stopping = tokio::spawn(holder.stop());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let consumers = held_queue_consumers(&queue);
+    let consumers = held_queue_consumers(&pair.queue);
     println!("2 s into the holder's stop its client-id queue has consumers {consumers:?}");
     assert!(
         !stopping.is_finished(),
@@ -387,28 +452,15 @@ async fn a_stopping_holder_forwards_what_is_handed_to_it() {
         [1],
         "the stopping holder still consumes its client-id's queue"
     );
-    // A job handed to the stopping holder (as the other worker would, through the exchange)
-    // goes on to the request queue, where the other worker takes it and the client-id.
-    let (held_queue, _) = held_queues(&queue).remove(0);
-    let key = held_queue.rsplit('.').next().expect("key");
-    let body = json!({"connector": "shared", "content": "forwarded"}).to_string();
+    // A job handed to the stopping holder goes on to the request queue, where the other worker
+    // takes it and the client-id.
     let handed = Instant::now();
-    let confirm = amqp
-        .channel
-        .basic_publish(
-            format!("{queue}.held").as_str().into(),
-            key.into(),
-            lapin::options::BasicPublishOptions::default(),
-            body.as_bytes(),
-            lapin::BasicProperties::default()
-                .with_reply_to(reply_queue.as_str().into())
-                .with_correlation_id("forwarded".into())
-                .with_delivery_mode(2),
-        )
-        .await
-        .expect("publish");
-    confirm.await.expect("confirm");
-    let reply = replies.expect_reply(Duration::from_secs(20)).await;
+    pair.hand_to_holder(
+        &json!({"connector": "shared", "content": "forwarded"}),
+        "forwarded",
+    )
+    .await;
+    let reply = pair.replies.expect_reply(Duration::from_secs(20)).await;
     println!(
         "the job handed to the stopping holder was answered after {:?}",
         handed.elapsed()
@@ -417,10 +469,7 @@ async fn a_stopping_holder_forwards_what_is_handed_to_it() {
     assert_eq!(reply.exit_code(), 0, "{}", reply.message());
     stopping.await.expect("holder stopped");
     println!("the holder stopped after {:?}", stopped.elapsed());
-    for worker in running {
-        worker.stop().await;
-    }
-    amqp.delete_queue(&queue).await;
+    pair.stop(&[]).await;
 }
 
 /// A job that fails for good (here: expired, 9) after it was routed to its client-id's holder
@@ -428,72 +477,21 @@ async fn a_stopping_holder_forwards_what_is_handed_to_it() {
 /// into the request queue (that queue's way back for jobs that waited too long) and run again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_failing_for_good_on_its_holder_is_answered_once() {
-    let broker = Mosquitto::plain();
-    let connectors = connectors_dir();
-    write_connector(
-        connectors.path(),
-        "shared",
-        json!({"broker": broker.url(), "client-id": unique_name("shared"),
-               "topic": unique_name("held"), "qos": 1, "timeout": 20000}),
-    );
-    let (amqp, queue, reply_queue, mut replies) = job_and_reply_queues().await;
     let dead_letters = unique_name("held-dead");
-    let mut running = Vec::new();
-    for _ in 0..2 {
-        let mut options = WorkerOptions::new(amqp_url(), queue.clone(), connectors.path());
-        options.dead_letter_queue = Some(dead_letters.clone());
-        running.push(spawn_worker_with(options).await);
-    }
-    let first = json!({"connector": "shared", "content": "first"}).to_string();
-    amqp.send_job(&queue, first.as_bytes(), Some(&reply_queue), Some("first"))
-        .await;
-    assert_eq!(
-        replies
-            .expect_reply(Duration::from_secs(20))
-            .await
-            .exit_code(),
-        0
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while held_queue_consumers(&queue) != [1] {
-        assert!(
-            Instant::now() < deadline,
-            "the holder never consumed its client-id's queue"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (held_queue, _) = held_queues(&queue).remove(0);
-    let key = held_queue.rsplit('.').next().expect("key");
-    let body = json!({"connector": "shared", "content": "late",
-                      "not-after": "2020-01-01T00:00:00Z"})
-    .to_string();
-    let confirm = amqp
-        .channel
-        .basic_publish(
-            format!("{queue}.held").as_str().into(),
-            key.into(),
-            lapin::options::BasicPublishOptions::default(),
-            body.as_bytes(),
-            lapin::BasicProperties::default()
-                .with_reply_to(reply_queue.as_str().into())
-                .with_correlation_id("late".into())
-                .with_delivery_mode(2),
-        )
-        .await
-        .expect("publish");
-    confirm.await.expect("confirm");
-    let reply = replies.expect_reply(Duration::from_secs(20)).await;
+    let mut pair = SharedPair::start(Some(&dead_letters)).await;
+    pair.hand_to_holder(
+        &json!({"connector": "shared", "content": "late", "not-after": "2020-01-01T00:00:00Z"}),
+        "late",
+    )
+    .await;
+    let reply = pair.replies.expect_reply(Duration::from_secs(20)).await;
     assert_eq!(reply.correlation_id.as_deref(), Some("late"));
     assert_eq!(reply.exit_code(), 9, "{}", reply.message());
-    replies.expect_no_reply(Duration::from_secs(3)).await;
+    pair.replies.expect_no_reply(Duration::from_secs(3)).await;
     assert_eq!(
-        amqp.queue_message_count(&dead_letters).await,
+        pair.amqp.queue_message_count(&dead_letters).await,
         Some(1),
         "dead-lettered once"
     );
-    for worker in running {
-        worker.stop().await;
-    }
-    amqp.delete_queue(&queue).await;
-    amqp.delete_queue(&dead_letters).await;
+    pair.stop(&[&dead_letters]).await;
 }

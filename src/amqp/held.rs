@@ -336,18 +336,12 @@ async fn consume(
             break;
         };
         settler.taken(delivery.delivery_tag);
-        if forwarding() {
-            jobs.spawn(forward(
-                delivery,
-                routes.queue.clone(),
-                publisher.clone(),
-                settler.clone(),
-            ));
-            continue;
-        }
-        let slot = tokio::select! {
-            () = done.cancelled() => None,
-            slot = Arc::clone(&slots).acquire_owned() => slot.ok(),
+        let slot = match forwarding() {
+            true => None,
+            false => tokio::select! {
+                () = done.cancelled() => None,
+                slot = Arc::clone(&slots).acquire_owned() => slot.ok(),
+            },
         };
         match slot {
             Some(slot) => jobs.spawn(run(
